@@ -1,0 +1,111 @@
+"""Shared fixtures: small valid ONNX models built with onnx.helper (no torch), real images."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "sample_data"
+SHARED_DATA = ROOT.parent / "shared" / "data" / "blood-cells"
+LABELS = ("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL")
+
+
+def build_color_model(
+    path: Path,
+    *,
+    labels=LABELS,
+    height: int = 24,
+    width: int = 32,
+    metadata: dict | None | str = "default",
+    input_shape=None,
+    opset: int = 18,
+) -> Path:
+    """A real (tiny) classifier: uint8 NHWC -> mean colour -> linear -> softmax.
+
+    Its output depends on the image content, so tests can check exact probabilities
+    against a numpy reimplementation (:func:`color_model_reference`).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from wbc_batch.metadata import ModelMetadata
+
+    c = len(labels)
+    w, b = _color_weights(c)
+    shape = input_shape or ["N", height, width, 3]
+    nodes = [
+        helper.make_node("Cast", ["image"], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["xf", "axes"], ["m"], keepdims=0),
+        helper.make_node("Gemm", ["m", "W", "B"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "color",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, shape)],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", c])],
+        initializer=[
+            numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"),
+            numpy_helper.from_array(w, "W"),
+            numpy_helper.from_array(b, "B"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    if metadata == "default":
+        md = ModelMetadata(labels=tuple(labels), height=height, width=width, name="color-test", arch="mean-colour")
+        props = md.to_props()
+    elif metadata is None:
+        props = {}
+    elif isinstance(metadata, str):
+        props = {"wbc_batch": metadata}
+    else:
+        props = {"wbc_batch": json.dumps(metadata)}
+    helper.set_model_props(model, props)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def _color_weights(c: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(42)
+    return rng.normal(0, 0.02, size=(3, c)).astype(np.float32), rng.normal(0, 0.5, size=c).astype(np.float32)
+
+
+def color_model_reference(batch: np.ndarray, c: int = 4) -> np.ndarray:
+    """What the colour model computes, in numpy."""
+    w, b = _color_weights(c)
+    z = batch.astype(np.float32).mean(axis=(1, 2)) @ w + b
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="session")
+def color_model(tmp_path_factory) -> Path:
+    return build_color_model(tmp_path_factory.mktemp("models") / "color.onnx")
+
+
+@pytest.fixture
+def sample_copy(tmp_path) -> Path:
+    """A private copy of sample_data/ (40 real images in class folders)."""
+    dst = tmp_path / "in"
+    shutil.copytree(SAMPLE, dst, ignore=shutil.ignore_patterns("README*"))
+    return dst
+
+
+def sample_images() -> list[Path]:
+    return sorted(p for p in SAMPLE.rglob("*.jpeg"))
+
+
+def needs_shared_data():
+    return pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/blood-cells not present (user clone)")
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

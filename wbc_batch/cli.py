@@ -1,0 +1,132 @@
+"""``wbc-batch``: thin click wrappers around the library functions."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import __version__
+from .job import (
+    EXIT_INTERRUPTED,
+    EXIT_MODEL,
+    EXIT_NO_IMAGES,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_USAGE,
+    ClassifyConfig,
+    run_classify,
+)
+from .metadata import ModelError
+from .predictions import OutputError
+from .runner import RunnerOptions
+from .truth import LabelsError
+
+
+def _fail(msg: str, code: int) -> None:
+    click.echo(f"wbc-batch: error: {msg}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="wbc-batch")
+def main() -> None:
+    """Classify white blood cells (EOSINOPHIL, LYMPHOCYTE, MONOCYTE, NEUTROPHIL) in microscope images.
+
+    Train a CNN on labelled folders, export it to ONNX, classify whole folders with
+    onnxruntime, and report accuracy, F1 and the confusion matrix.
+    """
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("-m", "--model", type=click.Path(exists=True, dir_okay=False), default=None, help="ONNX model file.  [default: the shipped model]")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="predictions.csv", show_default=True, help="Predictions CSV to write.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Processes that decode and infer; 0 = all cores, 1 = in this process.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per onnxruntime call (and per CSV flush).")
+@click.option("--provider", default="cpu", show_default=True, help="onnxruntime execution provider: cpu, cuda, tensorrt, openvino, or a full provider name.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="onnxruntime threads per session; 0 = cores / workers.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run: skip files already in OUTPUT (refused if another model wrote it).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT instead of refusing.")
+@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False), default=None, help="CSV with path,label columns giving the true label of inputs.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None, help="Also write an evaluation report to this folder at the end.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, log lines or summary.")
+def classify(inputs, model, output, workers, batch_size, provider, threads, resume, overwrite, labels_csv, report_dir, quiet) -> None:
+    """Classify every image under INPUTS (folders, recursively, or files) into a predictions CSV.
+
+    One row per input file, always: unreadable or corrupt files get status=error and the
+    reason. Rows are flushed a batch at a time, so an interrupted run loses at most the
+    batches in flight; rerun with --resume to finish it.
+
+    Exit codes: 0 done (bad images are rows, not failures); 2 bad usage; 3 no image found
+    or none could be read; 4 model unusable; 5 output unusable or resume refused;
+    130 interrupted (rerun with --resume).
+    """
+    cfg = ClassifyConfig(
+        inputs=list(inputs),
+        output=output,
+        model=model,
+        runner=RunnerOptions(workers=workers, batch_size=batch_size, provider=provider, threads=threads),
+        resume=resume,
+        overwrite=overwrite,
+        labels_csv=labels_csv,
+        progress="none" if quiet else "auto",
+    )
+    try:
+        summary = run_classify(cfg)
+    except ModelError as e:
+        _fail(str(e), EXIT_MODEL)
+    except OutputError as e:
+        _fail(str(e), EXIT_OUTPUT)
+    except LabelsError as e:
+        _fail(str(e), EXIT_USAGE)
+    if not quiet:
+        click.echo(f"wbc-batch: {summary.line()}", err=True)
+    if summary.interrupted:
+        click.echo("wbc-batch: interrupted; rerun the same command with --resume to finish", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if summary.files == 0:
+        _fail("no image files found under the inputs", EXIT_NO_IMAGES)
+    if summary.ok == 0:
+        _fail(f"none of the {summary.files} files could be read (see the error column of {output})", EXIT_NO_IMAGES)
+    if report_dir:
+        from .report import write_report
+
+        paths = write_report(output, report_dir)
+        if not quiet:
+            click.echo(f"wbc-batch: report -> {paths['html']}", err=True)
+    sys.exit(EXIT_OK)
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False), required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw metadata JSON.")
+def info(model, as_json) -> None:
+    """Show what MODEL (default: the shipped model) carries: labels, input, preprocessing, provenance."""
+    from .model import load_model
+
+    try:
+        m = load_model(model, threads=1)
+    except ModelError as e:
+        _fail(str(e), EXIT_MODEL)
+    d = m.metadata.to_json_dict()
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    md = m.metadata
+    click.echo(f"model:      {m.path}")
+    click.echo(f"sha256:     {m.sha256}")
+    click.echo(f"name:       {md.name}  (arch {md.arch or '?'})")
+    click.echo(f"labels:     {', '.join(md.labels)}")
+    click.echo(f"input:      {md.input_name}  {md.layout} {md.dtype} {md.height}x{md.width}x3 {md.color}")
+    click.echo(f"preprocess: decode, convert to RGB, resize to {md.width}x{md.height} ({md.resize}{', JPEG draft' if md.jpeg_draft else ''})")
+    click.echo(f"output:     {md.output_name}  ({md.output_kind})")
+    click.echo(f"providers:  {', '.join(m.providers)}")
+    for k, v in md.extra.items():
+        click.echo(f"{k + ':':<11} {json.dumps(v)[:300]}")
+
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

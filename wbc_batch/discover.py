@@ -1,0 +1,101 @@
+"""Lazy, sorted, loop-safe discovery of image files under the inputs.
+
+Millions of files must not be listed into memory: directories are walked depth-first with
+``os.scandir`` and only one directory's entries (sorted, for a stable order) are held at a
+time per level. Symlinked directories are followed, but a link back to one of its own
+ancestors (a loop) is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+
+#: Leading bytes of the formats we read, for files whose extension says nothing.
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # as found on disk (absolute)
+    rel: str  # relative to the run's root, POSIX separators: the CSV key
+
+
+def looks_like_image(path: str) -> bool:
+    """Content sniffing for files without an image extension."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return any(head.startswith(m) for m in _MAGIC)
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def common_root(inputs: Sequence[str | os.PathLike[str]]) -> Path:
+    """The folder that CSV paths are relative to: the input folder, or the common parent of all inputs."""
+    if not inputs:
+        raise ValueError("no inputs given")
+    bases = []
+    for p in inputs:
+        ap = os.path.abspath(p)
+        bases.append(ap if os.path.isdir(ap) else os.path.dirname(ap))
+    return Path(os.path.commonpath(bases))
+
+
+def _rel(path: str, root: str) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def _walk(directory: str, root: str, ancestors: frozenset[tuple[int, int]]) -> Iterator[InputFile]:
+    try:
+        with os.scandir(directory) as it:
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError:
+        return  # an unreadable folder has no files we can report on
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=True)
+        except OSError:
+            # Dangling symlink or vanished file: report it if it claims to be an image.
+            if is_image_name(entry.name):
+                yield InputFile(entry.path, _rel(entry.path, root))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if key in ancestors:
+                continue  # symlink loop
+            yield from _walk(entry.path, root, ancestors | {key})
+        elif stat.S_ISREG(st.st_mode):
+            if is_image_name(entry.name) or looks_like_image(entry.path):
+                yield InputFile(entry.path, _rel(entry.path, root))
+
+
+def iter_images(inputs: Iterable[str | os.PathLike[str]], root: str | os.PathLike[str] | None = None) -> Iterator[InputFile]:
+    """Yield image files under ``inputs`` (folders walked recursively, files taken as given).
+
+    Order: inputs in the order given; inside a folder, depth-first with each folder's
+    entries sorted by name. Hidden files and folders (leading dot) are skipped inside folders.
+    """
+    inputs = list(inputs)
+    root_s = os.fspath(root) if root is not None else os.fspath(common_root(inputs))
+    seen_inputs: set[str] = set()
+    for p in inputs:
+        ap = os.path.abspath(p)
+        if ap in seen_inputs:
+            continue
+        seen_inputs.add(ap)
+        if os.path.isdir(ap):
+            st = os.stat(ap)
+            yield from _walk(ap, root_s, frozenset({(st.st_dev, st.st_ino)}))
+        else:
+            # An explicitly named file is always an input (a missing one becomes an error row).
+            yield InputFile(ap, _rel(ap, root_s))

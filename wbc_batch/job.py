@@ -1,0 +1,232 @@
+"""A whole classify run to a CSV: output safety, --resume, progress, summary.
+
+This is what ``wbc-batch classify`` does; it is a function so that scripts and the Ray engine
+get the same behaviour without the CLI.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .discover import InputFile, common_root, iter_images
+from .model import Model, load_model
+from .predictions import (
+    STATUS_OK,
+    OutputError,
+    Prediction,
+    PredictionWriter,
+    read_sidecar,
+    scan_existing,
+    sidecar_path,
+    truncate_torn_tail,
+    write_sidecar,
+)
+from .runner import RunnerOptions, iter_prediction_batches
+from .truth import folder_truth, read_labels_csv
+
+#: Exit codes of ``wbc-batch classify`` (documented in the README).
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NO_IMAGES = 3
+EXIT_MODEL = 4
+EXIT_OUTPUT = 5
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class ClassifyConfig:
+    inputs: Sequence[str]
+    output: str = "predictions.csv"
+    model: str | None = None
+    runner: RunnerOptions = field(default_factory=RunnerOptions)
+    resume: bool = False
+    overwrite: bool = False
+    labels_csv: str | None = None
+    progress: str = "auto"  # auto | bar | log | none
+    log_every_s: float = 10.0
+
+
+@dataclass
+class RunSummary:
+    output: str
+    files: int = 0  # rows in the CSV at the end
+    ok: int = 0
+    errors: int = 0
+    resumed: int = 0  # rows already there when --resume started
+    processed: int = 0  # rows written by this run
+    wall_s: float = 0.0
+    images_per_s: float = 0.0
+    interrupted: bool = False
+    model_sha256: str = ""
+
+    def line(self) -> str:
+        s = (
+            f"files {self.files}  ok {self.ok}  errors {self.errors}  "
+            f"{self.images_per_s:.1f} images/s  wall {self.wall_s:.1f}s"
+        )
+        if self.resumed:
+            s += f"  (resumed: {self.resumed} already done)"
+        return s + f"  -> {self.output}"
+
+
+def model_identity(model: Model) -> dict:
+    return {
+        "name": model.metadata.name,
+        "path": str(model.path),
+        "sha256": model.sha256,
+        "labels": list(model.labels),
+        "arch": model.metadata.arch,
+    }
+
+
+class _Progress:
+    """tqdm on a terminal, a log line every few seconds otherwise, or nothing."""
+
+    def __init__(self, mode: str, initial: int, log_every_s: float) -> None:
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.mode, self.log_every_s = mode, log_every_s
+        self.count, self.errors, self.t0, self.last_log = 0, 0, time.perf_counter(), time.perf_counter()
+        self.total: int | None = None
+        self.bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc="classify", unit="img", initial=initial, dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
+    def update(self, n: int, errors: int) -> None:
+        self.count += n
+        self.errors += errors
+        if self.bar is not None:
+            self.bar.update(n)
+            if errors:
+                self.bar.set_postfix(errors=self.errors, refresh=False)
+        elif self.mode == "log":
+            now = time.perf_counter()
+            if now - self.last_log >= self.log_every_s:
+                self.last_log = now
+                rate = self.count / max(now - self.t0, 1e-9)
+                of = f" of {self.total}" if self.total is not None else ""
+                print(f"wbc-batch: {self.count}{of} images this run, {self.errors} errors, {rate:.1f} images/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _count_in_background(inputs: Sequence[str], root: Path, skip: set[str], progress: _Progress) -> threading.Thread:
+    """Count the files still to do (same walk, nothing kept) so the bar can show an ETA."""
+
+    def count() -> None:
+        n = sum(1 for f in iter_images(inputs, root) if f.rel not in skip)
+        progress.set_total(n)
+
+    t = threading.Thread(target=count, daemon=True, name="wbc-batch-count")
+    t.start()
+    return t
+
+
+def _prepare_output(cfg: ClassifyConfig, model: Model, root: Path) -> tuple[set[str], int, int]:
+    """Check the output for --resume/--overwrite; returns (done paths, ok, errors) already there."""
+    out = Path(cfg.output)
+    if out.is_dir():
+        raise OutputError(f"output {out} is a directory; give a CSV file path")
+    if not out.exists() or cfg.overwrite:
+        return set(), 0, 0
+    if not cfg.resume:
+        raise OutputError(f"{out} exists: use --resume to continue that run, or --overwrite to replace it")
+    side = read_sidecar(out)
+    if side is None:
+        raise OutputError(f"cannot resume: {sidecar_path(out)} (which names the model that wrote {out}) is missing")
+    if side.get("model", {}).get("sha256") != model.sha256:
+        raise OutputError(
+            f"cannot resume: {out} was written by model {side.get('model', {}).get('name')!r} "
+            f"(sha256 {str(side.get('model', {}).get('sha256'))[:12]}...), not by {model.path.name} "
+            f"(sha256 {model.sha256[:12]}...)"
+        )
+    if side.get("root") and os.path.abspath(side["root"]) != str(root):
+        raise OutputError(f"cannot resume: {out} was written for input root {side['root']}, not {root}")
+    existing = scan_existing(out, model.labels)
+    if existing.torn_bytes:
+        truncate_torn_tail(out, existing.good_bytes)
+    return existing.done, existing.ok, existing.errors
+
+
+def run_classify(cfg: ClassifyConfig, model: Model | None = None, on_batch: Callable[[list[Prediction]], None] | None = None) -> RunSummary:
+    """Classify ``cfg.inputs`` into ``cfg.output``. Raises ModelError/OutputError/LabelsError on unusable setups."""
+    t0 = time.perf_counter()
+    opts = cfg.runner
+    if model is None:
+        in_process = opts.resolved_workers() <= 1
+        model = load_model(cfg.model, provider=opts.provider, threads=opts.session_threads() if not in_process else opts.threads)
+    inputs = [os.fspath(p) for p in cfg.inputs]
+    root = common_root(inputs)
+    done, ok0, err0 = _prepare_output(cfg, model, root)
+    if cfg.labels_csv:
+        table = read_labels_csv(cfg.labels_csv, root, model.labels)
+
+        def truth(rel: str) -> str:
+            return table.get(rel) or folder_truth(rel, model.labels)
+    else:
+        def truth(rel: str) -> str:
+            return folder_truth(rel, model.labels)
+
+    info = {
+        "wbc_batch": __version__,
+        "model": model_identity(model),
+        "root": str(root),
+        "inputs": [os.path.abspath(p) for p in inputs],
+        "labels_csv": os.path.abspath(cfg.labels_csv) if cfg.labels_csv else None,
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "options": asdict(opts),
+        "state": "running",
+    }
+    write_sidecar(cfg.output, info)
+    summary = RunSummary(output=str(cfg.output), resumed=len(done), ok=ok0, errors=err0, model_sha256=model.sha256)
+    progress = _Progress(cfg.progress, 0, cfg.log_every_s)
+    _count_in_background(inputs, root, done, progress)
+    files: Iterator[InputFile] = (f for f in iter_images(inputs, root) if f.rel not in done)
+    writer = PredictionWriter(cfg.output, model.labels, append=cfg.resume and not cfg.overwrite and Path(cfg.output).exists())
+    try:
+        for preds in iter_prediction_batches(files, model, opts, truth):
+            writer.write(preds)
+            n_ok = sum(p.status == STATUS_OK for p in preds)
+            summary.ok += n_ok
+            summary.errors += len(preds) - n_ok
+            summary.processed += len(preds)
+            progress.update(len(preds), len(preds) - n_ok)
+            if on_batch is not None:
+                on_batch(preds)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        progress.close()
+        writer.close()
+        summary.files = summary.ok + summary.errors
+        summary.wall_s = time.perf_counter() - t0
+        summary.images_per_s = summary.processed / summary.wall_s if summary.wall_s > 0 else 0.0
+        info.update(
+            state="interrupted" if summary.interrupted else "finished",
+            finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            summary=asdict(summary),
+        )
+        try:
+            write_sidecar(cfg.output, info)
+        except OutputError:
+            pass
+    return summary

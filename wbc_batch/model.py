@@ -1,0 +1,151 @@
+"""Loading an ONNX model with onnxruntime, checked against the metadata it carries."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .metadata import ModelError, ModelMetadata
+
+#: Short provider names accepted by ``--provider``.
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+DEFAULT_MODEL_NAME = "wbc-default.onnx"
+
+
+def default_model_path() -> Path:
+    """The shipped model: inside the installed package, else ``export/`` of a source checkout."""
+    packaged = resources.files("wbc_batch") / "_model" / DEFAULT_MODEL_NAME
+    if packaged.is_file():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "export" / DEFAULT_MODEL_NAME
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_providers(provider: str) -> list[str]:
+    """``cpu``/``cuda``/... (or a full onnxruntime name) to a provider list ending in CPU."""
+    import onnxruntime as ort
+
+    name = PROVIDERS.get(provider.lower(), provider)
+    available = ort.get_available_providers()
+    if name not in available:
+        raise ModelError(
+            f"onnxruntime provider {name!r} is not available here (available: {', '.join(available)}); "
+            "for cuda install onnxruntime-gpu"
+        )
+    return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+
+
+def read_metadata(path: str | os.PathLike[str]) -> ModelMetadata:
+    """The metadata of a model file, without building a full inference session."""
+    return load_model(path, threads=1).metadata
+
+
+@dataclass
+class Model:
+    """An onnxruntime session and the contract it was checked against."""
+
+    path: Path
+    metadata: ModelMetadata
+    session: object  # onnxruntime.InferenceSession
+    sha256: str
+    providers: tuple[str, ...]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.metadata.labels
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities ``(N, C)`` float32 for a ``(N, H, W, 3)`` uint8 batch."""
+        md = self.metadata
+        x = batch
+        if md.layout == "NCHW":
+            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        if md.dtype == "float32":
+            x = x.astype(np.float32)
+        (out,) = self.session.run([md.output_name], {md.input_name: x})  # type: ignore[attr-defined]
+        out = np.asarray(out, dtype=np.float32)
+        if md.output_kind == "logits":
+            out = out - out.max(axis=1, keepdims=True)
+            np.exp(out, out=out)
+            out /= out.sum(axis=1, keepdims=True)
+        return out
+
+
+def _check_io(session, md: ModelMetadata) -> None:
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ModelError(f"the model has {len(inputs)} inputs; exactly one image input is supported")
+    inp = inputs[0]
+    if inp.name != md.input_name:
+        raise ModelError(f"metadata names input {md.input_name!r} but the graph's input is {inp.name!r}")
+    want_type = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}[md.dtype]
+    if inp.type != want_type:
+        raise ModelError(f"metadata says input dtype {md.dtype} but the graph takes {inp.type}")
+    shape = list(inp.shape)
+    expected = [None, md.height, md.width, 3] if md.layout == "NHWC" else [None, 3, md.height, md.width]
+    if len(shape) != 4 or any(isinstance(s, int) and e is not None and s != e for s, e in zip(shape, expected)):
+        raise ModelError(
+            f"the graph's input shape {shape} does not match the metadata ({md.layout} {md.height}x{md.width}x3, "
+            f"expected {['N' if e is None else e for e in expected]})"
+        )
+    outs = {o.name: o for o in session.get_outputs()}
+    if md.output_name not in outs:
+        raise ModelError(f"metadata names output {md.output_name!r} but the graph's outputs are {sorted(outs)}")
+    oshape = outs[md.output_name].shape
+    if len(oshape) != 2 or (isinstance(oshape[1], int) and oshape[1] != len(md.labels)):
+        raise ModelError(f"output {md.output_name!r} has shape {oshape}; expected [N, {len(md.labels)}] for {len(md.labels)} labels")
+
+
+def load_model(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    provider: str = "cpu",
+    threads: int = 0,
+    spinning: bool = True,
+) -> Model:
+    """Open ``path`` (default: the shipped model) and check it against its metadata.
+
+    ``threads`` is onnxruntime's intra-op thread count (0: its default, all cores). Turn
+    ``spinning`` off when several processes share the cores, so idle threads do not burn them.
+    """
+    import onnxruntime as ort
+
+    p = Path(path) if path is not None else default_model_path()
+    if not p.is_file():
+        hint = " (the default model is missing from this installation)" if path is None else ""
+        raise ModelError(f"model file not found: {p}{hint}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = max(0, threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = resolve_providers(provider)
+    try:
+        session = ort.InferenceSession(str(p), sess_options=so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+        raise ModelError(f"{p} is not a loadable ONNX model: {str(e).splitlines()[0][:300]}") from e
+    md = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
+    _check_io(session, md)
+    return Model(p, md, session, file_sha256(p), tuple(session.get_providers()))

@@ -1,0 +1,198 @@
+"""predictions.csv: the columns, the incremental writer, and reading it back for --resume and reports.
+
+One row per input file. Rows are written a batch at a time with one ``write`` and a flush,
+so a killed run leaves at most one torn last line, which :func:`scan_existing` cuts off.
+A JSON sidecar (``<csv>.run.json``) names the model that wrote the file, so a resume with
+another model is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+PROB_PREFIX = "prob_"
+
+
+class OutputError(Exception):
+    """The output CSV cannot be written or resumed; the message says why."""
+
+
+@dataclass
+class Prediction:
+    """One input file's outcome: a label with probabilities, or an error."""
+
+    path: str  # relative to the run root, POSIX separators
+    label: str = ""
+    confidence: float | None = None
+    probabilities: Sequence[float] | None = None
+    true_label: str = ""
+    status: str = STATUS_OK
+    error: str = ""
+
+
+def columns(labels: Sequence[str]) -> list[str]:
+    return ["path", "label", "confidence", *[PROB_PREFIX + lb for lb in labels], "true_label", "status", "error"]
+
+
+def sidecar_path(csv_path: str | os.PathLike[str]) -> Path:
+    return Path(os.fspath(csv_path) + ".run.json")
+
+
+def format_rows(preds: Sequence[Prediction], n_labels: int) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    empty = [""] * n_labels
+    for p in preds:
+        probs = [f"{v:.6f}" for v in p.probabilities] if p.probabilities is not None else empty
+        conf = f"{p.confidence:.6f}" if p.confidence is not None else ""
+        w.writerow([p.path, p.label, conf, *probs, p.true_label, p.status, _one_line(p.error)])
+    return buf.getvalue()
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split())
+
+
+class PredictionWriter:
+    """Appends rows; each :meth:`write` is one ``write`` call followed by a flush."""
+
+    def __init__(self, path: str | os.PathLike[str], labels: Sequence[str], *, append: bool = False) -> None:
+        self.path = Path(path)
+        self.labels = list(labels)
+        try:
+            if self.path.parent and not self.path.parent.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "a" if append else "w", encoding="utf-8", newline="")
+            if not append or self._f.tell() == 0:
+                self._f.write(format_header(self.labels))
+                self._f.flush()
+        except OSError as e:
+            raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from e
+
+    def write(self, preds: Sequence[Prediction]) -> None:
+        if not preds:
+            return
+        try:
+            self._f.write(format_rows(preds, len(self.labels)))
+            self._f.flush()
+        except OSError as e:
+            raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from e
+
+    def close(self) -> None:
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError:
+            pass
+        finally:
+            self._f.close()
+
+    def __enter__(self) -> PredictionWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def format_header(labels: Sequence[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(columns(labels))
+    return buf.getvalue()
+
+
+@dataclass
+class ExistingRun:
+    done: set[str]
+    ok: int
+    errors: int
+    good_bytes: int  # length of the intact prefix (header + whole rows)
+    torn_bytes: int  # bytes after it that a kill left behind
+
+
+def _records_with_offsets(f: io.BufferedReader) -> Iterator[tuple[list[str], int]]:
+    """Whole CSV records with the byte offset just after each (quoted multi-line fields allowed).
+
+    A record is whole only when its last line ends with a newline: a kill mid-write leaves
+    a final line without one, which is not yielded.
+    """
+    offset = 0
+    complete = True
+
+    def lines() -> Iterator[str]:
+        nonlocal offset, complete
+        for raw in f:
+            offset += len(raw)
+            complete = raw.endswith(b"\n")
+            yield raw.decode("utf-8", errors="replace")
+
+    reader = csv.reader(lines(), strict=True)
+    while True:
+        try:
+            rec = next(reader)
+        except (StopIteration, csv.Error):
+            return  # end of file, or a torn quoted field at the end
+        if not complete:
+            return
+        yield rec, offset
+
+
+def scan_existing(path: str | os.PathLike[str], labels: Sequence[str]) -> ExistingRun:
+    """Read a predictions CSV for --resume: the finished paths and where the intact part ends."""
+    expected = columns(labels)
+    n, st = len(expected), expected.index("status")
+    size = os.path.getsize(path)
+    done: set[str] = set()
+    ok = errors = good = 0
+    with open(path, "rb") as f:
+        records = _records_with_offsets(f)
+        first = next(records, None)
+        if first is None:
+            return ExistingRun(done, 0, 0, 0, size)
+        header, good = first
+        if header != expected:
+            raise OutputError(
+                f"{path} has columns {header[:6]}... which do not match this model's {expected[:6]}...: "
+                "it was written by a different model (or is not a predictions file)"
+            )
+        for rec, end in records:
+            if len(rec) != n or rec[st] not in (STATUS_OK, STATUS_ERROR):
+                break
+            done.add(rec[0])
+            ok += rec[st] == STATUS_OK
+            errors += rec[st] == STATUS_ERROR
+            good = end
+    return ExistingRun(done, ok, errors, good, size - good)
+
+
+def truncate_torn_tail(path: str | os.PathLike[str], good_bytes: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(good_bytes)
+
+
+def write_sidecar(csv_path: str | os.PathLike[str], info: dict) -> None:
+    """Atomically (write + rename) store the run description beside the CSV."""
+    p = sidecar_path(csv_path)
+    tmp = p.with_name(p.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
+        os.replace(tmp, p)
+    except OSError as e:
+        raise OutputError(f"cannot write {p}: {e.strerror or e}") from e
+
+
+def read_sidecar(csv_path: str | os.PathLike[str]) -> dict | None:
+    p = sidecar_path(csv_path)
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise OutputError(f"{p} is unreadable ({e}); remove it or write to a new CSV") from e

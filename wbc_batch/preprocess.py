@@ -1,0 +1,136 @@
+"""The one decode-and-resize path shared by training, export checks and classify.
+
+Every consumer of a model (train, export parity, classify, the Ray engine) calls
+:func:`load_image` with the :class:`PreprocessSpec` read from the model's metadata, so
+the array a network sees for a given file is the same everywhere. The network itself
+normalises (uint8 RGB NHWC in), so embedders in other languages only decode and resize.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, BinaryIO, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+PathOrFile = Union[str, "os.PathLike[str]", BinaryIO]
+
+#: PIL filters by the names stored in model metadata.
+_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
+
+#: Pixel count above which a file is refused as a decompression bomb (PIL's own default).
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+class ImageError(Exception):
+    """A file that cannot be turned into a model input; the message is shown to the user."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a file becomes an ``height x width x 3`` uint8 RGB array."""
+
+    height: int
+    width: int
+    resize: str = "bilinear"
+    jpeg_draft: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.height <= 0 or self.width <= 0:
+            raise ValueError(f"image size must be positive, got {self.height}x{self.width}")
+        if self.resize not in _FILTERS:
+            raise ValueError(f"unknown resize method {self.resize!r}; known: {sorted(_FILTERS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
+        known = {k: d[k] for k in ("height", "width", "resize", "jpeg_draft", "max_pixels") if k in d}
+        return cls(**known)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; alpha is composited on white (a slide's background)."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and a.max(initial=0) > 255):
+            a = a / 257.0  # 16-bit range onto 8-bit
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        mode = im.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(src: PathOrFile, spec: PreprocessSpec) -> np.ndarray:
+    """Decode ``src`` and resize it to the spec: an ``(H, W, 3)`` uint8 array.
+
+    Raises :class:`ImageError` with a short, specific reason for empty, truncated,
+    corrupt, non-image, unreadable and oversized files.
+    """
+    try:
+        if isinstance(src, (str, os.PathLike)) and os.path.getsize(src) == 0:
+            raise ImageError("empty file")
+    except OSError as e:
+        raise ImageError(f"unreadable: {e.strerror or e}") from e
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(src) as im:
+                w, h = im.size
+                if w * h > spec.max_pixels:
+                    raise ImageError(
+                        f"image too large: {w}x{h} pixels exceeds the limit of {spec.max_pixels} "
+                        "(possible decompression bomb)"
+                    )
+                if spec.jpeg_draft and im.format == "JPEG":
+                    im.draft("RGB", (spec.width, spec.height))
+                im.load()
+                rgb = _to_rgb(im)
+                if rgb.size != (spec.width, spec.height):
+                    rgb = rgb.resize((spec.width, spec.height), _FILTERS[spec.resize])
+                arr = np.asarray(rgb, dtype=np.uint8)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image too large (possible decompression bomb): {e}") from e
+    except UnidentifiedImageError:
+        raise ImageError("not an image (format not recognised)") from None
+    except PermissionError as e:
+        raise ImageError(f"unreadable: {e.strerror or e}") from e
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+        msg = str(e) or type(e).__name__
+        if "truncated" in msg.lower():
+            raise ImageError(f"truncated image: {msg}") from e
+        raise ImageError(f"corrupt image: {msg}") from e
+    if arr.shape != (spec.height, spec.width, 3):  # defensive: a plugin returned something odd
+        raise ImageError(f"decoded to unexpected shape {arr.shape}")
+    return arr
+
+
+def load_image_bytes(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    """:func:`load_image` for bytes already in memory (Ray reads files as bytes)."""
+    if not data:
+        raise ImageError("empty file")
+    return load_image(io.BytesIO(data), spec)
