@@ -19,7 +19,7 @@ def plot_confusion(cm: np.ndarray, labels: Sequence[str], path: str | Path, *, n
 
     values = normalize_rows(cm) if normalized else np.asarray(cm)
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(1.3 * n + 2.5, 1.1 * n + 2), dpi=110)
+    fig, ax = plt.subplots(figsize=(1.0 * n + 2.8, 0.85 * n + 2.2), dpi=110)
     im = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalized else max(1, values.max()))
     ax.set_xticks(range(n), labels, rotation=30, ha="right")
     ax.set_yticks(range(n), labels)
@@ -30,8 +30,42 @@ def plot_confusion(cm: np.ndarray, labels: Sequence[str], path: str | Path, *, n
     for i in range(n):
         for j in range(n):
             v = values[i, j]
-            ax.text(j, i, f"{v:.2f}" if normalized else f"{int(v)}", ha="center", va="center", color="white" if v > hi else "black")
+            ax.text(j, i, f"{v:.2f}" if normalized else f"{int(v)}", ha="center", va="center", fontsize=12, color="white" if v > hi else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_history(history_csv: str | Path, path: str | Path) -> None:
+    """Training curves (loss; accuracy and macro-F1) from a run dir's history.csv."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(history_csv, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{history_csv} has no epochs")
+
+    def col(name: str) -> list[float]:
+        return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
+
+    ep = col("epoch")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for key, lab in (("train_loss", "train"), ("val_loss", "val")):
+        if key in rows[0]:
+            a.plot(ep, col(key), label=lab)
+    a.set(title="loss", xlabel="epoch")
+    a.legend()
+    for key, lab, ls in (("train_accuracy", "train", "-"), ("val_accuracy", "val", "-"), ("val_macro_f1", "val macro-F1", "--")):
+        if key in rows[0]:
+            b.plot(ep, col(key), label=lab, linestyle=ls)
+    b.set(title="accuracy", xlabel="epoch", ylim=(0, 1))
+    b.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
