@@ -1,0 +1,246 @@
+"""Run dir -> one self-describing ONNX file, checked against PyTorch before it is written.
+
+The graph takes uint8 RGB NHWC with a dynamic batch axis and returns probabilities; the
+labels and preprocessing travel in the metadata (:mod:`wbc_batch.metadata`). Opset and IR
+version are pinned so that the file loads on every onnxruntime the project supports
+(1.23.2 is the newest on Python 3.10).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .metadata import ModelMetadata
+from .preprocess import PreprocessSpec
+
+OPSET = 18
+IR_VERSION = 9  # onnxruntime >= 1.16 reads it
+PARITY_ATOL = 1e-4  # max |onnxruntime - torch| on probabilities
+
+
+@dataclass
+class ExportReport:
+    output: str
+    opset: int
+    ir_version: int
+    parity_images: int
+    max_abs_diff_batch1: float
+    max_abs_diff_odd_batch: float
+    max_abs_diff_all: float
+    argmax_agreement: float
+    tolerance: float = PARITY_ATOL
+    eval_metrics: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def data_fingerprint(data_dir: str | os.PathLike[str]) -> dict:
+    """A cheap identity of a class-folder data set: sha256 over (relative path, size) of every file."""
+    h = hashlib.sha256()
+    n = 0
+    root = Path(data_dir)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            h.update(f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}\n".encode())
+            n += 1
+    return {"path": str(root), "files": n, "sha256_names_sizes": h.hexdigest()}
+
+
+def load_run(run_dir: str | os.PathLike[str], checkpoint: str = "best.pt"):
+    """The trained network of a run dir (eval mode, wrapped to take uint8 NHWC) and its config."""
+    import torch
+
+    from .train.models import Deployable, build
+
+    ck = torch.load(Path(run_dir) / checkpoint, map_location="cpu", weights_only=False)
+    cfg = ck["config"]
+    net = build(cfg["arch"], len(cfg["classes"]), tuple(cfg["size"]))
+    net.load_state_dict(ck["state_dict"])
+    return Deployable(net, probabilities=True).eval(), cfg, ck.get("epoch")
+
+
+def _to_onnx_bytes(model, h: int, w: int) -> bytes:
+    import onnx
+    import torch
+
+    x = torch.zeros((3, h, w, 3), dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1)
+    prog = torch.onnx.export(
+        model,
+        (x,),
+        input_names=["image"],
+        output_names=["probabilities"],
+        opset_version=OPSET,
+        dynamo=True,
+        dynamic_shapes=({0: batch},),
+        optimize=True,
+        verbose=False,
+    )
+    proto = prog.model_proto
+    proto.ir_version = IR_VERSION
+    # Keep only the default domain's opset import at our pinned version (no onnxscript domains needed).
+    opsets = [o for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    del proto.opset_import[:]
+    proto.opset_import.extend(opsets)
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    buf = io.BytesIO()
+    onnx.save_model(proto, buf)
+    return buf.getvalue()
+
+
+def _sample_images(paths: Sequence[str], spec: PreprocessSpec) -> np.ndarray:
+    from .preprocess import ImageError, load_image
+
+    out = []
+    for p in paths:
+        try:
+            out.append(load_image(p, spec))
+        except ImageError:
+            continue
+    return np.stack(out) if out else np.zeros((0, spec.height, spec.width, 3), np.uint8)
+
+
+def parity_paths(data_dir: str | os.PathLike[str], n: int = 256, seed: int = 0) -> list[str]:
+    """Up to ``n`` real images spread over the classes of a class-folder directory."""
+    from .discover import iter_images
+
+    files = [f.path for f in iter_images([data_dir])]
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(files))[:n]
+    return [files[i] for i in sorted(idx)]
+
+
+def export_run(
+    run_dir: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    checkpoint: str = "best.pt",
+    name: str | None = None,
+    check_dir: str | os.PathLike[str] | None = None,
+    check_images: int = 256,
+    eval_metrics: dict | None = None,
+) -> ExportReport:
+    """Export ``run_dir`` to ``output`` after checking the ONNX graph against PyTorch.
+
+    Checks: ``onnx.checker`` full check; onnxruntime vs torch probabilities within
+    :data:`PARITY_ATOL` at batch 1, an odd batch (7) and the whole sample; argmax agreement
+    100% on real images (from ``check_dir``, default: the run's training data).
+    Nothing is written when a check fails.
+    """
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    model, cfg, epoch = load_run(run_dir, checkpoint)
+    h, w = cfg["size"]
+    spec = PreprocessSpec.from_dict(cfg["preprocess"])
+    data = _to_onnx_bytes(model, h, w)
+
+    check_src = check_dir or cfg["data_dir"]
+    images = _sample_images(parity_paths(check_src, check_images), spec) if check_src and Path(check_src).is_dir() else np.zeros((0, h, w, 3), np.uint8)
+    if len(images) < 8:
+        raise RuntimeError(f"export parity needs real images: found {len(images)} under {check_src!r} (give --check-dir)")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(images)).numpy()
+    got1 = np.concatenate([sess.run(None, {"image": images[i : i + 1]})[0] for i in range(min(16, len(images)))])
+    got7 = sess.run(None, {"image": images[:7]})[0]
+    got_all = np.concatenate([sess.run(None, {"image": images[i : i + 64]})[0] for i in range(0, len(images), 64)])
+    d1 = float(np.abs(got1 - ref[: len(got1)]).max())
+    d7 = float(np.abs(got7 - ref[:7]).max())
+    dall = float(np.abs(got_all - ref).max())
+    agree = float((got_all.argmax(1) == ref.argmax(1)).mean())
+    report = ExportReport(str(output), OPSET, IR_VERSION, len(images), d1, d7, dall, agree, eval_metrics=eval_metrics)
+    if max(d1, d7, dall) > PARITY_ATOL or agree < 1.0:
+        raise RuntimeError(f"ONNX/torch parity failed: {json.dumps(asdict(report))}")
+
+    proto = onnx.load_model_from_string(data)
+    versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime_export_check": ort.__version__}
+    from . import __version__
+
+    md = ModelMetadata(
+        labels=tuple(cfg["classes"]),
+        height=h,
+        width=w,
+        resize=spec.resize,
+        jpeg_draft=spec.jpeg_draft,
+        max_pixels=spec.max_pixels,
+        name=name or Path(output).stem,
+        arch=cfg["arch"],
+        extra={
+            "training": {
+                "data": data_fingerprint(cfg["data_dir"]) if Path(cfg["data_dir"]).is_dir() else {"path": cfg["data_dir"]},
+                "epoch": epoch,
+                "config": {k: cfg[k] for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "label_smoothing", "augment", "val_fraction", "group_regex", "seed") if k in cfg},
+                "n_train": cfg.get("n_train"),
+                "n_val": cfg.get("n_val"),
+            },
+            "metrics": eval_metrics or {},
+            "export_parity": {k: v for k, v in asdict(report).items() if k.startswith(("max_abs", "argmax", "parity", "tolerance"))},
+            "versions": {**versions, "wbc_batch": __version__, "python": sys.version.split()[0]},
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    import onnx.helper
+
+    onnx.helper.set_model_props(proto, md.to_props())
+    proto.doc_string = f"wbc-batch {md.arch}: white blood cell classifier; labels and preprocessing in metadata key 'wbc_batch'"
+    onnx.checker.check_model(proto, full_check=True)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(output) + ".tmp")
+    onnx.save_model(proto, str(tmp))
+    os.replace(tmp, output)
+    return report
+
+
+def evaluate_model(model_path: str | os.PathLike[str], eval_dir: str | os.PathLike[str], workers: int = 0) -> dict:
+    """Accuracy, F1 and confusion matrix of an ONNX model on a labelled class-folder set (via classify)."""
+    from .metrics import compute_metrics_from_names
+    from .runner import RunnerOptions, classify
+
+    truth, pred, errors = [], [], 0
+    for p in classify([eval_dir], model_path, options=RunnerOptions(workers=workers)):
+        if p.status != "ok":
+            errors += 1
+        elif p.true_label:
+            truth.append(p.true_label)
+            pred.append(p.label)
+    from .model import read_metadata
+
+    labels = read_metadata(model_path).labels
+    m = compute_metrics_from_names(truth, pred, labels).to_dict()
+    m.update(eval_dir=str(eval_dir), errors=errors)
+    return m
+
+
+def embed_metrics(model_path: str | os.PathLike[str], metrics: dict, key: str = "metrics") -> None:
+    """Store evaluation figures in the model's metadata (the graph is unchanged)."""
+    import onnx
+    import onnx.helper
+
+    from .metadata import METADATA_KEY
+
+    proto = onnx.load(str(model_path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    d = json.loads(props[METADATA_KEY])
+    d[key] = {k: metrics[k] for k in ("eval_dir", "n", "accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix", "errors") if k in metrics}
+    props[METADATA_KEY] = json.dumps(d)
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, props)
+    tmp = Path(str(model_path) + ".tmp")
+    onnx.save_model(proto, str(tmp))
+    os.replace(tmp, model_path)
