@@ -9,6 +9,7 @@ import click
 
 from . import __version__
 from .job import (
+    EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_MODEL,
     EXIT_NO_IMAGES,
@@ -52,7 +53,9 @@ def main() -> None:
 @click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False), default=None, help="CSV with path,label columns giving the true label of inputs.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None, help="Also write an evaluation report to this folder at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, log lines or summary.")
-def classify(inputs, model, output, workers, batch_size, provider, threads, resume, overwrite, labels_csv, report_dir, quiet) -> None:
+@click.option("--engine", "engine_name", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="local: processes on this machine; ray: Ray actors (--workers of them; needs the ray extra).")
+@click.option("--address", default=None, help="With --engine ray: the Ray cluster to join (host:port or auto).  [default: a private Ray on 127.0.0.1]")
+def classify(inputs, model, output, workers, batch_size, provider, threads, resume, overwrite, labels_csv, report_dir, quiet, engine_name, address) -> None:
     """Classify every image under INPUTS (folders, recursively, or files) into a predictions CSV.
 
     One row per input file, always: unreadable or corrupt files get status=error and the
@@ -73,14 +76,27 @@ def classify(inputs, model, output, workers, batch_size, provider, threads, resu
         labels_csv=labels_csv,
         progress="none" if quiet else "auto",
     )
+    engine, engine_errors = None, ()
+    if address and engine_name != "ray":
+        _fail("--address is only meaningful with --engine ray", EXIT_USAGE)
+    if engine_name == "ray":
+        try:
+            from .ray_engine import RayEngine, RayEngineError, require_ray
+
+            require_ray()
+        except Exception as e:  # noqa: BLE001 - a broken ray install is a usage problem, said plainly
+            _fail(str(e), EXIT_USAGE)
+        engine, engine_errors = RayEngine(address=address), (RayEngineError,)
     try:
-        summary = run_classify(cfg)
+        summary = run_classify(cfg, engine=engine)
     except ModelError as e:
         _fail(str(e), EXIT_MODEL)
     except OutputError as e:
         _fail(str(e), EXIT_OUTPUT)
     except LabelsError as e:
         _fail(str(e), EXIT_USAGE)
+    except engine_errors as e:
+        _fail(str(e), EXIT_FAILURE)
     if not quiet:
         click.echo(f"wbc-batch: {summary.line()}", err=True)
     if summary.interrupted:
@@ -91,9 +107,12 @@ def classify(inputs, model, output, workers, batch_size, provider, threads, resu
     if summary.ok == 0:
         _fail(f"none of the {summary.files} files could be read (see the error column of {output})", EXIT_NO_IMAGES)
     if report_dir:
-        from .report import write_report
+        from .report import ReportError, write_report
 
-        paths = write_report(output, report_dir)
+        try:
+            paths = write_report(output, report_dir)
+        except (ReportError, OutputError) as e:
+            _fail(f"the predictions are written ({output}), but the report failed: {e}", EXIT_OUTPUT)
         if not quiet:
             click.echo(f"wbc-batch: report -> {paths['html']}", err=True)
     sys.exit(EXIT_OK)
@@ -126,6 +145,43 @@ def info(model, as_json) -> None:
     for k, v in md.extra.items():
         click.echo(f"{k + ':':<11} {json.dumps(v)[:300]}")
 
+
+@main.command()
+@click.argument("predictions", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder to write the report to.  [default: PREDICTIONS without .csv, plus -report]")
+@click.option("--group-by", "group_by", type=click.IntRange(min=0), default=None, metavar="LEVEL",
+              help="Per-group differential, one group per folder at this depth under the input root (1 = first level, e.g. one folder per slide); 0 = none.  [default: 1 when the first-level folders are not class names]")
+@click.option("--review-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="List predictions with a lower confidence for human review.")
+@click.option("--run-dir", type=click.Path(exists=True, file_okay=False), default=None, help="Training run dir: show its curves.png (or history.csv) in the report.")
+def report(predictions, out_dir, group_by, review_threshold, run_dir) -> None:
+    """Evaluation report for a PREDICTIONS CSV written by `classify`.
+
+    Writes report.html (self-contained: open it offline, or mail it), metrics.json,
+    per_class.csv, confusion_matrix.png, confusion_matrix_normalized.png, review.csv
+    (low-confidence files) and, with groups, differential.csv. Accuracy, F1 and the
+    confusion matrices need true labels (class-named folders or classify --labels);
+    without them the report shows the predicted distribution and confidences.
+    The figures need matplotlib (pip install 'wbc-batch[report]'); without it the
+    report is written without them and a warning says so.
+    """
+    from .report import ReportError, write_report
+
+    if out_dir is None:
+        out_dir = (predictions[:-4] if predictions.lower().endswith(".csv") else predictions) + "-report"
+    try:
+        paths = write_report(predictions, out_dir, group_by=group_by, review_threshold=review_threshold, run_dir=run_dir)
+    except ReportError as e:
+        _fail(str(e), EXIT_USAGE)
+    except OutputError as e:
+        _fail(str(e), EXIT_OUTPUT)
+    click.echo(f"wbc-batch: report -> {paths['html']}", err=True)
+
+
+
+from .cli_train import export_cmd, train_cmd  # noqa: E402  (click commands; torch loads only when they run)
+
+main.add_command(train_cmd)
+main.add_command(export_cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -167,8 +167,22 @@ def _prepare_output(cfg: ClassifyConfig, model: Model, root: Path) -> tuple[set[
     return existing.done, existing.ok, existing.errors
 
 
-def run_classify(cfg: ClassifyConfig, model: Model | None = None, on_batch: Callable[[list[Prediction]], None] | None = None) -> RunSummary:
-    """Classify ``cfg.inputs`` into ``cfg.output``. Raises ModelError/OutputError/LabelsError on unusable setups."""
+#: What produces the rows: ``engine(files, model, options, truth)`` yields lists of predictions in input order.
+Engine = Callable[[Iterable[InputFile], Model, RunnerOptions, Callable[[str], str]], Iterator[list[Prediction]]]
+
+
+def run_classify(
+    cfg: ClassifyConfig,
+    model: Model | None = None,
+    on_batch: Callable[[list[Prediction]], None] | None = None,
+    engine: Engine | None = None,
+) -> RunSummary:
+    """Classify ``cfg.inputs`` into ``cfg.output``. Raises ModelError/OutputError/LabelsError on unusable setups.
+
+    ``engine`` (default: the local process pool, :func:`runner.iter_prediction_batches`) only
+    distributes the work; output checks, --resume, the sidecar, progress and summary are shared.
+    """
+    engine = engine or iter_prediction_batches
     t0 = time.perf_counter()
     opts = cfg.runner
     if model is None:
@@ -176,8 +190,7 @@ def run_classify(cfg: ClassifyConfig, model: Model | None = None, on_batch: Call
         model = load_model(cfg.model, provider=opts.provider, threads=opts.session_threads() if not in_process else opts.threads)
     inputs = [os.fspath(p) for p in cfg.inputs]
     root = common_root(inputs)
-    done, ok0, err0 = _prepare_output(cfg, model, root)
-    if cfg.labels_csv:
+    if cfg.labels_csv:  # checked before the output is touched: a bad labels file changes nothing
         table = read_labels_csv(cfg.labels_csv, root, model.labels)
 
         def truth(rel: str) -> str:
@@ -185,6 +198,7 @@ def run_classify(cfg: ClassifyConfig, model: Model | None = None, on_batch: Call
     else:
         def truth(rel: str) -> str:
             return folder_truth(rel, model.labels)
+    done, ok0, err0 = _prepare_output(cfg, model, root)
 
     info = {
         "wbc_batch": __version__,
@@ -194,6 +208,7 @@ def run_classify(cfg: ClassifyConfig, model: Model | None = None, on_batch: Call
         "labels_csv": os.path.abspath(cfg.labels_csv) if cfg.labels_csv else None,
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "options": asdict(opts),
+        "engine": engine.info() if hasattr(engine, "info") else "local",
         "state": "running",
     }
     write_sidecar(cfg.output, info)
@@ -202,8 +217,9 @@ def run_classify(cfg: ClassifyConfig, model: Model | None = None, on_batch: Call
     _count_in_background(inputs, root, done, progress)
     files: Iterator[InputFile] = (f for f in iter_images(inputs, root) if f.rel not in done)
     writer = PredictionWriter(cfg.output, model.labels, append=cfg.resume and not cfg.overwrite and Path(cfg.output).exists())
+    batches = engine(files, model, opts, truth)
     try:
-        for preds in iter_prediction_batches(files, model, opts, truth):
+        for preds in batches:
             writer.write(preds)
             n_ok = sum(p.status == STATUS_OK for p in preds)
             summary.ok += n_ok
@@ -215,12 +231,16 @@ def run_classify(cfg: ClassifyConfig, model: Model | None = None, on_batch: Call
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()  # stop the engine's workers now, not when the generator is collected
         progress.close()
         writer.close()
         summary.files = summary.ok + summary.errors
         summary.wall_s = time.perf_counter() - t0
         summary.images_per_s = summary.processed / summary.wall_s if summary.wall_s > 0 else 0.0
         info.update(
+            engine=engine.info() if hasattr(engine, "info") else "local",
             state="interrupted" if summary.interrupted else "finished",
             finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             summary=asdict(summary),

@@ -1,0 +1,239 @@
+"""The Ray engine (--engine ray) writes the same CSV as the local engine.
+
+Marked ``ray`` (tox env ``ray``); skipped where ray is not installed. One small local Ray
+cluster (2 CPUs, so two actor processes, on 127.0.0.1) serves the in-process tests; the CLI
+tests start their own private Ray, or join that cluster with --address.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SAMPLE
+
+from wbc_batch.job import ClassifyConfig, run_classify
+from wbc_batch.predictions import PROB_PREFIX
+from wbc_batch.runner import RunnerOptions
+
+try:
+    import ray
+except ImportError:
+    ray = None
+
+requires_ray = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install 'wbc-batch[ray]')")
+
+
+def _env() -> dict:
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray of two worker CPUs on loopback, shared by this module's in-process tests."""
+    if ray is None:
+        pytest.skip("ray is not installed")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ["PYTHONPATH"] = _env()["PYTHONPATH"]  # the workers import wbc_batch too
+    from wbc_batch.ray_engine import _loopback_only
+
+    _loopback_only()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def mixed_input(tmp_path) -> Path:
+    """sample_data/ plus a folder of files that cannot be classified, and a non-UTF-8 file name."""
+    root = tmp_path / "in"
+    shutil.copytree(SAMPLE, root, ignore=shutil.ignore_patterns("README*"))
+    bad = root / "bad"
+    bad.mkdir()
+    jpeg = sorted(SAMPLE.rglob("*.jpeg"))[0].read_bytes()
+    (bad / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "notes.jpg").write_bytes(b"this is not an image\n" * 20)
+    (bad / "ok_copy.jpeg").write_bytes(jpeg)
+    if sys.platform != "darwin":  # APFS refuses non-UTF-8 names
+        with open(os.path.join(os.fsencode(bad), b"caf\xe9.jpeg"), "wb") as f:
+            f.write(jpeg)
+    return root
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _assert_same_rows(a: Path, b: Path) -> None:
+    ra, rb = _rows(a), _rows(b)
+    assert [r["path"] for r in ra] == [r["path"] for r in rb]  # same files, same order
+    for x, y in zip(ra, rb, strict=True):
+        for k in x:
+            if k.startswith(PROB_PREFIX) or k == "confidence":
+                if x[k] == "" or y[k] == "":
+                    assert x[k] == y[k], (x["path"], k)
+                else:
+                    assert abs(float(x[k]) - float(y[k])) <= 1e-5, (x["path"], k, x[k], y[k])
+            else:
+                assert x[k] == y[k], (x["path"], k, x[k], y[k])
+
+
+def _classify(inputs, out: Path, model: Path, engine=None, **kw) -> object:
+    opts = RunnerOptions(workers=kw.pop("workers", 1), batch_size=kw.pop("batch_size", 8))
+    cfg = ClassifyConfig(inputs=[str(p) for p in inputs], output=str(out), model=str(model), runner=opts, progress="none", **kw)
+    return run_classify(cfg, engine=engine)
+
+
+def test_local_path_never_imports_ray(tmp_path, color_model):
+    """Runs everywhere (not marked ray): the local engine must not pull ray in."""
+    code = (
+        "import sys; from wbc_batch.cli import main\n"
+        f"sys.argv = ['wbc-batch', 'classify', {str(SAMPLE)!r}, '-m', {str(color_model)!r}, '-o', {str(tmp_path / 'p.csv')!r}, '--workers', '1', '-q']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "assert 'ray' not in sys.modules, 'the local path imported ray'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=_env(), timeout=120)
+
+
+@pytest.mark.ray
+@requires_ray
+@pytest.mark.usefixtures("ray_cluster")
+def test_ray_matches_local_including_corrupt_files(tmp_path, color_model, mixed_input):
+    from wbc_batch.ray_engine import RayEngine
+
+    local = tmp_path / "local.csv"
+    s_local = _classify([mixed_input], local, color_model)
+    engine = RayEngine()
+    viaray = tmp_path / "ray.csv"
+    s_ray = _classify([mixed_input], viaray, color_model, engine=engine, workers=2)
+    _assert_same_rows(local, viaray)
+    assert (s_ray.files, s_ray.ok, s_ray.errors) == (s_local.files, s_local.ok, s_local.errors)
+    assert s_ray.errors == 3 and s_ray.files == 40 + 4 + (sys.platform != "darwin")
+    errors = {r["path"]: r["error"] for r in _rows(viaray) if r["status"] == "error"}
+    assert errors["bad/empty.jpg"] == "empty file"
+    assert errors["bad/truncated.jpg"].startswith("truncated image")
+    assert errors["bad/notes.jpg"].startswith("not an image")
+    side = json.loads(Path(str(viaray) + ".run.json").read_text())
+    assert side["engine"]["name"] == "ray" and side["engine"]["actors"] == 2 and side["state"] == "finished"
+    assert side["engine"]["nodes"] == ["127.0.0.1"]
+    assert engine.startup_s == 0.0  # Ray was already running: used, not restarted
+
+
+def _crash_once_predictor(marker: str):
+    """A Predictor whose process dies (os._exit) on the first batch any actor gets, once per marker."""
+    from wbc_batch.ray_engine import Predictor
+
+    class CrashOncePredictor(Predictor):
+        def __call__(self, batch):
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return super().__call__(batch)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            os._exit(1)  # the actor process dies with the batch in hand
+
+    return CrashOncePredictor
+
+
+@pytest.mark.ray
+@requires_ray
+@pytest.mark.usefixtures("ray_cluster")
+def test_ray_worker_killed_mid_run_loses_no_row(tmp_path, color_model, mixed_input):
+    from wbc_batch.ray_engine import RayEngine
+
+    marker = tmp_path / "crashed"
+    local = tmp_path / "local.csv"
+    _classify([mixed_input], local, color_model)
+    engine = RayEngine(predictor_cls=_crash_once_predictor(str(marker)), max_restarts=2, max_task_retries=2)
+    viaray = tmp_path / "ray.csv"
+    _classify([mixed_input], viaray, color_model, engine=engine, workers=2, batch_size=4)
+    assert marker.exists(), "no actor was killed: the test did not test anything"
+    _assert_same_rows(local, viaray)
+
+
+@pytest.mark.ray
+@requires_ray
+@pytest.mark.usefixtures("ray_cluster")
+def test_ray_resume_skips_finished_files(tmp_path, color_model, mixed_input):
+    from wbc_batch.ray_engine import RayEngine
+
+    full = tmp_path / "full.csv"
+    _classify([mixed_input], full, color_model)
+    # A run that stopped after 17 rows (plus a torn line), with its sidecar.
+    part = tmp_path / "part.csv"
+    _classify([mixed_input], part, color_model)
+    lines = part.read_bytes().splitlines(keepends=True)
+    part.write_bytes(b"".join(lines[:18]) + lines[18][:10])
+    summary = _classify([mixed_input], part, color_model, engine=RayEngine(), workers=2, resume=True)
+    assert summary.resumed == 17
+    assert summary.processed == len(lines) - 1 - 17
+    _assert_same_rows(full, part)
+    # Nothing left: a second resume processes nothing (and need not start anything).
+    again = _classify([mixed_input], part, color_model, engine=RayEngine(), workers=2, resume=True)
+    assert again.processed == 0 and again.resumed == len(lines) - 1
+    _assert_same_rows(full, part)
+
+
+@pytest.mark.ray
+@requires_ray
+@pytest.mark.slow
+@pytest.mark.parametrize("join", [False, True], ids=["private-local-ray", "join-with-address"])
+def test_cli_engine_ray(tmp_path, color_model, mixed_input, ray_cluster, join):
+    """The CLI end to end: its own loopback Ray, or --address to a running cluster."""
+    local = tmp_path / "local.csv"
+    _classify([mixed_input], local, color_model)
+    out = tmp_path / "ray.csv"
+    cmd = [sys.executable, "-m", "wbc_batch", "classify", str(mixed_input), "-m", str(color_model), "-o", str(out),
+           "--engine", "ray", "--workers", "2", "--batch-size", "8"]
+    if join:
+        cmd += ["--address", ray_cluster]
+    env = _env()
+    env.pop("RAY_ADDRESS", None)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "files 45" in r.stderr or "files 44" in r.stderr
+    _assert_same_rows(local, out)
+    side = json.loads(Path(str(out) + ".run.json").read_text())
+    assert side["engine"]["nodes"] == ["127.0.0.1"]  # loopback only, whether started or joined
+
+
+def _always_crash_predictor(name: str):
+    """A Predictor whose process dies every time it gets the batch holding ``name``."""
+    from wbc_batch.ray_engine import Predictor
+
+    class AlwaysCrashPredictor(Predictor):
+        def __call__(self, batch):
+            if any(os.fsdecode(bytes(p)).endswith(name) for p in batch["path"]):
+                os._exit(1)
+            return super().__call__(batch)
+
+    return AlwaysCrashPredictor
+
+
+@pytest.mark.ray
+@requires_ray
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_ray_file_that_always_kills_its_worker_fails_the_run_not_hangs(tmp_path, color_model, mixed_input):
+    """Retries are bounded: a batch that kills every actor it meets ends the run with a clear error."""
+    from wbc_batch.ray_engine import RayEngine, RayEngineError
+
+    engine = RayEngine(predictor_cls=_always_crash_predictor("notes.jpg"), max_restarts=1, max_task_retries=1)
+    out = tmp_path / "ray.csv"
+    with pytest.raises(RayEngineError, match="retries"):
+        _classify([mixed_input], out, color_model, engine=engine, workers=2, batch_size=4)
+    rows = _rows(out)
+    assert rows and all(r["path"] < "bad/notes.jpg" for r in rows)  # in order, up to the culprit's batch

@@ -1,0 +1,305 @@
+"""The Ray engine: the same classify run, with decoding and inference spread over a Ray cluster.
+
+Only the *distribution* differs from the local engine (:func:`wbc_batch.runner.iter_prediction_batches`):
+
+* the files are the ones :func:`wbc_batch.discover.iter_images` lists, in the same order and
+  with the same relative paths (discovery runs on the driver, the machine you type the command on);
+* each batch is decoded and classified by :func:`wbc_batch.runner.run_batch` (so by
+  :func:`wbc_batch.preprocess.load_image` and :meth:`wbc_batch.model.Model.predict`) inside a
+  Ray Data ``map_batches`` actor pool, one onnxruntime session per actor;
+* the answers come back to the driver in input order and become rows with
+  :func:`wbc_batch.runner.to_predictions`, which :func:`wbc_batch.job.run_classify` writes, resumes
+  and summarises exactly as for a local run.
+
+The model file travels to the workers through Ray's object store (its bytes are ``ray.put``
+once); the *images* do not: every worker opens the input paths itself, so they must be readable
+at the same absolute path on every node (a shared or network filesystem, or the same copy).
+
+Discovery is lazy; files are handed to Ray in windows of :attr:`RayEngine.window` files (one
+Ray Data execution each) so the driver never lists millions of paths at once.
+
+``ray`` is imported here only, and this module is imported only for ``--engine ray``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import chain, islice
+from typing import Any
+
+import numpy as np
+
+from .discover import InputFile
+from .metadata import ModelError
+from .model import Model, load_model
+from .predictions import Prediction
+from .runner import BatchResult, RunnerOptions, available_cores, run_batch, to_predictions
+from .truth import folder_truth
+
+try:  # the optional extra: pip install 'wbc-batch[ray]'
+    import ray
+except ImportError:  # pragma: no cover - exercised where ray is absent
+    ray = None  # type: ignore[assignment]
+
+#: Providers that need a GPU per actor.
+GPU_PROVIDERS = ("cuda", "tensorrt", "CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+class RayEngineError(Exception):
+    """The Ray engine cannot run or finish; the message says why (rows written so far are kept)."""
+
+
+class RayUnavailable(RayEngineError):
+    """Ray is not installed, or the cluster cannot be reached; the message says which."""
+
+
+def require_ray() -> None:
+    if ray is None:
+        raise RayUnavailable("--engine ray needs Ray: pip install 'wbc-batch[ray]' (or pip install 'ray[data]')")
+
+
+def _loopback_only() -> None:
+    """Make a private Ray listen on 127.0.0.1 only.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone is not enough: Ray swaps a loopback node
+    address for the machine's routable one, and its servers bind to the node address (or all
+    interfaces). Ray keeps loopback when it believes it runs a single-machine setup (its
+    Windows/macOS mode): ask for that, for this process and the Ray processes it starts.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray was imported; looked up at each use
+    except (ImportError, AttributeError):  # pragma: no cover - a Ray without that switch
+        pass
+
+
+class Predictor:
+    """A Ray Data actor: one onnxruntime session, built from model bytes that came through Ray.
+
+    ``__call__`` takes a batch ``{"idx", "path"}`` (paths as ``os.fsencode`` bytes) and returns per
+    file: ``idx``, ``ok``, ``probs`` (zeros where the file failed) and ``error`` (UTF-8 bytes, empty
+    where it decoded).
+    """
+
+    def __init__(self, model_ref: list, sha256: str, provider: str, threads: int) -> None:
+        data = model_ref[0]
+        if ray is not None and isinstance(data, ray.ObjectRef):
+            data = ray.get(data)
+        # load_model (and its metadata/IO checks) reads a file: give it a private copy of the bytes.
+        tmp = tempfile.mkdtemp(prefix="wbc-batch-model-")
+        try:
+            path = os.path.join(tmp, "model.onnx")
+            with open(path, "wb") as f:
+                f.write(data)
+            self.model: Model = load_model(path, provider=provider, threads=threads, spinning=False)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.model.sha256 != sha256:
+            raise ModelError(f"the model bytes received by a Ray worker have sha256 {self.model.sha256[:12]}..., expected {sha256[:12]}...")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        paths = [os.fsdecode(bytes(p)) for p in batch["path"]]
+        res = run_batch(self.model, paths)
+        n, c = len(paths), len(self.model.labels)
+        probs = np.zeros((n, c), dtype=np.float32)
+        ok = np.zeros(n, dtype=bool)
+        errors: list[str] = []
+        k = 0
+        for i, err in enumerate(res.errors):
+            if err is None:
+                probs[i] = res.probabilities[k]
+                ok[i] = True
+                k += 1
+                errors.append("")
+            else:
+                errors.append(err)
+        err_bytes = np.array([e.encode("utf-8", "surrogateescape") for e in errors], dtype=object)
+        return {"idx": np.asarray(batch["idx"], dtype=np.int64), "ok": ok, "probs": probs, "error": err_bytes}
+
+
+@dataclass
+class RayEngine:
+    """A prediction-batch engine for :func:`wbc_batch.job.run_classify` that runs on Ray.
+
+    Called like :func:`wbc_batch.runner.iter_prediction_batches`: ``engine(files, model, options, truth)``
+    yields lists of :class:`Prediction` in input order.
+
+    ``address``: None starts a private Ray on this machine, bound to 127.0.0.1 (and stops it at the
+    end); ``"auto"`` or ``host:port`` joins a running cluster. If Ray is already initialised in this
+    process (a script, a test) that instance is used and left running.
+    """
+
+    address: str | None = None
+    window: int = 50_000  # files per Ray Data execution
+    max_restarts: int = 3  # per actor, when its process dies
+    max_task_retries: int = 3  # per batch, on a restarted actor
+    predictor_cls: type = Predictor  # tests swap in a Predictor that crashes once
+    startup_s: float = field(default=0.0, init=False)  # seconds spent in ray.init (0 if it was running)
+    actors: int = field(default=0, init=False)
+    nodes: list[str] = field(default_factory=list, init=False)  # addresses of the live Ray nodes used
+
+    name = "ray"
+
+    def info(self) -> dict[str, Any]:
+        return {"name": "ray", "address": self.address or "local (127.0.0.1)", "actors": self.actors, "nodes": self.nodes}
+
+    # -- Ray lifecycle ---------------------------------------------------------------------
+    def _start(self, options: RunnerOptions) -> bool:
+        """Connect to (or start) Ray; True when this call started it and must stop it."""
+        require_ray()
+        if ray.is_initialized():
+            return False
+        t0 = time.perf_counter()
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home
+        try:
+            if self.address:
+                ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=True)
+            else:
+                cpus = max(available_cores(), options.resolved_workers() * self._cpus_per_actor(options))
+                _loopback_only()
+                ray.init(
+                    address="local",  # never an existing cluster named by RAY_ADDRESS
+                    num_cpus=cpus,
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    logging_level=logging.WARNING,
+                    log_to_driver=True,
+                )
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = self.address or "a local instance"
+            raise RayUnavailable(f"cannot start or join Ray ({where}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        self.startup_s = time.perf_counter() - t0
+        return True
+
+    @staticmethod
+    def _cpus_per_actor(options: RunnerOptions) -> int:
+        return options.threads if options.threads > 0 else 1
+
+    def _uses_gpu(self, options: RunnerOptions) -> bool:
+        return options.provider in GPU_PROVIDERS or options.provider.lower() in GPU_PROVIDERS
+
+    def _n_actors(self, options: RunnerOptions) -> int:
+        if options.workers > 0:
+            return options.workers
+        res = ray.cluster_resources()
+        if self._uses_gpu(options):
+            return max(1, int(res.get("GPU", 0)))
+        return max(1, int(res.get("CPU", 1) // self._cpus_per_actor(options)))
+
+    # -- the engine --------------------------------------------------------------------------
+    def __call__(
+        self,
+        files: Iterable[InputFile],
+        model: Model,
+        options: RunnerOptions = RunnerOptions(),
+        truth: Callable[[str], str] | None = None,
+    ) -> Iterator[list[Prediction]]:
+        labels = model.labels
+        truth_fn = truth or (lambda rel: folder_truth(rel, labels))
+        it = iter(files)
+        first = next(it, None)
+        if first is None:
+            return  # nothing to do (e.g. a finished --resume): do not start Ray at all
+        it = chain([first], it)
+        started = self._start(options)
+        try:
+            yield from self._run(it, model, options, truth_fn)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _run(self, files: Iterator[InputFile], model: Model, options: RunnerOptions, truth: Callable[[str], str]) -> Iterator[list[Prediction]]:
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # batches come back in input order
+        ctx.enable_progress_bars = False  # the job's own progress bar/log lines report
+        ctx.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+        self.nodes = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})
+
+        with open(model.path, "rb") as f:
+            model_ref = ray.put(f.read())  # the model travels by Ray, once per run
+        self.actors = self._n_actors(options)
+        cpa = self._cpus_per_actor(options)
+        batch_size = max(1, options.batch_size)
+        map_kwargs: dict[str, Any] = dict(
+            fn_constructor_args=([model_ref], model.sha256, options.provider, cpa),
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=self.actors),
+            num_cpus=cpa,
+        )
+        if self._uses_gpu(options):
+            map_kwargs["num_gpus"] = 1
+        # Bounded fault tolerance: a dead actor is restarted and its batch rerun, a few times
+        # (Ray Data's own default is forever, which a file that always kills its decoder would turn
+        # into a hang). Ray marks these pass-through arguments deprecated; without them, its default holds.
+        retry_kwargs = dict(max_restarts=self.max_restarts, max_task_retries=self.max_task_retries)
+
+        while window := list(islice(files, max(1, self.window))):
+            # Paths travel as bytes: POSIX names need not be UTF-8 (Arrow strings must be).
+            items = [{"idx": i, "path": os.fsencode(f.path)} for i, f in enumerate(window)]
+            ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / batch_size))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+                try:
+                    ds = ds.map_batches(self.predictor_cls, **map_kwargs, **retry_kwargs)
+                except TypeError:  # a Ray that no longer takes them
+                    ds = ds.map_batches(self.predictor_cls, **map_kwargs)
+            yield from self._collect(ds, window, labels=model.labels, truth=truth, batch_size=batch_size)
+
+    @staticmethod
+    def _collect(ds, window: Sequence[InputFile], *, labels: Sequence[str], truth: Callable[[str], str], batch_size: int) -> Iterator[list[Prediction]]:
+        """Rows of one window, in input order (results are re-sequenced by index, whatever Ray returns)."""
+        pending: dict[int, tuple[bool, np.ndarray, str]] = {}
+        nxt = 0
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        while True:
+            try:
+                out = next(batches, None)
+            except ray.exceptions.RayError as e:
+                # Retries are spent (an actor died on the same batch every time, or the cluster is gone).
+                first = window[nxt].rel if nxt < len(window) else "?"
+                msg = str(e).strip().splitlines()
+                raise RayEngineError(
+                    f"Ray could not finish a batch after its retries (the first file without a row is {first}): "
+                    f"{type(e).__name__}: {msg[0][:300] if msg else ''}; rows before it are in the CSV, "
+                    "rerun with --resume (a file that kills its decoder every time must be moved away first)"
+                ) from e
+            if out is None:
+                break
+            for i, ok, p, e in zip(out["idx"], out["ok"], out["probs"], out["error"], strict=True):
+                pending[int(i)] = (bool(ok), p, bytes(e).decode("utf-8", "surrogateescape"))
+            start = nxt
+            while nxt in pending:
+                nxt += 1
+            if nxt > start:
+                yield from _rows(window, start, nxt, pending, labels, truth, batch_size)
+        if nxt != len(window):  # cannot happen unless Ray dropped a block: never lose a row silently
+            raise RuntimeError(f"Ray returned {nxt} of {len(window)} results in order; missing index {nxt}")
+
+
+def _rows(window, start: int, stop: int, pending: dict, labels: Sequence[str], truth: Callable[[str], str], batch_size: int) -> Iterator[list[Prediction]]:
+    for b0 in range(start, stop, batch_size):
+        b1 = min(stop, b0 + batch_size)
+        oks, probs, errors = [], [], []
+        for i in range(b0, b1):
+            ok, p, e = pending.pop(i)
+            oks.append(ok)
+            errors.append(None if ok else e)
+            if ok:
+                probs.append(p)
+        arr = np.stack(probs).astype(np.float32, copy=False) if probs else np.zeros((0, len(labels)), np.float32)
+        yield to_predictions(window[b0:b1], BatchResult(arr, errors), labels, truth)
