@@ -16,8 +16,15 @@ from pathlib import Path
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 
-#: Leading bytes of the formats we read, for files whose extension says nothing.
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*")
+#: Leading bytes of the formats we read, and their names: for files whose extension says
+#: nothing, and to tell a corrupt image from a file that is no image at all.
+IMAGE_MAGIC = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ def looks_like_image(path: str) -> bool:
             head = f.read(8)
     except OSError:
         return False
-    return any(head.startswith(m) for m in _MAGIC)
+    return any(head.startswith(m) for m in IMAGE_MAGIC)
 
 
 def is_image_name(name: str) -> bool:
@@ -79,18 +86,37 @@ def _walk(directory: str, root: str, ancestors: frozenset[tuple[int, int]]) -> I
                 yield InputFile(entry.path, _rel(entry.path, root))
 
 
+def _found_by_walk(path: str, dirs: Sequence[str]) -> bool:
+    """Whether walking one of the folder inputs ``dirs`` already yields ``path`` (an input inside another)."""
+    for d in dirs:
+        if path == d or not path.startswith(d.rstrip(os.sep) + os.sep):
+            continue
+        if any(part.startswith(".") for part in os.path.relpath(path, d).split(os.sep)):
+            continue  # hidden on the way down: the walk skips it
+        try:
+            st = os.stat(path)
+        except OSError:  # the walk lists a dangling symlink with an image name, not a missing file
+            return os.path.islink(path) and is_image_name(path)
+        if stat.S_ISDIR(st.st_mode):
+            return True
+        return stat.S_ISREG(st.st_mode) and (is_image_name(path) or looks_like_image(path))
+    return False
+
+
 def iter_images(inputs: Iterable[str | os.PathLike[str]], root: str | os.PathLike[str] | None = None) -> Iterator[InputFile]:
     """Yield image files under ``inputs`` (folders walked recursively, files taken as given).
 
     Order: inputs in the order given; inside a folder, depth-first with each folder's
     entries sorted by name. Hidden files and folders (leading dot) are skipped inside folders.
+    An input inside another folder input is not yielded twice (one row per file).
     """
     inputs = list(inputs)
     root_s = os.fspath(root) if root is not None else os.fspath(common_root(inputs))
+    abs_inputs = [os.path.abspath(p) for p in inputs]
+    dirs = [ap for ap in dict.fromkeys(abs_inputs) if os.path.isdir(ap)]
     seen_inputs: set[str] = set()
-    for p in inputs:
-        ap = os.path.abspath(p)
-        if ap in seen_inputs:
+    for ap in abs_inputs:
+        if ap in seen_inputs or _found_by_walk(ap, dirs):
             continue
         seen_inputs.add(ap)
         if os.path.isdir(ap):

@@ -68,6 +68,8 @@ class Model:
     session: object  # onnxruntime.InferenceSession
     sha256: str
     providers: tuple[str, ...]
+    #: The graph's batch dimension when it is a fixed number (exported with a static batch), else None.
+    fixed_batch: int | None = None
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -81,16 +83,33 @@ class Model:
             x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
         if md.dtype == "float32":
             x = x.astype(np.float32)
-        (out,) = self.session.run([md.output_name], {md.input_name: x})  # type: ignore[attr-defined]
-        out = np.asarray(out, dtype=np.float32)
+        fb = self.fixed_batch
+        if fb is None or len(x) == fb:
+            out = self._run(x)
+        else:
+            # A static-batch graph refuses any other N: feed it slices, the last one zero-padded.
+            parts = [np.zeros((0, len(md.labels)), np.float32)]
+            for i in range(0, len(x), fb):
+                part = x[i : i + fb]
+                n = len(part)
+                if n < fb:
+                    part = np.concatenate([part, np.zeros((fb - n, *part.shape[1:]), part.dtype)])
+                parts.append(self._run(part)[:n])
+            out = np.concatenate(parts)
         if md.output_kind == "logits":
             out = out - out.max(axis=1, keepdims=True)
             np.exp(out, out=out)
             out /= out.sum(axis=1, keepdims=True)
         return out
 
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        md = self.metadata
+        (out,) = self.session.run([md.output_name], {md.input_name: x})  # type: ignore[attr-defined]
+        return np.array(out, dtype=np.float32)  # a copy: the softmax below writes in place
 
-def _check_io(session, md: ModelMetadata) -> None:
+
+def _check_io(session, md: ModelMetadata) -> int | None:
+    """Refuse a graph that does not match its metadata; returns the graph's fixed batch size, if any."""
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise ModelError(f"the model has {len(inputs)} inputs; exactly one image input is supported")
@@ -102,7 +121,7 @@ def _check_io(session, md: ModelMetadata) -> None:
         raise ModelError(f"metadata says input dtype {md.dtype} but the graph takes {inp.type}")
     shape = list(inp.shape)
     expected = [None, md.height, md.width, 3] if md.layout == "NHWC" else [None, 3, md.height, md.width]
-    if len(shape) != 4 or any(isinstance(s, int) and e is not None and s != e for s, e in zip(shape, expected)):
+    if len(shape) != 4 or any(isinstance(s, int) and e is not None and s != e for s, e in zip(shape, expected, strict=True)):
         raise ModelError(
             f"the graph's input shape {shape} does not match the metadata ({md.layout} {md.height}x{md.width}x3, "
             f"expected {['N' if e is None else e for e in expected]})"
@@ -113,6 +132,7 @@ def _check_io(session, md: ModelMetadata) -> None:
     oshape = outs[md.output_name].shape
     if len(oshape) != 2 or (isinstance(oshape[1], int) and oshape[1] != len(md.labels)):
         raise ModelError(f"output {md.output_name!r} has shape {oshape}; expected [N, {len(md.labels)}] for {len(md.labels)} labels")
+    return shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
 
 
 def load_model(
@@ -147,5 +167,5 @@ def load_model(
     except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
         raise ModelError(f"{p} is not a loadable ONNX model: {str(e).splitlines()[0][:300]}") from e
     md = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
-    _check_io(session, md)
-    return Model(p, md, session, file_sha256(p), tuple(session.get_providers()))
+    fixed_batch = _check_io(session, md)
+    return Model(p, md, session, file_sha256(p), tuple(session.get_providers()), fixed_batch)

@@ -4,6 +4,10 @@ One row per input file. Rows are written a batch at a time with one ``write`` an
 so a killed run leaves at most one torn last line, which :func:`scan_existing` cuts off.
 A JSON sidecar (``<csv>.run.json``) names the model that wrote the file, so a resume with
 another model is refused.
+
+The file is UTF-8. A file name that is not valid UTF-8 (POSIX allows any bytes) is written
+with its original bytes (``surrogateescape``), so the path in the CSV still opens that file
+and --resume recognises it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from pathlib import Path
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 PROB_PREFIX = "prob_"
+#: How undecodable file names (surrogate-escaped by os.scandir) are written and read back.
+ENCODING_ERRORS = "surrogateescape"
 
 
 class OutputError(Exception):
@@ -49,11 +55,14 @@ def sidecar_path(csv_path: str | os.PathLike[str]) -> Path:
 def format_rows(preds: Sequence[Prediction], n_labels: int) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
+    # csv quotes a field only for the characters of its own line terminator, so a lone "\r"
+    # (legal in POSIX file names) would go out bare and split the row for every reader.
+    w_cr = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
     empty = [""] * n_labels
     for p in preds:
         probs = [f"{v:.6f}" for v in p.probabilities] if p.probabilities is not None else empty
         conf = f"{p.confidence:.6f}" if p.confidence is not None else ""
-        w.writerow([p.path, p.label, conf, *probs, p.true_label, p.status, _one_line(p.error)])
+        (w_cr if "\r" in p.path else w).writerow([p.path, p.label, conf, *probs, p.true_label, p.status, _one_line(p.error)])
     return buf.getvalue()
 
 
@@ -70,7 +79,7 @@ class PredictionWriter:
         try:
             if self.path.parent and not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(self.path, "a" if append else "w", encoding="utf-8", newline="")
+            self._f = open(self.path, "a" if append else "w", encoding="utf-8", errors=ENCODING_ERRORS, newline="")
             if not append or self._f.tell() == 0:
                 self._f.write(format_header(self.labels))
                 self._f.flush()
@@ -131,7 +140,7 @@ def _records_with_offsets(f: io.BufferedReader) -> Iterator[tuple[list[str], int
         for raw in f:
             offset += len(raw)
             complete = raw.endswith(b"\n")
-            yield raw.decode("utf-8", errors="replace")
+            yield raw.decode("utf-8", errors=ENCODING_ERRORS)
 
     reader = csv.reader(lines(), strict=True)
     while True:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 import warnings
 from dataclasses import asdict, dataclass
@@ -17,6 +18,8 @@ from typing import Any, BinaryIO, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .discover import IMAGE_MAGIC
 
 PathOrFile = Union[str, "os.PathLike[str]", BinaryIO]
 
@@ -89,15 +92,43 @@ def load_image(src: PathOrFile, spec: PreprocessSpec) -> np.ndarray:
     Raises :class:`ImageError` with a short, specific reason for empty, truncated,
     corrupt, non-image, unreadable and oversized files.
     """
+    if not isinstance(src, (str, os.PathLike)):
+        return _decode(src, spec)
+    # Open it ourselves, so that "cannot open" (missing, permission, a directory, a FIFO
+    # that would block for ever) is never mistaken for "cannot decode".
     try:
-        if isinstance(src, (str, os.PathLike)) and os.path.getsize(src) == 0:
+        st = os.stat(src)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ImageError(f"unreadable: {kind}")
+        if st.st_size == 0:
             raise ImageError("empty file")
+        f = open(src, "rb")
     except OSError as e:
         raise ImageError(f"unreadable: {e.strerror or e}") from e
+    with f:
+        return _decode(f, spec)
+
+
+def _sniff_format(f: BinaryIO) -> str | None:
+    """The format a file's leading bytes claim, to tell "corrupt image" from "not an image"."""
+    try:
+        f.seek(0)
+        head = f.read(8)
+    except (OSError, ValueError):
+        return None
+    if not head:
+        return ""
+    return next((fmt for magic, fmt in IMAGE_MAGIC.items() if head.startswith(magic)), None)
+
+
+def _decode(f: BinaryIO, spec: PreprocessSpec) -> np.ndarray:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(src) as im:
+            # Our own max_pixels check below is the limit; PIL's warning threshold would
+            # otherwise refuse images a model's metadata explicitly allows.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(f) as im:
                 w, h = im.size
                 if w * h > spec.max_pixels:
                     raise ImageError(
@@ -113,20 +144,31 @@ def load_image(src: PathOrFile, spec: PreprocessSpec) -> np.ndarray:
                 arr = np.asarray(rgb, dtype=np.uint8)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageError(f"image too large (possible decompression bomb): {e}") from e
     except UnidentifiedImageError:
+        fmt = _sniff_format(f)
+        if fmt == "":
+            raise ImageError("empty file") from None
+        if fmt:
+            raise ImageError(f"corrupt image: starts like a {fmt} file but its header cannot be parsed") from None
         raise ImageError("not an image (format not recognised)") from None
-    except PermissionError as e:
-        raise ImageError(f"unreadable: {e.strerror or e}") from e
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
-        msg = str(e) or type(e).__name__
-        if "truncated" in msg.lower():
-            raise ImageError(f"truncated image: {msg}") from e
-        raise ImageError(f"corrupt image: {msg}") from e
+    except OSError as e:
+        if e.errno is not None:  # the OS failed to read it (EIO, ...): not the decoder's verdict
+            raise ImageError(f"unreadable: {e.strerror or e}") from e
+        raise _decode_error(e) from e
+    except (SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+        raise _decode_error(e) from e
     if arr.shape != (spec.height, spec.width, 3):  # defensive: a plugin returned something odd
         raise ImageError(f"decoded to unexpected shape {arr.shape}")
     return arr
+
+
+def _decode_error(e: BaseException) -> ImageError:
+    msg = str(e) or type(e).__name__
+    if "truncated" in msg.lower():
+        return ImageError(f"truncated image: {msg}")
+    return ImageError(f"corrupt image: {msg}")
 
 
 def load_image_bytes(data: bytes, spec: PreprocessSpec) -> np.ndarray:

@@ -101,7 +101,7 @@ def to_predictions(batch: Sequence[InputFile], result: BatchResult, labels: Sequ
     k = 0
     probs = result.probabilities
     best = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
-    for f, err in zip(batch, result.errors):
+    for f, err in zip(batch, result.errors, strict=True):
         t = truth(f.rel)
         if err is None:
             row = probs[k]
@@ -196,7 +196,7 @@ def _finish(pending: deque, pool: _Pool, labels: Sequence[str], truth: Callable[
 
 
 def classify(
-    inputs: Sequence[str | os.PathLike[str]],
+    inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
     model: Model | str | os.PathLike[str] | None = None,
     *,
     options: RunnerOptions = RunnerOptions(),
@@ -204,9 +204,13 @@ def classify(
 ) -> Iterator[Prediction]:
     """Classify every image under ``inputs``; yields one :class:`Prediction` per file, in order.
 
-    ``model`` is a loaded :class:`Model`, a path, or None for the shipped default model.
-    Paths in the results are relative to the inputs' common root.
+    ``inputs`` is a list of folders and files, or a single one. ``model`` is a loaded
+    :class:`Model`, a path, or None for the shipped default model. Paths in the results are
+    relative to the inputs' common root.
     """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]  # a bare "folder" would otherwise be walked letter by letter
+    inputs = list(inputs)
     if not isinstance(model, Model):
         model = load_model(model, provider=options.provider, threads=options.session_threads())
     files = iter_images(inputs, common_root(inputs))

@@ -1,0 +1,246 @@
+"""wbc-batch classify / info: exit codes, messages, and a real SIGKILL + --resume in a subprocess."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import LABELS, ROOT, SAMPLE, build_color_model
+from test_job import make_bad_inputs, read_rows
+
+from wbc_batch import __version__
+from wbc_batch.cli import main
+from wbc_batch.metadata import ModelMetadata
+from wbc_batch.predictions import sidecar_path
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
+def wbc(*args) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def classify(inputs, out, model, *extra):
+    return wbc("classify", *([inputs] if isinstance(inputs, (str, Path)) else inputs), "-o", out, "-m", model, "--workers", "1", *extra)
+
+
+def test_version():
+    r = wbc("--version")
+    assert r.exit_code == 0 and r.output.strip() == f"wbc-batch, version {__version__}"
+
+
+def test_classify_ok_prints_a_summary(tmp_path, color_model, sample_copy):
+    r = classify(sample_copy, tmp_path / "p.csv", color_model, "--batch-size", "8")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == ""
+    assert "wbc-batch: files 40  ok 40  errors 0  " in r.stderr and f"-> {tmp_path / 'p.csv'}" in r.stderr
+    assert len(read_rows(tmp_path / "p.csv")) == 40
+    r = classify(sample_copy, tmp_path / "q.csv", color_model, "-q")
+    assert (r.exit_code, r.output) == (0, "")
+
+
+def test_bad_files_are_rows_not_failures(tmp_path, color_model):
+    expected = make_bad_inputs(tmp_path / "in")
+    r = classify(tmp_path / "in", tmp_path / "p.csv", color_model, "-q")
+    assert r.exit_code == 0
+    rows = read_rows(tmp_path / "p.csv")
+    assert {x["path"]: x["status"] for x in rows} == {k: v.split(":")[0] for k, v in expected.items()}
+
+
+def test_empty_folder_exit_3(tmp_path, color_model):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.txt").write_text("no images here")
+    r = classify(tmp_path / "empty", tmp_path / "p.csv", color_model, "-q")
+    assert r.exit_code == 3
+    assert r.stderr == "wbc-batch: error: no image files found under the inputs\n"
+
+
+def test_all_corrupt_exit_3(tmp_path, color_model):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "a.jpg").write_bytes(b"")
+    (d / "b.jpg").write_text("text")
+    r = classify(d, tmp_path / "p.csv", color_model, "-q")
+    assert r.exit_code == 3
+    assert r.stderr == f"wbc-batch: error: none of the 2 files could be read (see the error column of {tmp_path / 'p.csv'})\n"
+    assert [x["error"] for x in read_rows(tmp_path / "p.csv")] == ["empty file", "not an image (format not recognised)"]
+
+
+def _bad_models(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    not_onnx = tmp_path / "text.onnx"
+    not_onnx.write_text("hello")
+    mismatch = ModelMetadata(labels=LABELS, height=224, width=224).to_json_dict()
+    return {
+        "no-metadata": (build_color_model(tmp_path / "bare.onnx", metadata=None), "carries no 'wbc_batch' metadata"),
+        "not-onnx": (not_onnx, "is not a loadable ONNX model"),
+        "size-mismatch": (build_color_model(tmp_path / "mm.onnx", metadata=mismatch), "does not match the metadata (NHWC 224x224x3"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["no-metadata", "not-onnx", "size-mismatch"])
+def test_unusable_model_exit_4(tmp_path, sample_copy, kind):
+    path, message = _bad_models(tmp_path)[kind]
+    r = classify(sample_copy, tmp_path / "p.csv", path, "-q")
+    assert r.exit_code == 4
+    assert r.stderr.startswith("wbc-batch: error: ") and message in r.stderr
+    assert not (tmp_path / "p.csv").exists()
+    r = wbc("info", path)
+    assert r.exit_code == 4 and message in r.stderr
+
+
+def test_info(color_model):
+    r = wbc("info", color_model)
+    assert r.exit_code == 0
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"model:      {color_model}"
+    assert "labels:     EOSINOPHIL, LYMPHOCYTE, MONOCYTE, NEUTROPHIL" in lines
+    assert "input:      image  NHWC uint8 24x32x3 RGB" in lines
+    assert "preprocess: decode, convert to RGB, resize to 32x24 (bilinear, JPEG draft)" in lines
+    r = wbc("info", "--json", color_model)
+    assert json.loads(r.stdout) == ModelMetadata(labels=LABELS, height=24, width=32, name="color-test", arch="mean-colour").to_json_dict()
+
+
+def test_output_exists_exit_5_and_overwrite(tmp_path, color_model, sample_copy):
+    out = tmp_path / "p.csv"
+    out.write_text("keep me\n")
+    r = classify(sample_copy, out, color_model, "-q")
+    assert r.exit_code == 5 and "exists: use --resume to continue that run, or --overwrite to replace it" in r.stderr
+    assert out.read_text() == "keep me\n"
+    r = classify(sample_copy, out, color_model, "-q", "--overwrite")
+    assert r.exit_code == 0 and len(read_rows(out)) == 40
+
+
+def test_resume_with_another_model_exit_5(tmp_path, color_model, sample_copy):
+    out = tmp_path / "p.csv"
+    assert classify(sample_copy, out, color_model, "-q").exit_code == 0
+    other = build_color_model(tmp_path / "other.onnx", height=16, width=16)
+    r = classify(sample_copy, out, other, "-q", "--resume")
+    assert r.exit_code == 5 and "cannot resume:" in r.stderr and "not by other.onnx" in r.stderr
+    r = classify(sample_copy, out, color_model, "--resume")  # the right model: nothing left to do
+    assert r.exit_code == 0 and "(resumed: 40 already done)" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("file,class\na.jpeg,MONOCYTE\n", "needs a header with 'path' and 'label' columns"),
+        ("path,label\nEOSINOPHIL/_0_1616.jpeg,BASOPHIL\n", "label 'BASOPHIL' is not one of the model's labels"),
+        ("path,label\na.jpeg,MONOCYTE\na.jpeg,NEUTROPHIL\n", "'a.jpeg' is labelled twice, as 'MONOCYTE' and 'NEUTROPHIL'"),
+    ],
+)
+def test_bad_labels_csv_exit_2(tmp_path, color_model, sample_copy, text, message):
+    labels = tmp_path / "labels.csv"
+    labels.write_text(text)
+    r = classify(sample_copy, tmp_path / "p.csv", color_model, "-q", "--labels", labels)
+    assert r.exit_code == 2 and message in r.stderr
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_labels_csv(tmp_path, color_model, sample_copy):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\nEOSINOPHIL/_0_1616.jpeg,neutrophil\n")
+    assert classify(sample_copy, tmp_path / "p.csv", color_model, "-q", "--labels", labels).exit_code == 0
+    truth = {r["path"]: r["true_label"] for r in read_rows(tmp_path / "p.csv")}
+    assert truth["EOSINOPHIL/_0_1616.jpeg"] == "NEUTROPHIL"
+    assert truth["EOSINOPHIL/_1_1414.jpeg"] == "EOSINOPHIL"  # folder name where the table is silent
+
+
+def test_usage_errors_exit_2(tmp_path, color_model, sample_copy):
+    assert wbc("classify", tmp_path / "missing", "-m", color_model).exit_code == 2
+    assert classify(sample_copy, tmp_path / "p.csv", color_model, "--batch-size", "0").exit_code == 2
+
+
+@pytest.mark.slow
+def test_one_and_two_workers_write_identical_csvs(tmp_path, color_model, sample_copy):
+    (sample_copy / "bad.jpg").write_bytes(b"x")
+    a = wbc("classify", sample_copy, "-m", color_model, "-o", tmp_path / "a.csv", "--workers", "1", "--batch-size", "3", "-q")
+    b = wbc("classify", sample_copy, "-m", color_model, "-o", tmp_path / "b.csv", "--workers", "2", "--batch-size", "3", "-q")
+    assert a.exit_code == b.exit_code == 0
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert len(read_rows(tmp_path / "a.csv")) == 41
+
+
+def test_inference_modules_never_import_torch():
+    code = "import wbc_batch.cli, wbc_batch.runner, wbc_batch.job; import sys; assert 'torch' not in sys.modules, 'torch imported'; assert 'torchvision' not in sys.modules"
+    r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_import_wbc_batch_is_light():
+    code = "import wbc_batch, sys; assert wbc_batch.__version__; assert 'numpy' not in sys.modules and 'PIL' not in sys.modules, sorted(sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+# -- a real kill ---------------------------------------------------------------------------------------
+def _many_inputs(root: Path, copies: int) -> int:
+    """``copies`` x the 40 samples, as symlinks in class folders: a few hundred real files."""
+    n = 0
+    for i in range(copies):
+        for src in sorted(SAMPLE.rglob("*.jpeg")):
+            dst = root / f"batch{i:02d}" / src.parent.name / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(src)
+            n += 1
+    return n
+
+
+def _data_lines(path: Path) -> int:
+    try:
+        return max(path.read_bytes().count(b"\n") - 1, 0)
+    except FileNotFoundError:
+        return 0
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "wbc_batch", "classify", *map(str, args)]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, color_model):
+    n = _many_inputs(tmp_path / "in", 10)
+    assert n == 400
+    out, ref = tmp_path / "p.csv", tmp_path / "ref.csv"
+    args = (tmp_path / "in", "-m", color_model, "--batch-size", "2", "-q")
+
+    proc = subprocess.Popen(_cli(*args, "-o", out, "--workers", "2"), env=ENV, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and _data_lines(out) < 20 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its worker processes, if the kill left any
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    at_kill = _data_lines(out)
+    assert 20 <= at_kill < n, at_kill
+    assert json.loads(sidecar_path(out).read_text())["state"] == "running"  # it never got to say otherwise
+
+    r = subprocess.run(_cli(*args, "-o", out, "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(_cli(*args, "-o", ref, "--workers", "1"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+    text = out.read_bytes()
+    assert text.endswith(b"\n")
+    with open(out, encoding="utf-8", newline="") as f:
+        records = list(csv.reader(f, strict=True))
+    assert all(len(rec) == 10 for rec in records)  # no torn line anywhere
+    got, want = read_rows(out), read_rows(ref)
+    assert len(got) == n and len({r["path"] for r in got}) == n  # one row per file, no duplicate
+    key = lambda r: (r["path"], r["label"], r["confidence"], *(r[f"prob_{lb}"] for lb in LABELS), r["true_label"], r["status"])  # noqa: E731
+    assert sorted(map(key, got)) == sorted(map(key, want))
+    side = json.loads(sidecar_path(out).read_text())
+    assert side["state"] == "finished" and side["summary"]["resumed"] == at_kill and side["summary"]["files"] == n

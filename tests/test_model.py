@@ -1,0 +1,129 @@
+"""wbc_batch.model: loading an ONNX file, checking it against its metadata, running it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from conftest import LABELS, build_color_model, color_model_reference
+
+from wbc_batch import model as model_mod
+from wbc_batch.metadata import ModelError, ModelMetadata
+from wbc_batch.model import file_sha256, load_model, read_metadata, resolve_providers
+
+
+def _batch(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 24, 32, 3), dtype=np.uint8)
+
+
+def test_load_and_predict_matches_reference(color_model):
+    m = load_model(color_model, threads=1)
+    assert m.labels == LABELS
+    assert m.metadata.name == "color-test" and m.metadata.arch == "mean-colour"
+    assert (m.metadata.height, m.metadata.width) == (24, 32)
+    assert m.sha256 == hashlib.sha256(color_model.read_bytes()).hexdigest() == file_sha256(color_model)
+    assert m.providers == ("CPUExecutionProvider",)
+    assert m.fixed_batch is None
+    x = _batch(7)
+    p = m.predict(x)
+    assert p.shape == (7, 4) and p.dtype == np.float32
+    np.testing.assert_allclose(p, color_model_reference(x), atol=1e-6)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_read_metadata(color_model):
+    md = read_metadata(color_model)
+    assert isinstance(md, ModelMetadata) and md.labels == LABELS
+
+
+def test_logits_output_gets_a_softmax(tmp_path):
+    """output kind 'logits' means the consumer applies softmax (here: on top of the graph's own)."""
+    md = ModelMetadata(labels=LABELS, height=24, width=32, output_kind="logits")
+    path = build_color_model(tmp_path / "l.onnx", metadata=md.to_json_dict())
+    x = _batch(3)
+    ref = color_model_reference(x)
+    want = np.exp(ref) / np.exp(ref).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(load_model(path, threads=1).predict(x), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("fixed, n", [(1, 5), (4, 6), (4, 4), (4, 1)])
+def test_static_batch_graph_is_fed_in_slices(tmp_path, fixed, n):
+    """An export with a fixed batch dimension must still classify any batch size."""
+    path = build_color_model(tmp_path / "fixed.onnx", input_shape=[fixed, 24, 32, 3])
+    m = load_model(path, threads=1)
+    assert m.fixed_batch == fixed
+    x = _batch(n, seed=n)
+    np.testing.assert_allclose(m.predict(x), color_model_reference(x), atol=1e-6)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelError, match=r"^model file not found: .*nope\.onnx$"):
+        load_model(tmp_path / "nope.onnx")
+
+
+def test_missing_default_model_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_mod, "default_model_path", lambda: tmp_path / "wbc-default.onnx")
+    with pytest.raises(ModelError, match=r"the default model is missing from this installation"):
+        load_model(None)
+
+
+def test_default_model_path_points_into_the_checkout_or_package():
+    p = model_mod.default_model_path()
+    assert p.name == "wbc-default.onnx" and p.parent.name in ("export", "_model")
+
+
+def test_not_onnx(tmp_path):
+    p = tmp_path / "model.onnx"
+    p.write_text("definitely not a protobuf")
+    with pytest.raises(ModelError, match=r"is not a loadable ONNX model: "):
+        load_model(p)
+
+
+def test_no_metadata(tmp_path):
+    p = build_color_model(tmp_path / "bare.onnx", metadata=None)
+    with pytest.raises(ModelError, match="carries no 'wbc_batch' metadata"):
+        load_model(p)
+
+
+def _meta(**kw) -> dict:
+    return ModelMetadata(**{"labels": LABELS, "height": 24, "width": 32, **kw}).to_json_dict()
+
+
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        (_meta(height=224, width=224), r"the graph's input shape \['N', 24, 32, 3\] does not match the metadata \(NHWC 224x224x3"),
+        (_meta(layout="NCHW"), r"does not match the metadata \(NCHW 24x32x3"),
+        (_meta(labels=LABELS[:3]), r"output 'probabilities' has shape \['N', 4\]; expected \[N, 3\] for 3 labels"),
+        (_meta(input_name="pixels"), "metadata names input 'pixels' but the graph's input is 'image'"),
+        (_meta(output_name="scores"), r"metadata names output 'scores' but the graph's outputs are \['probabilities'\]"),
+        (_meta(dtype="float32"), r"metadata says input dtype float32 but the graph takes tensor\(uint8\)"),
+    ],
+)
+def test_metadata_that_contradicts_the_graph(tmp_path, metadata, message):
+    p = build_color_model(tmp_path / "bad.onnx", metadata=metadata)
+    with pytest.raises(ModelError, match=message):
+        load_model(p)
+
+
+def test_invalid_metadata_json(tmp_path):
+    p = build_color_model(tmp_path / "bad.onnx", metadata="{broken")
+    with pytest.raises(ModelError, match="metadata is not valid JSON"):
+        load_model(p)
+    p = build_color_model(tmp_path / "bad2.onnx", metadata=json.dumps({**_meta(), "schema_version": 9}))
+    with pytest.raises(ModelError, match="schema_version 9 is not supported"):
+        load_model(p)
+
+
+def test_providers():
+    assert resolve_providers("cpu") == ["CPUExecutionProvider"]
+    assert resolve_providers("CPUExecutionProvider") == ["CPUExecutionProvider"]
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ModelError, match="onnxruntime provider 'CUDAExecutionProvider' is not available here .*onnxruntime-gpu"):
+            resolve_providers("cuda")
+    with pytest.raises(ModelError, match="'NoSuchProvider' is not available"):
+        resolve_providers("NoSuchProvider")

@@ -1,0 +1,332 @@
+"""wbc_batch.preprocess: the one decode path; every bad-input kind gets its own reason, odd modes are converted."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import sample_images
+from PIL import Image
+
+from wbc_batch.preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessSpec, load_image, load_image_bytes
+
+SPEC = PreprocessSpec(height=24, width=32)
+JPEG = sample_images()[0]  # a real 320x240 RGB JPEG
+
+
+def _png_header_only(path: Path, width: int, height: int, color_type: int = 2) -> Path:
+    """A PNG whose IHDR claims ``width x height`` but whose data is a few bytes: a bomb's header."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    return path
+
+
+def _pil_reference(path: Path, spec: PreprocessSpec) -> np.ndarray:
+    with Image.open(path) as im:
+        if spec.jpeg_draft:
+            im.draft("RGB", (spec.width, spec.height))
+        rgb = im.convert("RGB").resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+        return np.asarray(rgb)
+
+
+# -- good files ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("draft", [True, False])
+def test_real_jpeg_is_decoded_and_resized_like_pil(draft):
+    spec = PreprocessSpec(24, 32, jpeg_draft=draft)
+    arr = load_image(JPEG, spec)
+    assert arr.shape == (24, 32, 3) and arr.dtype == np.uint8
+    np.testing.assert_array_equal(arr, _pil_reference(JPEG, spec))
+
+
+def test_draft_changes_the_decode_so_it_is_part_of_the_contract():
+    a = load_image(JPEG, PreprocessSpec(24, 32, jpeg_draft=True))
+    b = load_image(JPEG, PreprocessSpec(24, 32, jpeg_draft=False))
+    assert not np.array_equal(a, b)
+
+
+def test_file_object_bytes_and_path_agree():
+    by_path = load_image(JPEG, SPEC)
+    np.testing.assert_array_equal(load_image_bytes(JPEG.read_bytes(), SPEC), by_path)
+    with open(JPEG, "rb") as f:
+        np.testing.assert_array_equal(load_image(f, SPEC), by_path)
+    np.testing.assert_array_equal(load_image(str(JPEG), SPEC), by_path)
+
+
+def test_image_already_at_size_is_not_resampled(tmp_path):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(24, 32, 3), dtype=np.uint8)
+    Image.fromarray(a).save(tmp_path / "x.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "x.png", SPEC), a)
+
+
+@pytest.mark.parametrize("method", ["nearest", "bicubic", "lanczos", "box"])
+def test_resize_method_from_spec(tmp_path, method):
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, size=(50, 70, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    want = np.asarray(Image.open(tmp_path / "x.png").resize((32, 24), getattr(Image.Resampling, method.upper())))
+    np.testing.assert_array_equal(load_image(tmp_path / "x.png", PreprocessSpec(24, 32, resize=method)), want)
+
+
+def test_spec_validation_and_dict_round_trip():
+    with pytest.raises(ValueError, match="image size must be positive, got 0x32"):
+        PreprocessSpec(0, 32)
+    with pytest.raises(ValueError, match="unknown resize method 'area'"):
+        PreprocessSpec(24, 32, resize="area")
+    spec = PreprocessSpec(24, 32, resize="bicubic", jpeg_draft=False, max_pixels=1000)
+    assert spec.to_dict() == {"height": 24, "width": 32, "resize": "bicubic", "jpeg_draft": False, "max_pixels": 1000}
+    assert PreprocessSpec.from_dict({**spec.to_dict(), "unrelated": 1}) == spec
+    assert PreprocessSpec.from_dict({"height": 5, "width": 6}) == PreprocessSpec(5, 6, "bilinear", True, DEFAULT_MAX_PIXELS)
+
+
+# -- mode conversions: converted, never failed --------------------------------------------------------
+def _load_png(tmp_path: Path, im: Image.Image, **save) -> np.ndarray:
+    p = tmp_path / "x.png"
+    im.save(p, **save)
+    return load_image(p, SPEC)
+
+
+def test_grayscale_l_is_replicated_to_rgb(tmp_path):
+    a = np.tile(np.arange(32, dtype=np.uint8) * 8, (24, 1))
+    arr = _load_png(tmp_path, Image.fromarray(a, "L"))
+    for c in range(3):
+        np.testing.assert_array_equal(arr[..., c], a)
+
+
+def test_one_bit_image(tmp_path):
+    a = np.zeros((24, 32), bool)
+    a[:, 16:] = True
+    arr = _load_png(tmp_path, Image.fromarray(a))
+    assert (arr[:, :16] == 0).all() and (arr[:, 16:] == 255).all()
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    a = np.zeros((24, 32), np.uint16)
+    a[:, 8:16], a[:, 16:24], a[:, 24:] = 257, 32896, 65535  # 1, 128, 255 in 8 bits
+    p = tmp_path / "g16.png"
+    Image.fromarray(a).save(p)
+    assert Image.open(p).mode == "I;16"
+    arr = load_image(p, SPEC)
+    assert arr[0, :8].tolist() == [[0, 0, 0]] * 8
+    assert arr[0, 8:16].tolist() == [[1, 1, 1]] * 8
+    assert arr[0, 16:24].tolist() == [[128, 128, 128]] * 8
+    assert arr[0, 24:].tolist() == [[255, 255, 255]] * 8
+
+
+def test_dark_sixteen_bit_image_stays_dark(tmp_path):
+    """A 16-bit file whose values all happen to be <= 255 is still 16-bit: 200/65535 is black, not 200."""
+    p = tmp_path / "dark.png"
+    Image.fromarray(np.full((24, 32), 200, np.uint16)).save(p)
+    assert (load_image(p, SPEC) == 1).all()  # 200 / 257 = 0.78 -> 1
+
+
+def test_rgba_transparent_becomes_white_opaque_keeps_colour(tmp_path):
+    a = np.zeros((24, 32, 4), np.uint8)
+    a[:, :10] = (255, 0, 0, 0)  # fully transparent red
+    a[:, 10:20] = (10, 20, 30, 255)  # opaque
+    a[:, 20:] = (0, 0, 0, 128)  # half-transparent black over white
+    arr = _load_png(tmp_path, Image.fromarray(a, "RGBA"))
+    assert (arr[:, :10] == 255).all()
+    assert (arr[:, 10:20] == (10, 20, 30)).all()
+    assert (arr[:, 20:] == 127).all()
+
+
+def test_la_transparent_becomes_white(tmp_path):
+    a = np.zeros((24, 32, 2), np.uint8)
+    a[:, :16] = (50, 0)
+    a[:, 16:] = (50, 255)
+    arr = _load_png(tmp_path, Image.fromarray(a, "LA"))
+    assert (arr[:, :16] == 255).all() and (arr[:, 16:] == 50).all()
+
+
+def _palette_image() -> Image.Image:
+    idx = np.zeros((24, 32), np.uint8)
+    idx[:, 16:] = 1
+    im = Image.fromarray(idx, "P")
+    im.putpalette([200, 100, 50, 10, 20, 30] + [0, 0, 0] * 254)
+    return im
+
+
+def test_palette_without_transparency(tmp_path):
+    arr = _load_png(tmp_path, _palette_image())
+    assert (arr[:, :16] == (200, 100, 50)).all() and (arr[:, 16:] == (10, 20, 30)).all()
+
+
+def test_palette_with_transparent_index_becomes_white(tmp_path):
+    p = tmp_path / "pt.png"
+    _palette_image().save(p, transparency=0)
+    with Image.open(p) as im:
+        assert im.mode == "P" and im.info["transparency"] == 0
+    arr = load_image(p, SPEC)
+    assert (arr[:, :16] == 255).all() and (arr[:, 16:] == (10, 20, 30)).all()
+
+
+def test_cmyk_tiff_is_converted(tmp_path):
+    a = np.zeros((24, 32, 4), np.uint8)
+    a[:, 8:16] = (0, 0, 0, 255)  # black
+    a[:, 16:24] = (255, 0, 0, 0)  # cyan
+    a[:, 24:] = (100, 50, 25, 10)
+    p = tmp_path / "c.tif"
+    Image.fromarray(a, "CMYK").save(p)
+    arr = load_image(p, SPEC)
+    assert (arr[:, :8] == 255).all()
+    assert (arr[:, 8:16] == 0).all()
+    assert (arr[:, 16:24] == (0, 255, 255)).all()
+    assert (arr[:, 24:] == (149, 197, 221)).all()
+
+
+def test_cmyk_jpeg_is_converted(tmp_path):
+    p = tmp_path / "c.jpg"
+    Image.new("CMYK", (320, 240), (0, 0, 0, 0)).save(p, quality=95)
+    with Image.open(p) as im:
+        assert im.mode == "CMYK"
+    arr = load_image(p, SPEC)
+    assert arr.shape == (24, 32, 3) and int(arr.min()) >= 252  # blank paper, give or take JPEG rounding
+
+
+def test_grayscale_jpeg_with_draft(tmp_path):
+    p = tmp_path / "g.jpg"
+    Image.open(JPEG).convert("L").save(p, quality=95)
+    arr = load_image(p, SPEC)
+    assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
+
+
+# -- bad files: one ImageError each, with its own reason ----------------------------------------------
+def test_truncated_jpeg(tmp_path):
+    data = JPEG.read_bytes()
+    p = tmp_path / "half.jpg"
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match=r"^truncated image: image file is truncated"):
+        load_image(p, SPEC)
+    with pytest.raises(ImageError, match=r"^truncated image: "):
+        load_image(p, PreprocessSpec(24, 32, jpeg_draft=False))
+
+
+def test_truncated_png(tmp_path):
+    p = tmp_path / "half.png"
+    Image.open(JPEG).save(p)
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with pytest.raises(ImageError, match=r"^truncated image: "):
+        load_image(p, SPEC)
+
+
+def test_corrupt_jpeg_data(tmp_path):
+    data = bytearray(JPEG.read_bytes())
+    data[400:600] = bytes(200)  # wipe the Huffman tables: the header parses, the data does not
+    p = tmp_path / "corrupt.jpg"
+    p.write_bytes(bytes(data))
+    with pytest.raises(ImageError, match=r"^corrupt image: broken data stream"):
+        load_image(p, SPEC)
+
+
+def test_corrupt_header_is_not_called_a_non_image(tmp_path):
+    p = tmp_path / "corrupt.jpg"
+    p.write_bytes(JPEG.read_bytes()[:20] + bytes(range(256)) * 8)
+    with pytest.raises(ImageError, match=r"^corrupt image: starts like a JPEG file but its header cannot be parsed$"):
+        load_image(p, SPEC)
+    png = tmp_path / "badcrc.png"
+    Image.new("RGB", (8, 8)).save(png)
+    b = bytearray(png.read_bytes())
+    b[20] ^= 0xFF  # inside IHDR: its CRC no longer matches
+    png.write_bytes(bytes(b))
+    with pytest.raises(ImageError, match=r"^corrupt image: starts like a PNG file"):
+        load_image(png, SPEC)
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "e.jpg").write_bytes(b"")
+    with pytest.raises(ImageError, match=r"^empty file$"):
+        load_image(tmp_path / "e.jpg", SPEC)
+    with pytest.raises(ImageError, match=r"^empty file$"):
+        load_image_bytes(b"", SPEC)
+    with pytest.raises(ImageError, match=r"^empty file$"):
+        load_image(io.BytesIO(b""), SPEC)
+
+
+def test_text_file_named_jpg(tmp_path):
+    (tmp_path / "notes.jpg").write_text("this is not a picture\n")
+    with pytest.raises(ImageError, match=r"^not an image \(format not recognised\)$"):
+        load_image(tmp_path / "notes.jpg", SPEC)
+
+
+def test_dangling_symlink_is_unreadable(tmp_path):
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with pytest.raises(ImageError, match=r"^unreadable: No such file or directory$"):
+        load_image(tmp_path / "gone.jpg", SPEC)
+
+
+def test_directory_named_like_an_image_is_unreadable(tmp_path):
+    (tmp_path / "x.jpg").mkdir()
+    with pytest.raises(ImageError, match=r"^unreadable: a directory$"):
+        load_image(tmp_path / "x.jpg", SPEC)
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    """Opening a FIFO blocks until a writer comes: it must be refused before open()."""
+    p = tmp_path / "pipe.jpg"
+    os.mkfifo(p)
+    errors: list[str] = []
+    t = threading.Thread(target=lambda: errors.append(_reason(p)), daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():  # unblock the thread before failing
+        with open(p, "wb"):
+            pass
+        pytest.fail("load_image blocked on a FIFO")
+    assert errors == ["unreadable: not a regular file"]
+
+
+def _reason(p: Path) -> str:
+    try:
+        load_image(p, SPEC)
+    except ImageError as e:
+        return str(e)
+    return "decoded"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode; the dangling-symlink and directory tests cover 'unreadable' here")
+def test_permission_denied_is_unreadable(tmp_path):
+    p = tmp_path / "locked.jpg"
+    p.write_bytes(JPEG.read_bytes())
+    p.chmod(0)
+    try:
+        with pytest.raises(ImageError, match=r"^unreadable: Permission denied$"):
+            load_image(p, SPEC)
+    finally:
+        p.chmod(0o644)
+
+
+def test_decompression_bomb_header(tmp_path):
+    """A PNG claiming 100000 x 100000 pixels is refused from its header, nothing allocated."""
+    p = _png_header_only(tmp_path / "bomb.png", 100_000, 100_000)
+    with pytest.raises(ImageError, match=r"^image too large"):
+        load_image(p, SPEC)
+
+
+def test_header_over_our_limit_gives_our_message(tmp_path):
+    p = _png_header_only(tmp_path / "big.png", 9500, 9500)
+    with pytest.raises(ImageError, match=rf"^image too large: 9500x9500 pixels exceeds the limit of {DEFAULT_MAX_PIXELS} \(possible decompression bomb\)$"):
+        load_image(p, SPEC)
+
+
+def test_real_image_over_a_small_max_pixels(tmp_path):
+    with pytest.raises(ImageError, match=r"^image too large: 320x240 pixels exceeds the limit of 76799 "):
+        load_image(JPEG, PreprocessSpec(24, 32, max_pixels=320 * 240 - 1))
+    assert load_image(JPEG, PreprocessSpec(24, 32, max_pixels=320 * 240)).shape == (24, 32, 3)
+
+
+def test_max_pixels_above_pils_threshold_is_honoured(tmp_path):
+    """A model may allow more pixels than PIL's warning threshold: PIL's warning must not refuse the file."""
+    p = _png_header_only(tmp_path / "big.png", 9500, 9500, color_type=0)  # 90.25 MP > PIL's 89.5 MP
+    with pytest.raises(ImageError) as e:
+        load_image(p, PreprocessSpec(24, 32, max_pixels=100_000_000))
+    assert str(e.value).startswith("truncated image")  # it got as far as decoding the (short) data
