@@ -248,14 +248,14 @@ def main() -> None:
             build_tree(args.data, args.big, big)
             small = tmp / "small"
             build_tree(args.data, args.tree, small)
-            for label, d, cnt in (("small", small, args.tree), ("big", big, args.big)):
+            for _label, d, cnt in (("small", small, args.tree), ("big", big, args.big)):
                 wall, rss, rss_main = run_measured(classify_cmd(path, d, tmp / "m.csv", n))
                 rows.append(("memory", f"classify {cnt} files, --workers {n}", cnt / wall, None, f"peak RSS tree {rss:.0f} MiB, main {rss_main:.0f} MiB"))
                 print(rows[-1], flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print()
-    print(f"| model | measurement | images/s | of bound | note |\n|---|---|---:|---:|---|")
+    print("| model | measurement | images/s | of bound | note |\n|---|---|---:|---:|---|")
     for name, what, rate, ratio, note in rows:
         print(f"| {name} | {what} | {rate:.1f} | {'' if ratio is None else f'{ratio:.2f}'} | {note} |")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import SAMPLE
+
 from wbc_batch.model import default_model_path, read_metadata
 from wbc_batch.runner import RunnerOptions, classify
 

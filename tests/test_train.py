@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import SAMPLE, SHARED_DATA, needs_shared_data
 
 torch = pytest.importorskip("torch")

@@ -121,4 +121,4 @@ def _agreement(a: str | os.PathLike[str], b: str | os.PathLike[str], data_dir: s
 
     la = [p.label for p in classify([data_dir], a, options=RunnerOptions(workers=0))]
     lb = [p.label for p in classify([data_dir], b, options=RunnerOptions(workers=0))]
-    return float(np.mean([x == y for x, y in zip(la, lb)])) if la else 0.0
+    return float(np.mean([x == y for x, y in zip(la, lb, strict=True)])) if la else 0.0

@@ -157,7 +157,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     t0 = time.perf_counter()
     images, ok = decode_all(paths, spec, cfg.workers)
     decode_s = time.perf_counter() - t0
-    images, targets, groups = images[ok], targets[ok], [g for g, k in zip(groups, ok) if k]
+    images, targets, groups = images[ok], targets[ok], [g for g, k in zip(groups, ok, strict=True) if k]
     tr, va = group_split(targets, groups, cfg.val_fraction, cfg.seed)
     if len(va) == 0:
         va = tr  # too few groups to hold any out: validate on train (flagged in config.json)
