@@ -44,13 +44,17 @@ class ExportReport:
 
 
 def data_fingerprint(data_dir: str | os.PathLike[str]) -> dict:
-    """A cheap identity of a class-folder data set: sha256 over (relative path, size) of every file."""
+    """A cheap identity of a class-folder data set: sha256 over (relative path, size) of every image file."""
+    from .discover import is_image_name
+
     h = hashlib.sha256()
     n = 0
     root = Path(data_dir)
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
+            if name.startswith(".") or not is_image_name(name):
+                continue
             p = Path(dirpath) / name
             h.update(f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}\n".encode())
             n += 1
