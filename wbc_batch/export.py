@@ -211,24 +211,30 @@ def export_run(
     return report
 
 
-def evaluate_model(model_path: str | os.PathLike[str], eval_dir: str | os.PathLike[str], workers: int = 0) -> dict:
-    """Accuracy, F1 and confusion matrix of an ONNX model on a labelled class-folder set (via classify)."""
-    from .metrics import compute_metrics_from_names
+def predict_dir(model_path: str | os.PathLike[str], data_dir: str | os.PathLike[str], workers: int = 0):
+    """The model's labels and one :class:`Prediction` per file of ``data_dir`` (via classify)."""
+    from .model import load_model
     from .runner import RunnerOptions, classify
 
-    truth, pred, errors = [], [], 0
-    for p in classify([eval_dir], model_path, options=RunnerOptions(workers=workers)):
-        if p.status != "ok":
-            errors += 1
-        elif p.true_label:
-            truth.append(p.true_label)
-            pred.append(p.label)
-    from .model import read_metadata
+    opts = RunnerOptions(workers=workers)
+    model = load_model(model_path, threads=opts.session_threads())
+    return model.labels, list(classify([data_dir], model, options=opts))
 
-    labels = read_metadata(model_path).labels
-    m = compute_metrics_from_names(truth, pred, labels).to_dict()
-    m.update(eval_dir=str(eval_dir), errors=errors)
+
+def metrics_of(preds, labels, eval_dir: str | os.PathLike[str]) -> dict:
+    """Accuracy, F1 and confusion matrix of predictions that carry a true label."""
+    from .metrics import compute_metrics_from_names
+
+    scored = [p for p in preds if p.status == "ok" and p.true_label]
+    m = compute_metrics_from_names([p.true_label for p in scored], [p.label for p in scored], labels).to_dict()
+    m.update(eval_dir=str(eval_dir), errors=sum(p.status != "ok" for p in preds))
     return m
+
+
+def evaluate_model(model_path: str | os.PathLike[str], eval_dir: str | os.PathLike[str], workers: int = 0) -> dict:
+    """Accuracy, F1 and confusion matrix of an ONNX model on a labelled class-folder set."""
+    labels, preds = predict_dir(model_path, eval_dir, workers)
+    return metrics_of(preds, labels, eval_dir)
 
 
 def embed_metrics(model_path: str | os.PathLike[str], metrics: dict, key: str = "metrics") -> None:

@@ -61,7 +61,7 @@ def quantize_model(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from .export import _sample_images, evaluate_model, parity_paths
+    from .export import _sample_images, metrics_of, parity_paths, predict_dir
 
     float_path = Path(float_path)
     out = Path(output) if output else float_path.with_name(float_path.stem + ".int8.onnx")
@@ -109,16 +109,11 @@ def quantize_model(
     result["int8_images_per_s"] = round(network_rate(out, bench), 1)
     result["speedup"] = round(result["int8_images_per_s"] / result["float_images_per_s"], 3)
     if eval_dir:
-        mf = evaluate_model(float_path, eval_dir)
-        mq = evaluate_model(out, eval_dir)
+        # One classify pass per model serves both its metrics and the agreement.
+        labels, pf = predict_dir(float_path, eval_dir)
+        _, pq = predict_dir(out, eval_dir)
+        mf, mq = metrics_of(pf, labels, eval_dir), metrics_of(pq, labels, eval_dir)
         result.update(float_accuracy=mf["accuracy"], int8_accuracy=mq["accuracy"], float_macro_f1=mf["macro_f1"], int8_macro_f1=mq["macro_f1"])
-        result["agreement"] = _agreement(float_path, out, eval_dir)
+        result["agreement"] = float(np.mean([a.label == b.label for a, b in zip(pf, pq, strict=True)])) if pf else 0.0
     return result
 
-
-def _agreement(a: str | os.PathLike[str], b: str | os.PathLike[str], data_dir: str | os.PathLike[str]) -> float:
-    from .runner import RunnerOptions, classify
-
-    la = [p.label for p in classify([data_dir], a, options=RunnerOptions(workers=0))]
-    lb = [p.label for p in classify([data_dir], b, options=RunnerOptions(workers=0))]
-    return float(np.mean([x == y for x, y in zip(la, lb, strict=True)])) if la else 0.0
