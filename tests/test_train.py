@@ -15,7 +15,7 @@ pytestmark = pytest.mark.torch
 
 from wbc_batch.preprocess import PreprocessSpec, load_image  # noqa: E402
 from wbc_batch.train.data import decode_all, group_split, scan_class_folders  # noqa: E402
-from wbc_batch.train.models import Deployable, SeedCNN, WbcNet, build  # noqa: E402
+from wbc_batch.train.models import CellCrop, Deployable, SeedCNN, WbcNet, build  # noqa: E402
 
 
 def test_scan_groups_by_source_and_class():
@@ -83,14 +83,81 @@ def test_deployable_normalises_inside_and_outputs_probabilities():
     assert torch.allclose(p.sum(1), torch.ones(3), atol=1e-6)
 
 
+def _field_with_cell(cell_xy: tuple[int, int], platelet_xy: tuple[int, int] = (40, 40)) -> torch.Tensor:
+    """A pale 240x320 field with a purple 'nucleus' (radius 30) and a small purple 'platelet' (radius 4)."""
+    yy, xx = torch.meshgrid(torch.arange(240.0), torch.arange(320.0), indexing="ij")
+    img = torch.tensor([230.0, 200.0, 205.0]).view(3, 1, 1).expand(3, 240, 320).clone()
+    for (cx, cy), r in ((cell_xy, 30), (platelet_xy, 4)):
+        disk = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r
+        img[:, disk] = torch.tensor([90.0, 60.0, 190.0]).view(3, 1)
+    return img[None]
+
+
+def test_cell_crop_finds_the_nucleus_not_the_platelet():
+    crop = CellCrop(160, 128)
+    x = torch.cat([_field_with_cell((200, 90)), _field_with_cell((60, 200), platelet_xy=(280, 30))])
+    c = crop.centres(x)
+    assert torch.all((c - torch.tensor([[200.0, 90.0], [60.0, 200.0]])).abs() <= CellCrop.stride)
+
+
+def test_cell_crop_at_native_scale_copies_pixels_and_pads_with_zeros():
+    x = torch.randint(0, 256, (2, 3, 240, 320)).float()
+    crop = CellCrop(64, 64)
+    out = crop.sample(x, torch.tensor([[202.0, 90.0], [10.0, 230.0]]))
+    assert out.shape == (2, 3, 64, 64)
+    # Bilinear weights at exact pixel centres: a copy up to float rounding of the grid (well under a grey level).
+    assert torch.allclose(out[0], x[0, :, 58:122, 170:234], atol=0.02)
+    # Window x 10-32..10+32, y 230-32..230+32: only x 0..42, y 198..240 lie inside the field.
+    assert torch.allclose(out[1, :, :42, 22:], x[1, :, 198:, :42], atol=0.02)
+    assert out[1, :, 42:, :].abs().max() < 0.02 and out[1, :, :, :22].abs().max() < 0.02
+
+
+def test_cell_crop_centres_on_stained_cells_in_real_images():
+    crop = CellCrop(160, 128)
+    paths = sorted(SAMPLE.glob("*/*.jpeg"))
+    x = torch.from_numpy(np.stack([load_image(p, PreprocessSpec(240, 320)) for p in paths])).permute(0, 3, 1, 2).float()
+    for img, (cx, cy) in zip(x, crop.centres(x).long().tolist(), strict=True):
+        patch = img[:, max(cy - 8, 0) : cy + 8, max(cx - 8, 0) : cx + 8]
+        # Blue well above red at the centre (nucleus stain); the field on average is red-dominated.
+        assert float((patch[2] - patch[0]).mean()) > 20 > float((img[2] - img[0]).mean())
+
+
+def test_deployable_with_crop_feeds_the_network_the_window():
+    torch.manual_seed(0)
+    net = WbcNet(4, (48, 48))
+    m = Deployable(net, crop=CellCrop(96, 48)).eval()
+    x = torch.randint(0, 256, (2, 120, 160, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        p = m(x)
+        xf = x.permute(0, 3, 1, 2).float()
+        ref = torch.softmax(net(m.crop(xf) * m.scale - m.shift), 1)
+    assert p.shape == (2, 4) and torch.allclose(p, ref, atol=1e-6)
+
+
+def _tiny_config(run, **kw):
+    from wbc_batch.train.loop import TrainConfig
+
+    base = dict(arch="wbc-net", size=(48, 64), crop=(0, 0), epochs=2, batch_size=8, val_fraction=0.3, patience=0, workers=1, threads=2)
+    return TrainConfig(str(SAMPLE), str(run), **{**base, **kw})
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    from wbc_batch.train.loop import TrainConfig, train
+    from wbc_batch.train.loop import train
 
     run = tmp_path_factory.mktemp("run")
-    res = train(TrainConfig(str(SAMPLE), str(run), arch="wbc-net", size=(48, 64), epochs=2, batch_size=8, val_fraction=0.3, patience=0, workers=1, threads=2), progress=False)
+    res = train(_tiny_config(run), progress=False)
     assert res.epochs_run == 2
     return run
+
+
+def test_default_wbc_net_crops_the_cell_from_the_native_field():
+    from wbc_batch.train.loop import TrainConfig
+
+    cfg = TrainConfig("d", "r")
+    assert cfg.resolved_crop() == (160, 128) and cfg.resolved_size() == (240, 320) and cfg.net_input_size() == (128, 128)
+    seed = TrainConfig("d", "r", arch="seed-cnn")
+    assert seed.resolved_crop() is None and seed.resolved_size() == (60, 80)
 
 
 def test_training_run_writes_the_run_dir(tiny_run):
@@ -105,9 +172,9 @@ def test_training_run_writes_the_run_dir(tiny_run):
 
 
 def test_training_is_deterministic_on_cpu(tiny_run, tmp_path):
-    from wbc_batch.train.loop import TrainConfig, train
+    from wbc_batch.train.loop import train
 
-    train(TrainConfig(str(SAMPLE), str(tmp_path), arch="wbc-net", size=(48, 64), epochs=2, batch_size=8, val_fraction=0.3, patience=0, workers=1, threads=2), progress=False)
+    train(_tiny_config(tmp_path), progress=False)
     a = torch.load(tiny_run / "last.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "last.pt", weights_only=False)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -143,6 +210,27 @@ def test_export_parity_and_reload_by_classify(tiny_run, tmp_path):
     got = np.asarray([p.probabilities for p in preds])
     assert np.abs(got - ref).max() < 1e-5  # CSV precision is 1e-6
     assert [p.label for p in preds] == [cfg["classes"][i] for i in ref.argmax(1)]
+
+
+def test_cell_crop_run_exports_with_parity(tmp_path):
+    import onnx
+
+    from wbc_batch.export import PARITY_ATOL, export_run
+    from wbc_batch.runner import RunnerOptions, classify
+    from wbc_batch.train.loop import train
+
+    run = tmp_path / "run"
+    train(_tiny_config(run, size=(120, 160), crop=(80, 40), epochs=1), progress=False)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["size"] == [120, 160] and cfg["crop"] == [80, 40]
+    out = tmp_path / "crop.onnx"
+    rep = export_run(run, out, check_dir=SAMPLE, check_images=40)
+    assert rep.argmax_agreement == 1.0 and rep.max_abs_diff_all <= PARITY_ATOL
+    proto = onnx.load(str(out))
+    assert {"GridSample", "ArgMax"} <= {n.op_type for n in proto.graph.node}
+    assert [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == ["N", 120, 160, 3]
+    preds = list(classify([SAMPLE], out, options=RunnerOptions(workers=1)))
+    assert len(preds) == 40 and all(p.status == "ok" for p in preds)
 
 
 def test_build_rejects_unknown_arch():

@@ -34,7 +34,9 @@ def _need_torch() -> None:
 @click.option("-o", "--run-dir", type=click.Path(file_okay=False), default="runs/train", show_default=True, help="Where weights, history.csv, curves.png and config.json go.")
 @click.option("--arch", type=click.Choice(["wbc-net", "seed-cnn"]), default="wbc-net", show_default=True, help="Network: wbc-net (default) or seed-cnn (the study report's baseline).")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--size", callback=_size, default=None, help="Input HxW.  [default: the architecture's own: 96x128 wbc-net, 60x80 seed-cnn]")
+@click.option("--size", callback=_size, default=None, help="Decoded input HxW.  [default: 240x320 with a cell crop, else the architecture's own: 60x80 seed-cnn, 96x128 wbc-net]")
+@click.option("--crop-window", type=click.IntRange(min=0), default=None, help="Side (pixels of the decoded field) of the square centred on the cell that the network sees; 0: the whole field.  [default: 160 wbc-net, 0 seed-cnn]")
+@click.option("--crop-size", type=click.IntRange(min=8), default=128, show_default=True, help="The crop window is sampled to this many pixels a side.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--optimizer", type=click.Choice(["adamw", "adam", "sgd"]), default="adamw", show_default=True)
 @click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate.")
@@ -51,7 +53,7 @@ def _need_torch() -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--max-per-class", type=click.IntRange(min=0), default=0, show_default=True, help="Use at most N images per class (quick runs).")
 @click.option("-q", "--quiet", is_flag=True, help="No per-epoch progress bar.")
-def train_cmd(data_dir, run_dir, quiet, group_regex, **kw) -> None:
+def train_cmd(data_dir, run_dir, quiet, group_regex, crop_window, crop_size, **kw) -> None:
     """Train a classifier on DATA_DIR/CLASS/*.jpeg (any class names) and write a run dir.
 
     Validation holds out whole source images (by --group-regex), stratified by class, so
@@ -61,7 +63,8 @@ def train_cmd(data_dir, run_dir, quiet, group_regex, **kw) -> None:
     from .train.data import DEFAULT_GROUP_REGEX
     from .train.loop import TrainConfig, train
 
-    cfg = TrainConfig(data_dir=data_dir, run_dir=run_dir, group_regex=group_regex or DEFAULT_GROUP_REGEX, **kw)
+    crop = None if crop_window is None else (crop_window, crop_size)
+    cfg = TrainConfig(data_dir=data_dir, run_dir=run_dir, group_regex=group_regex or DEFAULT_GROUP_REGEX, crop=crop, **kw)
     res = train(cfg, progress=not quiet)
     click.echo(
         f"wbc-batch: best epoch {res.best_epoch}/{res.epochs_run}: val accuracy {res.best_val_accuracy:.4f}, "

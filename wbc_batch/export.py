@@ -65,13 +65,15 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str = "best.pt"):
     """The trained network of a run dir (eval mode, wrapped to take uint8 NHWC) and its config."""
     import torch
 
-    from .train.models import Deployable, build
+    from .train.models import CellCrop, Deployable, build
 
     ck = torch.load(Path(run_dir) / checkpoint, map_location="cpu", weights_only=False)
     cfg = ck["config"]
-    net = build(cfg["arch"], len(cfg["classes"]), tuple(cfg["size"]))
+    window, out = cfg.get("crop") or (0, 0)  # runs from before the cell crop have none
+    net = build(cfg["arch"], len(cfg["classes"]), (out, out) if window else tuple(cfg["size"]))
     net.load_state_dict(ck["state_dict"])
-    return Deployable(net, probabilities=True).eval(), cfg, ck.get("epoch")
+    crop = CellCrop(window, out) if window else None
+    return Deployable(net, probabilities=True, crop=crop).eval(), cfg, ck.get("epoch")
 
 
 def _to_onnx_bytes(model, h: int, w: int) -> bytes:

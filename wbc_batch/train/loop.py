@@ -22,7 +22,10 @@ from tqdm import tqdm
 from ..metrics import compute_metrics
 from ..preprocess import PreprocessSpec
 from .data import DEFAULT_GROUP_REGEX, decode_all, group_split, scan_class_folders
-from .models import DEFAULT_ARCH, Deployable, build, default_size
+from .models import DEFAULT_ARCH, CellCrop, Deployable, build, default_crop, default_size
+
+#: Decode size when a cell crop is used: the full field at the data set's native resolution.
+FIELD_SIZE = (240, 320)
 
 
 @dataclass
@@ -30,7 +33,8 @@ class TrainConfig:
     data_dir: str
     run_dir: str
     arch: str = DEFAULT_ARCH
-    size: tuple[int, int] | None = None  # (height, width); None: the architecture's default
+    size: tuple[int, int] | None = None  # (height, width) of the decoded field; None: see resolved_size
+    crop: tuple[int, int] | None = None  # (window, out) cell crop; None: the architecture's default; (0, 0): none
     resize: str = "bilinear"
     epochs: int = 30
     batch_size: int = 64
@@ -50,8 +54,19 @@ class TrainConfig:
     max_per_class: int = 0  # 0 = all; >0 subsamples (quick runs, tests)
     extra: dict = field(default_factory=dict)
 
+    def resolved_crop(self) -> tuple[int, int] | None:
+        crop = tuple(self.crop) if self.crop is not None else default_crop(self.arch)
+        return crop if crop[0] > 0 else None  # type: ignore[return-value]
+
     def resolved_size(self) -> tuple[int, int]:
-        return tuple(self.size) if self.size else default_size(self.arch)  # type: ignore[return-value]
+        if self.size:
+            return tuple(self.size)  # type: ignore[return-value]
+        # A cell crop works on the whole field at this data set's native 240x320.
+        return FIELD_SIZE if self.resolved_crop() else default_size(self.arch)
+
+    def net_input_size(self) -> tuple[int, int]:
+        crop = self.resolved_crop()
+        return (crop[1], crop[1]) if crop else self.resolved_size()
 
 
 @dataclass
@@ -65,39 +80,66 @@ class TrainResult:
     classes: tuple[str, ...]
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Microscopy augmentation on a float NCHW 0..255 batch: any rotation, flips, shift, small zoom, stain jitter."""
-    n, _, h, w = x.shape
-    dev = x.device
+def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, dev: torch.device) -> torch.Tensor:
+    return (torch.rand(n, generator=gen) * (hi - lo) + lo).to(dev)
 
-    def u(lo: float, hi: float) -> torch.Tensor:
-        return torch.rand(n, generator=gen).to(dev) * (hi - lo) + lo
 
-    angle = u(-math.pi, math.pi)
-    scale = u(0.9, 1.1)
+def _random_rotation(n: int, gen: torch.Generator, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cos/scale, sin/scale, flip sign, and a unit shift in [-1, 1]^2: any rotation, a flip, zoom 0.9-1.1."""
+    angle = _uniform(n, -math.pi, math.pi, gen, dev)
+    scale = _uniform(n, 0.9, 1.1, gen, dev)
     flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).to(dev)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.zeros(n, 2, 3, device=dev)
+    shift = torch.stack([_uniform(n, -1, 1, gen, dev), _uniform(n, -1, 1, gen, dev)], dim=1)
+    return torch.cos(angle) / scale, torch.sin(angle) / scale, flip, shift
+
+
+def _augment_geometry(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Whole-field augmentation on a float NCHW batch: any rotation, flips, shift of 10%, zoom."""
+    n, _, h, w = x.shape
+    cos, sin, flip, shift = _random_rotation(n, gen, x.device)
+    theta = torch.zeros(n, 2, 3, device=x.device)
     # Rotation in pixel space, written in the normalised coordinates affine_grid uses.
     theta[:, 0, 0] = cos * flip
     theta[:, 0, 1] = -sin * h / w
     theta[:, 1, 0] = sin * flip * w / h
     theta[:, 1, 1] = cos
-    theta[:, 0, 2] = u(-0.1, 0.1)
-    theta[:, 1, 2] = u(-0.1, 0.1)
+    theta[:, :, 2] = shift * 0.1
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    # Stain / illumination: per-channel gain, brightness, contrast, saturation.
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _window_affine(n: int, window: int, gen: torch.Generator, dev: torch.device) -> torch.Tensor:
+    """(N, 2, 3) maps of crop-window offsets (pixels): any rotation about the cell, a flip, zoom, shift of 8%."""
+    cos, sin, flip, shift = _random_rotation(n, gen, dev)
+    a = torch.zeros(n, 2, 3, device=dev)
+    a[:, 0, 0] = cos * flip
+    a[:, 0, 1] = -sin
+    a[:, 1, 0] = sin * flip
+    a[:, 1, 1] = cos
+    a[:, :, 2] = shift * (0.08 * window)
+    return a
+
+
+def _stain_jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Stain / illumination on a float NCHW 0..255 batch: per-channel gain, brightness, contrast, saturation."""
+    n, dev = x.shape[0], x.device
     gain = (torch.rand(n, 3, generator=gen).to(dev) * 0.16 + 0.92).view(n, 3, 1, 1)
-    bright = u(0.85, 1.15).view(n, 1, 1, 1)
-    contrast = u(0.8, 1.2).view(n, 1, 1, 1)
-    sat = u(0.75, 1.25).view(n, 1, 1, 1)
+    bright = _uniform(n, 0.85, 1.15, gen, dev).view(n, 1, 1, 1)
+    contrast = _uniform(n, 0.8, 1.2, gen, dev).view(n, 1, 1, 1)
+    sat = _uniform(n, 0.75, 1.25, gen, dev).view(n, 1, 1, 1)
     x = x * gain * bright
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * contrast + mean
     gray = x.mean(dim=1, keepdim=True)
     x = (x - gray) * sat + gray
     return x.clamp_(0, 255)
+
+
+def _centres(crop: CellCrop, images: np.ndarray, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    with torch.inference_mode():
+        out = [crop.centres(torch.from_numpy(images[i : i + batch_size]).to(device).permute(0, 3, 1, 2).float())
+               for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.zeros((0, 2), device=device)
 
 
 def _predict(model: Deployable, images: np.ndarray, device: torch.device, batch_size: int = 256) -> np.ndarray:
@@ -144,6 +186,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
     h, w = cfg.resolved_size()
+    crop_cfg = cfg.resolved_crop()
     spec = PreprocessSpec(height=h, width=w, resize=cfg.resize)
 
     files = scan_class_folders(cfg.data_dir, cfg.group_regex)
@@ -167,8 +210,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         file=sys.stderr,
     )
 
-    net = build(cfg.arch, len(files.classes), (h, w))
-    model = Deployable(net, probabilities=False).to(device)
+    net = build(cfg.arch, len(files.classes), cfg.net_input_size())
+    crop = CellCrop(*crop_cfg) if crop_cfg else None
+    model = Deployable(net, probabilities=False, crop=crop).to(device)
+    centres = _centres(crop, images, device) if crop is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
@@ -187,7 +232,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     gen = torch.Generator().manual_seed(cfg.seed)
-    config_out = {**asdict(cfg), "size": [h, w], "classes": list(files.classes), "preprocess": spec.to_dict(),
+    config_out = {**asdict(cfg), "size": [h, w], "crop": list(crop_cfg) if crop_cfg else [0, 0], "classes": list(files.classes), "preprocess": spec.to_dict(),
                   "n_train": int(len(tr)), "n_val": int(len(va)), "val_is_train": bool(len(va) and va is tr),
                   "val_sources": sorted(set(groups[i] for i in va)), "device": str(device),
                   "torch": torch.__version__}
@@ -209,8 +254,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             bi = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
             xb = x_all[bi].to(device).permute(0, 3, 1, 2).float()
             yb = y_all[bi].to(device)
+            if crop is not None:
+                affine = _window_affine(len(bi), crop.window, gen, device) if cfg.augment else None
+                xb = crop.sample(xb, centres[bi.to(device)], affine)
+            elif cfg.augment:
+                xb = _augment_geometry(xb, gen)
             if cfg.augment:
-                xb = _augment(xb, gen)
+                xb = _stain_jitter(xb, gen)
             with torch.autocast(device.type, enabled=use_amp):
                 logits = model.net(xb * model.scale - model.shift)
                 loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
