@@ -216,6 +216,7 @@ def test_cell_crop_run_exports_with_parity(tmp_path):
     import onnx
 
     from wbc_batch.export import PARITY_ATOL, export_run
+    from wbc_batch.model import load_model
     from wbc_batch.runner import RunnerOptions, classify
     from wbc_batch.train.loop import train
 
@@ -228,6 +229,7 @@ def test_cell_crop_run_exports_with_parity(tmp_path):
     assert rep.argmax_agreement == 1.0 and rep.max_abs_diff_all <= PARITY_ATOL
     proto = onnx.load(str(out))
     assert {"GridSample", "ArgMax"} <= {n.op_type for n in proto.graph.node}
+    assert load_model(out).metadata.extra["training"]["config"]["crop"] == [80, 40]
     assert [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == ["N", 120, 160, 3]
     preds = list(classify([SAMPLE], out, options=RunnerOptions(workers=1)))
     assert len(preds) == 40 and all(p.status == "ok" for p in preds)

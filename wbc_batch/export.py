@@ -191,7 +191,8 @@ def export_run(
             "training": {
                 "data": data_fingerprint(cfg["data_dir"]) if Path(cfg["data_dir"]).is_dir() else {"path": cfg["data_dir"]},
                 "epoch": epoch,
-                "config": {k: cfg[k] for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "label_smoothing", "augment", "val_fraction", "group_regex", "seed") if k in cfg},
+                # "crop": [window, out] of the in-graph cell crop ([0, 0]: whole field); informative only.
+                "config": {k: cfg[k] for k in ("size", "crop", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "label_smoothing", "augment", "val_fraction", "group_regex", "seed") if k in cfg},
                 "n_train": cfg.get("n_train"),
                 "n_val": cfg.get("n_val"),
             },
