@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
 from wbc_batch.preprocess import PreprocessSpec, load_image  # noqa: E402
-from wbc_batch.train.data import decode_all, group_split, scan_class_folders  # noqa: E402
+from wbc_batch.train.data import decode_all, group_split, read_group_file, scan_class_folders  # noqa: E402
 from wbc_batch.train.models import CellCrop, Deployable, SeedCNN, WbcNet, build  # noqa: E402
 
 
@@ -41,6 +41,36 @@ def test_group_split_keeps_sources_on_one_side_and_every_class_in_val():
     # Deterministic for a seed.
     tr2, va2 = group_split(targets, groups, 0.25, seed=3)
     assert np.array_equal(va, va2)
+
+
+def _write_groups(path: Path, rows: list[tuple[str, str]], header: str = "path,group") -> Path:
+    path.write_text(header + "\n" + "".join(f"{p},{g}\n" for p, g in rows), encoding="utf-8")
+    return path
+
+
+def test_groups_file_keeps_a_slide_whole_across_classes(tmp_path):
+    rel = sorted(p.relative_to(SAMPLE).as_posix() for p in SAMPLE.glob("*/*.jpeg"))
+    # Ten "slides", each holding cells of several classes.
+    gfile = _write_groups(tmp_path / "groups.csv", [(p, f"slide{i % 10}") for i, p in enumerate(rel)])
+    files = scan_class_folders(SAMPLE, group_map=read_group_file(gfile))
+    assert sorted(set(files.groups)) == [f"slide{i}" for i in range(10)]
+    tr, va = group_split(files.targets, files.groups, 0.3, seed=0)
+    g = np.asarray(files.groups)
+    assert len(va) and not set(g[tr]) & set(g[va])
+
+
+def test_groups_file_errors_are_clear(tmp_path):
+    rel = sorted(p.relative_to(SAMPLE).as_posix() for p in SAMPLE.glob("*/*.jpeg"))
+    partial = _write_groups(tmp_path / "partial.csv", [(p, "a") for p in rel[:-2]])
+    with pytest.raises(ValueError, match=r"2 of 40 images have no group in the groups file"):
+        scan_class_folders(SAMPLE, group_map=read_group_file(partial))
+    with pytest.raises(ValueError, match="needs a header with 'path' and 'group'"):
+        read_group_file(_write_groups(tmp_path / "bad.csv", [(rel[0], "a")], header="file,slide"))
+    with pytest.raises(ValueError, match="line 2: empty path or group"):
+        read_group_file(_write_groups(tmp_path / "empty.csv", [(rel[0], "")]))
+    (tmp_path / "latin1.csv").write_bytes(b"path,group\n\xe9,a\n")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        read_group_file(tmp_path / "latin1.csv")
 
 
 @needs_shared_data()

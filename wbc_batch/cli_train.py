@@ -46,6 +46,7 @@ def _need_torch() -> None:
 @click.option("--augment/--no-augment", default=True, show_default=True, help="Rotations, flips, shifts, zoom, stain jitter.")
 @click.option("--val-fraction", type=float, default=0.15, show_default=True, help="Share of each class's sources held out for validation.")
 @click.option("--group-regex", default=None, help=r"Regex whose group 1 names a file's source image (split unit).  [default: ^_?(\d+)_ ]")
+@click.option("--groups", "groups_file", type=click.Path(exists=True, dir_okay=False), default=None, help="CSV with columns path,group (path relative to DATA_DIR): the split unit, e.g. slide or patient; overrides --group-regex.")
 @click.option("--patience", type=click.IntRange(min=0), default=8, show_default=True, help="Early stop after this many epochs without val macro-F1 gain (0: never).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Decode processes (0: all cores).")

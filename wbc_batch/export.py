@@ -192,7 +192,7 @@ def export_run(
                 "data": data_fingerprint(cfg["data_dir"]) if Path(cfg["data_dir"]).is_dir() else {"path": cfg["data_dir"]},
                 "epoch": epoch,
                 # "crop": [window, out] of the in-graph cell crop ([0, 0]: whole field); informative only.
-                "config": {k: cfg[k] for k in ("size", "crop", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "label_smoothing", "augment", "val_fraction", "group_regex", "seed") if k in cfg},
+                "config": {k: cfg[k] for k in ("size", "crop", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "label_smoothing", "augment", "val_fraction", "group_regex", "groups_file", "seed") if k in cfg},
                 "n_train": cfg.get("n_train"),
                 "n_val": cfg.get("n_val"),
             },

@@ -1,15 +1,19 @@
 """Labelled class-per-folder data, decoded once into memory, and a split that does not leak.
 
-The blood-cell set holds ~36 augmented copies of each source microscope image (``_{SOURCE}_``
-in the file name), so a random validation split shares sources with training and overstates
-accuracy. :func:`group_split` keeps every source on one side.
+The blood-cell set holds augmented copies of each source microscope image, so a random
+validation split shares sources with training and overstates accuracy. :func:`group_split`
+keeps every group on one side. Groups come from a file-name regex (``_{PREFIX}_`` here) or,
+better where the lab knows them (slide, patient, source image), from a ``path,group`` CSV:
+in this data set the prefix is not a reliable source id (the same field appears under
+several prefixes), which is why its validation figures run high.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +23,7 @@ import numpy as np
 from ..discover import IMAGE_EXTENSIONS
 from ..preprocess import ImageError, PreprocessSpec, load_image
 
-#: Fits ``_{SOURCE}_{ID}.jpeg``: the source microscope image of this data set.
+#: Fits ``_{PREFIX}_{ID}.jpeg``, the prefix the data set README calls the source image (see module doc).
 DEFAULT_GROUP_REGEX = r"^_?(\d+)_"
 
 
@@ -31,8 +35,34 @@ class LabelledFiles:
     classes: tuple[str, ...]
 
 
-def scan_class_folders(root: str | os.PathLike[str], group_regex: str = DEFAULT_GROUP_REGEX) -> LabelledFiles:
-    """Files under ``root/CLASS/`` (any class names, sorted), with their split groups."""
+def read_group_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """``path,group`` CSV (path relative to the data dir, ``/``-separated) -> {path: group}."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"path", "group"} <= set(reader.fieldnames):
+                raise ValueError(f"{path}: a groups CSV needs a header with 'path' and 'group' columns, got {reader.fieldnames}")
+            out: dict[str, str] = {}
+            for row in reader:
+                p, g = (row.get("path") or "").strip().replace("\\", "/"), (row.get("group") or "").strip()
+                if not p or not g:
+                    raise ValueError(f"{path}: line {reader.line_num}: empty path or group")
+                out[p] = g
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if not out:
+        raise ValueError(f"{path}: no rows")
+    return out
+
+
+def scan_class_folders(
+    root: str | os.PathLike[str], group_regex: str = DEFAULT_GROUP_REGEX, group_map: Mapping[str, str] | None = None
+) -> LabelledFiles:
+    """Files under ``root/CLASS/`` (any class names, sorted), with their split groups.
+
+    With ``group_map`` (relative path -> group) every file must be listed; its groups are not
+    per class, so a slide or patient with cells of several classes stays on one side whole.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data directory not found: {root}")
@@ -49,13 +79,20 @@ def scan_class_folders(root: str | os.PathLike[str], group_regex: str = DEFAULT_
             for name in sorted(filenames):
                 if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                     continue
-                m = pattern.search(name)
-                paths.append(os.path.join(dirpath, name))
+                path = os.path.join(dirpath, name)
+                paths.append(path)
                 targets.append(ci)
+                if group_map is not None:
+                    groups.append(group_map.get(Path(path).relative_to(root).as_posix(), ""))
+                    continue
+                m = pattern.search(name)
                 # A file whose name does not match is its own group (no leak possible).
                 groups.append(f"{cls}/{m.group(1) if m else name}")
     if not paths:
         raise ValueError(f"no images found under {root}")
+    missing = [Path(p).relative_to(root).as_posix() for p, g in zip(paths, groups, strict=True) if not g]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(paths)} images have no group in the groups file, e.g. {missing[:3]}")
     return LabelledFiles(tuple(paths), np.asarray(targets, dtype=np.int64), tuple(groups), tuple(classes))
 
 

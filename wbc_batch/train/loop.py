@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..metrics import compute_metrics
 from ..preprocess import PreprocessSpec
-from .data import DEFAULT_GROUP_REGEX, decode_all, group_split, scan_class_folders
+from .data import DEFAULT_GROUP_REGEX, decode_all, group_split, read_group_file, scan_class_folders
 from .models import DEFAULT_ARCH, CellCrop, Deployable, build, default_crop, default_size
 
 #: Decode size when a cell crop is used: the full field at the data set's native resolution.
@@ -46,6 +46,7 @@ class TrainConfig:
     augment: bool = True
     val_fraction: float = 0.15
     group_regex: str = DEFAULT_GROUP_REGEX
+    groups_file: str | None = None  # path,group CSV; overrides group_regex
     patience: int = 8
     seed: int = 0
     workers: int = 0  # decode processes; 0 = all cores
@@ -189,7 +190,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     crop_cfg = cfg.resolved_crop()
     spec = PreprocessSpec(height=h, width=w, resize=cfg.resize)
 
-    files = scan_class_folders(cfg.data_dir, cfg.group_regex)
+    group_map = read_group_file(cfg.groups_file) if cfg.groups_file else None
+    files = scan_class_folders(cfg.data_dir, cfg.group_regex, group_map)
     idx = np.arange(len(files.paths))
     if cfg.max_per_class:
         rng = np.random.default_rng(cfg.seed)
@@ -206,7 +208,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         va = tr  # too few groups to hold any out: validate on train (flagged in config.json)
     print(
         f"data: {len(images)} images ({int((~ok).sum())} unreadable skipped), {len(files.classes)} classes, "
-        f"train {len(tr)} / val {len(va)} images ({len(set(groups[i] for i in va))} held-out sources), decoded in {decode_s:.1f}s",
+        f"train {len(tr)} / val {len(va)} images ({len(set(groups[i] for i in va))} held-out groups), decoded in {decode_s:.1f}s",
         file=sys.stderr,
     )
 
