@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from wbc_batch.discover import iter_images  # noqa: E402
 from wbc_batch.model import load_model  # noqa: E402
+from wbc_batch.model import network_rate as model_network_rate  # noqa: E402
 from wbc_batch.preprocess import PreprocessSpec, load_image  # noqa: E402
 from wbc_batch.runner import available_cores  # noqa: E402
 
@@ -131,22 +132,12 @@ def decode_rate(paths: list[str], spec: PreprocessSpec, procs: int) -> float:
 # -- M: network only ------------------------------------------------------------------------
 def _net_proc(args: tuple[str, np.ndarray, int]) -> float:
     path, images, batch = args
-    m = load_model(path, threads=1, spinning=False)
-    m.predict(images[:batch])
-    t = time.perf_counter()
-    for i in range(0, len(images), batch):
-        m.predict(images[i : i + batch])
-    return time.perf_counter() - t
+    return len(images) / model_network_rate(load_model(path, threads=1, spinning=False), images, batch)
 
 
 def network_rate(path: str, images: np.ndarray, cores: int, batch: int = 32) -> tuple[float, float]:
     """(one session with ``cores`` threads, ``cores`` single-thread sessions in parallel processes)."""
-    m = load_model(path, threads=cores)
-    m.predict(images[:batch])
-    t = time.perf_counter()
-    for i in range(0, len(images), batch):
-        m.predict(images[i : i + batch])
-    one = len(images) / (time.perf_counter() - t)
+    one = model_network_rate(load_model(path, threads=cores), images, batch)
     with ProcessPoolExecutor(cores) as ex:
         parts = np.array_split(images, cores)
         secs = list(ex.map(_net_proc, [(path, p, batch) for p in parts]))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from wbc_batch.discover import iter_images  # noqa: E402
 from wbc_batch.job import ClassifyConfig, run_classify  # noqa: E402
 from wbc_batch.metadata import ModelError  # noqa: E402
-from wbc_batch.model import default_model_path, load_model  # noqa: E402
+from wbc_batch.model import default_model_path, load_model, network_rate  # noqa: E402
 from wbc_batch.preprocess import load_image  # noqa: E402
 from wbc_batch.runner import RunnerOptions, available_cores  # noqa: E402
 
@@ -46,13 +45,7 @@ def main() -> None:
         except ModelError as e:
             print(f"{prov}: skipped ({e})")
             continue
-        rates = {}
-        for bs in (32, 256):
-            m.predict(images[:bs])
-            t = time.perf_counter()
-            for i in range(0, len(images), bs):
-                m.predict(images[i : i + bs])
-            rates[bs] = len(images) / (time.perf_counter() - t)
+        rates = {bs: network_rate(m, images, bs) for bs in (32, 256)}
         with tempfile.TemporaryDirectory() as td:
             labels: list[str] = []
             cfg = ClassifyConfig(inputs=[str(args.data)], output=f"{td}/p.csv", model=args.model, progress="none",

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from .metadata import METADATA_KEY
-from .model import load_model
+from .model import load_model, network_rate
 from .preprocess import PreprocessSpec
 
 
@@ -31,19 +30,6 @@ class _Reader:
 
     def get_next(self):
         return next(self.batches, None)
-
-
-def network_rate(model_path: str | os.PathLike[str], images: np.ndarray, threads: int = 0, batch: int = 32, repeat: int = 3) -> float:
-    """Images/s of the network alone on already-decoded batches (best of ``repeat`` passes)."""
-    m = load_model(model_path, threads=threads)
-    m.predict(images[:batch])  # warm-up
-    best = 0.0
-    for _ in range(repeat):
-        t = time.perf_counter()
-        for i in range(0, len(images), batch):
-            m.predict(images[i : i + batch])
-        best = max(best, len(images) / (time.perf_counter() - t))
-    return best
 
 
 def quantize_model(
@@ -105,8 +91,8 @@ def quantize_model(
 
     result: dict = {"output": str(out), "calibration_images": int(len(calib))}
     bench = calib[: min(len(calib), 512)]
-    result["float_images_per_s"] = round(network_rate(float_path, bench), 1)
-    result["int8_images_per_s"] = round(network_rate(out, bench), 1)
+    result["float_images_per_s"] = round(network_rate(load_model(float_path), bench, repeat=3), 1)
+    result["int8_images_per_s"] = round(network_rate(load_model(out), bench, repeat=3), 1)
     result["speedup"] = round(result["int8_images_per_s"] / result["float_images_per_s"], 3)
     if eval_dir:
         # One classify pass per model serves both its metrics and the agreement.
