@@ -44,36 +44,32 @@ class ExportReport:
 
 
 def data_fingerprint(data_dir: str | os.PathLike[str]) -> dict:
-    """A cheap identity of a class-folder data set: sha256 over (relative path, size) of every image file."""
-    from .discover import is_image_name
+    """A cheap identity of a class-folder data set: sha256 over (relative path, size) of the files training reads."""
+    from .train.data import scan_class_folders
 
-    h = hashlib.sha256()
-    n = 0
     root = Path(data_dir)
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith(".") or not is_image_name(name):
-                continue
-            p = Path(dirpath) / name
-            h.update(f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}\n".encode())
-            n += 1
-    return {"path": str(root), "files": n, "sha256_names_sizes": h.hexdigest()}
+    try:
+        paths = scan_class_folders(root).paths
+    except (FileNotFoundError, ValueError):  # moved or reshaped since training: name it only
+        return {"path": str(root)}
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{Path(p).relative_to(root).as_posix()}\0{os.path.getsize(p)}\n".encode())
+    return {"path": str(root), "files": len(paths), "sha256_names_sizes": h.hexdigest()}
 
 
 def load_run(run_dir: str | os.PathLike[str], checkpoint: str = "best.pt"):
     """The trained network of a run dir (eval mode, wrapped to take uint8 NHWC) and its config."""
     import torch
 
-    from .train.models import CellCrop, Deployable, build
+    from .train.models import build_deployable
 
     ck = torch.load(Path(run_dir) / checkpoint, map_location="cpu", weights_only=False)
     cfg = ck["config"]
-    window, out = cfg.get("crop") or (0, 0)  # runs from before the cell crop have none
-    net = build(cfg["arch"], len(cfg["classes"]), (out, out) if window else tuple(cfg["size"]))
-    net.load_state_dict(ck["state_dict"])
-    crop = CellCrop(window, out) if window else None
-    return Deployable(net, probabilities=True, crop=crop).eval(), cfg, ck.get("epoch")
+    crop = cfg.get("crop") or (0, 0)  # runs from before the cell crop have none
+    model = build_deployable(cfg["arch"], len(cfg["classes"]), cfg["size"], tuple(crop) if crop[0] else None)
+    model.net.load_state_dict(ck["state_dict"])
+    return model.eval(), cfg, ck.get("epoch")
 
 
 def _to_onnx_bytes(model, h: int, w: int) -> bytes:
@@ -189,7 +185,7 @@ def export_run(
         arch=cfg["arch"],
         extra={
             "training": {
-                "data": data_fingerprint(cfg["data_dir"]) if Path(cfg["data_dir"]).is_dir() else {"path": cfg["data_dir"]},
+                "data": data_fingerprint(cfg["data_dir"]),
                 "epoch": epoch,
                 # "crop": [window, out] of the in-graph cell crop ([0, 0]: whole field); informative only.
                 "config": {k: cfg[k] for k in ("size", "crop", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "label_smoothing", "augment", "val_fraction", "group_regex", "groups_file", "seed") if k in cfg},

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..discover import IMAGE_EXTENSIONS
+from ..discover import is_image_name
 from ..preprocess import ImageError, PreprocessSpec, load_image
 
 #: Fits ``_{PREFIX}_{ID}.jpeg``, the prefix the data set README calls the source image (see module doc).
@@ -77,7 +77,7 @@ def scan_class_folders(
         for dirpath, dirnames, filenames in os.walk(root / cls):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
-                if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                if name.startswith(".") or not is_image_name(name):
                     continue
                 path = os.path.join(dirpath, name)
                 paths.append(path)

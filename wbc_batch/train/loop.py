@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..metrics import compute_metrics
 from ..preprocess import PreprocessSpec
 from .data import DEFAULT_GROUP_REGEX, decode_all, group_split, read_group_file, scan_class_folders
-from .models import DEFAULT_ARCH, CellCrop, Deployable, build, default_crop, default_size
+from .models import DEFAULT_ARCH, CellCrop, Deployable, build_deployable, default_crop, default_size, net_input_size
 
 #: Decode size when a cell crop is used: the full field at the data set's native resolution.
 FIELD_SIZE = (240, 320)
@@ -66,8 +66,7 @@ class TrainConfig:
         return FIELD_SIZE if self.resolved_crop() else default_size(self.arch)
 
     def net_input_size(self) -> tuple[int, int]:
-        crop = self.resolved_crop()
-        return (crop[1], crop[1]) if crop else self.resolved_size()
+        return net_input_size(self.resolved_size(), self.resolved_crop())
 
 
 @dataclass
@@ -212,9 +211,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         file=sys.stderr,
     )
 
-    net = build(cfg.arch, len(files.classes), cfg.net_input_size())
-    crop = CellCrop(*crop_cfg) if crop_cfg else None
-    model = Deployable(net, probabilities=False, crop=crop).to(device)
+    model = build_deployable(cfg.arch, len(files.classes), (h, w), crop_cfg, probabilities=False).to(device)
+    net, crop = model.net, model.crop
     centres = _centres(crop, images, device) if crop is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":

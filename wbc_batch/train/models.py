@@ -160,3 +160,16 @@ class Deployable(nn.Module):
             x = self.crop(x)
         y = self.net(x * self.scale - self.shift)
         return torch.softmax(y, dim=1) if self.probabilities else y
+
+
+def net_input_size(size: tuple[int, int], crop: tuple[int, int] | None) -> tuple[int, int]:
+    """What the network itself sees: the crop's output square, else the decoded field."""
+    return (crop[1], crop[1]) if crop else (int(size[0]), int(size[1]))
+
+
+def build_deployable(
+    arch: str, num_classes: int, size: tuple[int, int], crop: tuple[int, int] | None, probabilities: bool = True
+) -> Deployable:
+    """The network for a run's (decode size, cell crop), wrapped as exported: one rule for train and export."""
+    net = build(arch, num_classes, net_input_size(size, crop))
+    return Deployable(net, probabilities=probabilities, crop=CellCrop(*crop) if crop else None)
