@@ -1,7 +1,7 @@
 """Throughput and memory of classify against its ceiling and the usual pipelines (not run in CI).
 
 One run, same files, same cores. Rates in images/s:
-  D      decode + resize only (wbc_batch.preprocess.load_image, the classify path), 1 and N processes
+  D      decode + resize only (wbc_batch.inference.preprocess.load_image, the classify path), 1 and N processes
   M      network only: onnxruntime on pre-decoded uint8 batches (best of one N-thread session and
          N single-thread sessions in N processes, i.e. the most the cores give the network)
   bound  1 / (1/D_N + 1/M_N): the best any runner can do on these cores
@@ -29,11 +29,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wbc_batch.discover import iter_images  # noqa: E402
-from wbc_batch.model import load_model  # noqa: E402
-from wbc_batch.model import network_rate as model_network_rate  # noqa: E402
-from wbc_batch.preprocess import PreprocessSpec, load_image  # noqa: E402
-from wbc_batch.runner import available_cores  # noqa: E402
+from wbc_batch.inference.discover import iter_images  # noqa: E402
+from wbc_batch.inference.local_engine import available_cores  # noqa: E402
+from wbc_batch.inference.model import load_model  # noqa: E402
+from wbc_batch.inference.model import network_rate as model_network_rate  # noqa: E402
+from wbc_batch.inference.preprocess import PreprocessSpec, load_image  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "blood-cells" / "TEST"
 
@@ -165,7 +165,7 @@ def torch_rate(run_dir: str, data: Path, cores: int, batch: int = 32) -> float:
     import torch
     from torchvision import datasets, transforms
 
-    from wbc_batch.export import load_run
+    from wbc_batch.training.export import load_run
 
     model, cfg, _ = load_run(run_dir)
     h, w = cfg["size"]

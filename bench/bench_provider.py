@@ -19,12 +19,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wbc_batch.discover import iter_images  # noqa: E402
-from wbc_batch.job import ClassifyConfig, run_classify  # noqa: E402
-from wbc_batch.metadata import ModelError  # noqa: E402
-from wbc_batch.model import default_model_path, load_model, network_rate  # noqa: E402
-from wbc_batch.preprocess import load_image  # noqa: E402
-from wbc_batch.runner import RunnerOptions, available_cores  # noqa: E402
+from wbc_batch.inference.discover import iter_images  # noqa: E402
+from wbc_batch.inference.local_engine import RunnerOptions, available_cores  # noqa: E402
+from wbc_batch.inference.metadata import ModelError  # noqa: E402
+from wbc_batch.inference.model import default_model_path, load_model, network_rate  # noqa: E402
+from wbc_batch.inference.orchestrator import ClassifyConfig, run_classify  # noqa: E402
+from wbc_batch.inference.preprocess import load_image  # noqa: E402
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ Same files, same model, same --workers/--batch-size for both engines. Measured:
   cli local        ``python -m wbc_batch classify DATA --workers N`` wall clock (interpreter start included)
   cli ray          the same with ``--engine ray`` (starts and stops a private Ray on 127.0.0.1)
   ray start        ``import ray`` and ``ray.init`` of a private local Ray, in this process
-  run local / ray  :func:`wbc_batch.job.run_classify` in this process; for ray, with Ray already
+  run local / ray  :func:`wbc_batch.inference.orchestrator.run_classify` in this process; for ray, with Ray already
                    running, so only actor start, model shipping and the work itself count;
                    also the time to the first rows and the steady rate after them
 and that the two engines' CSVs hold the same rows (largest probability difference).
@@ -30,9 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wbc_batch.job import ClassifyConfig, run_classify  # noqa: E402
-from wbc_batch.model import default_model_path  # noqa: E402
-from wbc_batch.runner import RunnerOptions, available_cores  # noqa: E402
+from wbc_batch.inference.local_engine import RunnerOptions, available_cores  # noqa: E402
+from wbc_batch.inference.model import default_model_path  # noqa: E402
+from wbc_batch.inference.orchestrator import ClassifyConfig, run_classify  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "blood-cells" / "TEST"
 
@@ -96,7 +96,7 @@ def main() -> None:
     import ray  # noqa: F401
 
     t_import = time.perf_counter() - t0
-    from wbc_batch.ray_engine import RayEngine
+    from wbc_batch.inference.ray_engine import RayEngine
 
     opts = RunnerOptions(workers=args.workers, batch_size=args.batch_size)
     engine = RayEngine()

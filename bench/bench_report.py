@@ -140,7 +140,7 @@ def main() -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
         # Baseline: an interpreter that imports what the report imports (numpy, PIL, matplotlib).
-        base_cmd = [sys.executable, "-c", "import wbc_batch.report, wbc_batch.plots, PIL.Image, matplotlib.pyplot"]
+        base_cmd = [sys.executable, "-c", "import wbc_batch.evaluation.report, wbc_batch.evaluation.plots, PIL.Image, matplotlib.pyplot"]
         subprocess.run(base_cmd, check=True, env=env)
         base_rss = _child_maxrss_mib()
 

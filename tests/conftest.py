@@ -34,7 +34,7 @@ def build_color_model(
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from wbc_batch.metadata import ModelMetadata
+    from wbc_batch.inference.metadata import ModelMetadata
 
     c = len(labels)
     w, b = _color_weights(c)

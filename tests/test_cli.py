@@ -18,8 +18,8 @@ from test_job import make_bad_inputs, read_rows
 
 from wbc_batch import __version__
 from wbc_batch.cli import main
-from wbc_batch.metadata import ModelMetadata
-from wbc_batch.predictions import sidecar_path
+from wbc_batch.inference.metadata import ModelMetadata
+from wbc_batch.inference.predictions import sidecar_path
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
@@ -169,7 +169,7 @@ def test_one_and_two_workers_write_identical_csvs(tmp_path, color_model, sample_
 
 
 def test_inference_modules_never_import_torch():
-    code = "import wbc_batch.cli, wbc_batch.runner, wbc_batch.job; import sys; assert 'torch' not in sys.modules, 'torch imported'; assert 'torchvision' not in sys.modules"
+    code = "import wbc_batch.cli, wbc_batch.inference.local_engine, wbc_batch.inference.orchestrator; import sys; assert 'torch' not in sys.modules, 'torch imported'; assert 'torchvision' not in sys.modules"
     r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
 

@@ -1,4 +1,4 @@
-"""wbc_batch.discover: sorted, lazy, loop-safe discovery; hidden and non-image files skipped."""
+"""wbc_batch.inference.discover: sorted, lazy, loop-safe discovery; hidden and non-image files skipped."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import sample_images
 
-from wbc_batch.discover import InputFile, common_root, is_image_name, iter_images, looks_like_image
+from wbc_batch.inference.discover import InputFile, common_root, is_image_name, iter_images, looks_like_image
 
 JPEG_BYTES = sample_images()[0].read_bytes()
 

@@ -1,4 +1,4 @@
-"""wbc_batch.job: a whole run to a CSV: one row per file, output safety, --resume, the sidecar."""
+"""wbc_batch.inference.orchestrator: a whole run to a CSV: one row per file, output safety, --resume, the sidecar."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import pytest
 from conftest import LABELS, build_color_model, color_model_reference, sample_images
 from PIL import Image
 
-from wbc_batch.job import ClassifyConfig, run_classify
-from wbc_batch.model import load_model
-from wbc_batch.predictions import OutputError, format_header, sidecar_path
-from wbc_batch.preprocess import load_image
-from wbc_batch.runner import RunnerOptions
-from wbc_batch.truth import LabelsError
+from wbc_batch.inference.local_engine import RunnerOptions
+from wbc_batch.inference.model import load_model
+from wbc_batch.inference.orchestrator import ClassifyConfig, run_classify
+from wbc_batch.inference.predictions import OutputError, format_header, sidecar_path
+from wbc_batch.inference.preprocess import load_image
+from wbc_batch.inference.truth import LabelsError
 
 JPEG = sample_images()[0]
 ONE = RunnerOptions(workers=1, batch_size=4)

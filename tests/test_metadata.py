@@ -1,4 +1,4 @@
-"""wbc_batch.metadata: the JSON contract a model file carries, and its validation."""
+"""wbc_batch.inference.metadata: the JSON contract a model file carries, and its validation."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import LABELS
 
-from wbc_batch.metadata import METADATA_KEY, ModelError, ModelMetadata
-from wbc_batch.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec
+from wbc_batch.inference.metadata import METADATA_KEY, ModelError, ModelMetadata
+from wbc_batch.inference.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec
 
 
 def _md(**kw) -> ModelMetadata:

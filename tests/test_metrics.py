@@ -1,11 +1,11 @@
-"""wbc_batch.metrics (pure numpy) cross-checked against scikit-learn."""
+"""wbc_batch.evaluation.metrics (pure numpy) cross-checked against scikit-learn."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from wbc_batch.metrics import (
+from wbc_batch.evaluation.metrics import (
     compute_metrics,
     compute_metrics_from_names,
     confusion_matrix,

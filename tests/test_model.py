@@ -1,4 +1,4 @@
-"""wbc_batch.model: loading an ONNX file, checking it against its metadata, running it."""
+"""wbc_batch.inference.model: loading an ONNX file, checking it against its metadata, running it."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import LABELS, build_color_model, color_model_reference
 
-from wbc_batch import model as model_mod
-from wbc_batch.metadata import ModelError, ModelMetadata
-from wbc_batch.model import file_sha256, load_model, read_metadata, resolve_providers
+from wbc_batch.inference import model as model_mod
+from wbc_batch.inference.metadata import ModelError, ModelMetadata
+from wbc_batch.inference.model import file_sha256, load_model, read_metadata, resolve_providers
 
 
 def _batch(n: int, seed: int = 0) -> np.ndarray:

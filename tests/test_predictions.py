@@ -1,4 +1,4 @@
-"""wbc_batch.predictions: CSV columns and rows, the incremental writer, --resume scanning, the sidecar."""
+"""wbc_batch.inference.predictions: CSV columns and rows, the incremental writer, --resume scanning, the sidecar."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import LABELS
 
-from wbc_batch.predictions import (
+from wbc_batch.inference.predictions import (
     OutputError,
     Prediction,
     PredictionWriter,

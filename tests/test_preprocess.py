@@ -1,4 +1,4 @@
-"""wbc_batch.preprocess: the one decode path; every bad-input kind gets its own reason, odd modes are converted."""
+"""wbc_batch.inference.preprocess: the one decode path; every bad-input kind gets its own reason, odd modes are converted."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from conftest import sample_images
 from PIL import Image
 
-from wbc_batch.preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessSpec, load_image, load_image_bytes
+from wbc_batch.inference.preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessSpec, load_image, load_image_bytes
 
 SPEC = PreprocessSpec(height=24, width=32)
 JPEG = sample_images()[0]  # a real 320x240 RGB JPEG

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, SAMPLE
 
-from wbc_batch.job import ClassifyConfig, run_classify
-from wbc_batch.predictions import PROB_PREFIX
-from wbc_batch.runner import RunnerOptions
+from wbc_batch.inference.local_engine import RunnerOptions
+from wbc_batch.inference.orchestrator import ClassifyConfig, run_classify
+from wbc_batch.inference.predictions import PROB_PREFIX
 
 try:
     import ray
@@ -43,7 +43,7 @@ def ray_cluster():
         pytest.skip("ray is not installed")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["PYTHONPATH"] = _env()["PYTHONPATH"]  # the workers import wbc_batch too
-    from wbc_batch.ray_engine import _loopback_only
+    from wbc_batch.inference.ray_engine import _loopback_only
 
     _loopback_only()
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
@@ -111,7 +111,7 @@ def test_local_path_never_imports_ray(tmp_path, color_model):
 @requires_ray
 @pytest.mark.usefixtures("ray_cluster")
 def test_ray_matches_local_including_corrupt_files(tmp_path, color_model, mixed_input):
-    from wbc_batch.ray_engine import RayEngine
+    from wbc_batch.inference.ray_engine import RayEngine
 
     local = tmp_path / "local.csv"
     s_local = _classify([mixed_input], local, color_model)
@@ -133,7 +133,7 @@ def test_ray_matches_local_including_corrupt_files(tmp_path, color_model, mixed_
 
 def _crash_once_predictor(marker: str):
     """A Predictor whose process dies (os._exit) on the first batch any actor gets, once per marker."""
-    from wbc_batch.ray_engine import Predictor
+    from wbc_batch.inference.ray_engine import Predictor
 
     class CrashOncePredictor(Predictor):
         def __call__(self, batch):
@@ -152,7 +152,7 @@ def _crash_once_predictor(marker: str):
 @requires_ray
 @pytest.mark.usefixtures("ray_cluster")
 def test_ray_worker_killed_mid_run_loses_no_row(tmp_path, color_model, mixed_input):
-    from wbc_batch.ray_engine import RayEngine
+    from wbc_batch.inference.ray_engine import RayEngine
 
     marker = tmp_path / "crashed"
     local = tmp_path / "local.csv"
@@ -168,7 +168,7 @@ def test_ray_worker_killed_mid_run_loses_no_row(tmp_path, color_model, mixed_inp
 @requires_ray
 @pytest.mark.usefixtures("ray_cluster")
 def test_ray_resume_skips_finished_files(tmp_path, color_model, mixed_input):
-    from wbc_batch.ray_engine import RayEngine
+    from wbc_batch.inference.ray_engine import RayEngine
 
     full = tmp_path / "full.csv"
     _classify([mixed_input], full, color_model)
@@ -212,7 +212,7 @@ def test_cli_engine_ray(tmp_path, color_model, mixed_input, ray_cluster, join):
 
 def _always_crash_predictor(name: str):
     """A Predictor whose process dies every time it gets the batch holding ``name``."""
-    from wbc_batch.ray_engine import Predictor
+    from wbc_batch.inference.ray_engine import Predictor
 
     class AlwaysCrashPredictor(Predictor):
         def __call__(self, batch):
@@ -229,7 +229,7 @@ def _always_crash_predictor(name: str):
 @pytest.mark.usefixtures("ray_cluster")
 def test_ray_file_that_always_kills_its_worker_fails_the_run_not_hangs(tmp_path, color_model, mixed_input):
     """Retries are bounded: a batch that kills every actor it meets ends the run with a clear error."""
-    from wbc_batch.ray_engine import RayEngine, RayEngineError
+    from wbc_batch.inference.ray_engine import RayEngine, RayEngineError
 
     engine = RayEngine(predictor_cls=_always_crash_predictor("notes.jpg"), max_restarts=1, max_task_retries=1)
     out = tmp_path / "ray.csv"

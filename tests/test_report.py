@@ -17,12 +17,12 @@ import pytest
 from click.testing import CliRunner
 from conftest import LABELS, ROOT, SAMPLE
 
-from wbc_batch import report as report_mod
 from wbc_batch.cli import main
-from wbc_batch.job import ClassifyConfig, run_classify
-from wbc_batch.predictions import Prediction, PredictionWriter, read_sidecar, write_sidecar
-from wbc_batch.report import write_report
-from wbc_batch.runner import RunnerOptions
+from wbc_batch.evaluation import report as report_mod
+from wbc_batch.evaluation.report import write_report
+from wbc_batch.inference.local_engine import RunnerOptions
+from wbc_batch.inference.orchestrator import ClassifyConfig, run_classify
+from wbc_batch.inference.predictions import Prediction, PredictionWriter, read_sidecar, write_sidecar
 
 sk = pytest.importorskip("sklearn.metrics")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -285,7 +285,7 @@ def test_without_matplotlib(sample_run, tmp_path, monkeypatch):
 def test_classify_path_does_not_import_matplotlib():
     code = (
         "import sys; sys.modules['matplotlib'] = None\n"
-        "import wbc_batch.cli, wbc_batch.job, wbc_batch.report, wbc_batch.plots\n"
+        "import wbc_batch.cli, wbc_batch.inference.orchestrator, wbc_batch.evaluation.report, wbc_batch.evaluation.plots\n"
         "assert 'matplotlib.pyplot' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

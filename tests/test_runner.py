@@ -1,4 +1,4 @@
-"""wbc_batch.runner: batches, worker processes, crash recovery and the classify() API."""
+"""wbc_batch.inference.local_engine: batches, worker processes, crash recovery and the classify() API."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import pytest
 from conftest import LABELS, color_model_reference, sample_images
 
 import wbc_batch
-from wbc_batch import runner
-from wbc_batch.discover import InputFile
-from wbc_batch.model import load_model
-from wbc_batch.predictions import Prediction
-from wbc_batch.preprocess import load_image
-from wbc_batch.runner import RunnerOptions, chunks, classify, iter_prediction_batches, run_batch, to_predictions
+from wbc_batch.inference import local_engine as runner
+from wbc_batch.inference.discover import InputFile
+from wbc_batch.inference.local_engine import RunnerOptions, chunks, classify, iter_prediction_batches, run_batch, to_predictions
+from wbc_batch.inference.model import load_model
+from wbc_batch.inference.predictions import Prediction
+from wbc_batch.inference.preprocess import load_image
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from conftest import SAMPLE, SHARED_DATA, needs_shared_data
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
-from wbc_batch.preprocess import PreprocessSpec, load_image  # noqa: E402
-from wbc_batch.train.data import decode_all, group_split, read_group_file, scan_class_folders  # noqa: E402
-from wbc_batch.train.models import CellCrop, Deployable, SeedCNN, WbcNet, build  # noqa: E402
+from wbc_batch.inference.preprocess import PreprocessSpec, load_image  # noqa: E402
+from wbc_batch.training.data import decode_all, group_split, read_group_file, scan_class_folders  # noqa: E402
+from wbc_batch.training.models import CellCrop, Deployable, SeedCNN, WbcNet, build  # noqa: E402
 
 
 def test_scan_groups_by_source_and_class():
@@ -165,7 +165,7 @@ def test_deployable_with_crop_feeds_the_network_the_window():
 
 
 def _tiny_config(run, **kw):
-    from wbc_batch.train.loop import TrainConfig
+    from wbc_batch.training.loop import TrainConfig
 
     base = dict(arch="wbc-net", size=(48, 64), crop=(0, 0), epochs=2, batch_size=8, val_fraction=0.3, patience=0, workers=1, threads=2)
     return TrainConfig(str(SAMPLE), str(run), **{**base, **kw})
@@ -173,7 +173,7 @@ def _tiny_config(run, **kw):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    from wbc_batch.train.loop import train
+    from wbc_batch.training.loop import train
 
     run = tmp_path_factory.mktemp("run")
     res = train(_tiny_config(run), progress=False)
@@ -182,7 +182,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 def test_default_wbc_net_crops_the_cell_from_the_native_field():
-    from wbc_batch.train.loop import TrainConfig
+    from wbc_batch.training.loop import TrainConfig
 
     cfg = TrainConfig("d", "r")
     assert cfg.resolved_crop() == (160, 128) and cfg.resolved_size() == (240, 320) and cfg.net_input_size() == (128, 128)
@@ -202,7 +202,7 @@ def test_training_run_writes_the_run_dir(tiny_run):
 
 
 def test_training_is_deterministic_on_cpu(tiny_run, tmp_path):
-    from wbc_batch.train.loop import train
+    from wbc_batch.training.loop import train
 
     train(_tiny_config(tmp_path), progress=False)
     a = torch.load(tiny_run / "last.pt", weights_only=False)["state_dict"]
@@ -213,9 +213,9 @@ def test_training_is_deterministic_on_cpu(tiny_run, tmp_path):
 def test_export_parity_and_reload_by_classify(tiny_run, tmp_path):
     import onnx
 
-    from wbc_batch.export import PARITY_ATOL, export_run, load_run
-    from wbc_batch.model import load_model
-    from wbc_batch.runner import RunnerOptions, classify
+    from wbc_batch.inference.local_engine import RunnerOptions, classify
+    from wbc_batch.inference.model import load_model
+    from wbc_batch.training.export import PARITY_ATOL, export_run, load_run
 
     out = tmp_path / "tiny.onnx"
     rep = export_run(tiny_run, out, check_dir=SAMPLE, check_images=40)
@@ -245,10 +245,10 @@ def test_export_parity_and_reload_by_classify(tiny_run, tmp_path):
 def test_cell_crop_run_exports_with_parity(tmp_path):
     import onnx
 
-    from wbc_batch.export import PARITY_ATOL, export_run
-    from wbc_batch.model import load_model
-    from wbc_batch.runner import RunnerOptions, classify
-    from wbc_batch.train.loop import train
+    from wbc_batch.inference.local_engine import RunnerOptions, classify
+    from wbc_batch.inference.model import load_model
+    from wbc_batch.training.export import PARITY_ATOL, export_run
+    from wbc_batch.training.loop import train
 
     run = tmp_path / "run"
     train(_tiny_config(run, size=(120, 160), crop=(80, 40), epochs=1), progress=False)

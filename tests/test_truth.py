@@ -1,11 +1,11 @@
-"""wbc_batch.truth: true labels from class-named folders or a path,label CSV."""
+"""wbc_batch.inference.truth: true labels from class-named folders or a path,label CSV."""
 
 from __future__ import annotations
 
 import pytest
 from conftest import LABELS
 
-from wbc_batch.truth import LabelsError, folder_truth, read_labels_csv
+from wbc_batch.inference.truth import LabelsError, folder_truth, read_labels_csv
 
 
 @pytest.mark.parametrize(

@@ -1,33 +1,32 @@
 """wbc-batch: classify white blood cells in microscope images with ONNX models.
 
-``wbc_batch.classify(inputs, model=path)`` yields one prediction per file. It (and
-``load_model``) is resolved on first use (PEP 562), so ``import wbc_batch`` stays instant:
-importing the runner eagerly would load numpy and Pillow for every ``wbc-batch --version``
-and every ``wbc_batch.train`` import alike.
+The package shows its dependency rule in its layout:
+
+* :mod:`wbc_batch.inference`: decode, run an ONNX model, write the CSV (onnxruntime, numpy, Pillow; never torch);
+* :mod:`wbc_batch.evaluation`: metrics, plots and the report, from a predictions CSV (imports inference only);
+* :mod:`wbc_batch.training`: train, export and quantise (torch; imports both of the above);
+* :mod:`wbc_batch.cli`: the ``wbc-batch`` command, a thin layer over the three.
+
+``wbc_batch.classify(inputs, model=path)`` yields one prediction per file. Public names are resolved
+on first use (PEP 562), so ``import wbc_batch`` stays instant.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
 #: Public names loaded on first access, and the module that defines each.
-_LAZY = {"classify": "runner", "load_model": "model"}
+_LAZY = {
+    "classify": ".inference.local_engine",
+    "load_model": ".inference.model",
+    "run_classify": ".inference.orchestrator",
+    "ClassifyConfig": ".inference.orchestrator",
+    "RunnerOptions": ".inference.local_engine",
+    "write_report": ".evaluation.report",
+    "compute_metrics": ".evaluation.metrics",
+}
 
 __all__ = ["__version__", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'wbc_batch' has no attribute {name!r}")
-    from importlib import import_module
-
-    value = getattr(import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

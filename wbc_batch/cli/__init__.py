@@ -7,8 +7,10 @@ import sys
 
 import click
 
-from . import __version__
-from .job import (
+from .. import __version__
+from ..inference.local_engine import RunnerOptions
+from ..inference.metadata import ModelError
+from ..inference.orchestrator import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_MODEL,
@@ -19,10 +21,8 @@ from .job import (
     ClassifyConfig,
     run_classify,
 )
-from .metadata import ModelError
-from .predictions import OutputError
-from .runner import RunnerOptions
-from .truth import LabelsError
+from ..inference.predictions import OutputError
+from ..inference.truth import LabelsError
 
 
 def _fail(msg: str, code: int) -> None:
@@ -81,7 +81,7 @@ def classify(inputs, model, output, workers, batch_size, provider, threads, resu
         _fail("--address is only meaningful with --engine ray", EXIT_USAGE)
     if engine_name == "ray":
         try:
-            from .ray_engine import RayEngine, RayEngineError, require_ray
+            from ..inference.ray_engine import RayEngine, RayEngineError, require_ray
 
             require_ray()
         except Exception as e:  # noqa: BLE001 - a broken ray install is a usage problem, said plainly
@@ -107,7 +107,7 @@ def classify(inputs, model, output, workers, batch_size, provider, threads, resu
     if summary.ok == 0:
         _fail(f"none of the {summary.files} files could be read (see the error column of {output})", EXIT_NO_IMAGES)
     if report_dir:
-        from .report import ReportError, write_report
+        from ..evaluation.report import ReportError, write_report
 
         try:
             paths = write_report(output, report_dir)
@@ -123,7 +123,7 @@ def classify(inputs, model, output, workers, batch_size, provider, threads, resu
 @click.option("--json", "as_json", is_flag=True, help="Print the raw metadata JSON.")
 def info(model, as_json) -> None:
     """Show what MODEL (default: the shipped model) carries: labels, input, preprocessing, provenance."""
-    from .model import load_model
+    from ..inference.model import load_model
 
     try:
         m = load_model(model, threads=1)
@@ -164,7 +164,7 @@ def report(predictions, out_dir, group_by, review_threshold, run_dir) -> None:
     The figures need matplotlib (pip install 'wbc-batch[report]'); without it the
     report is written without them and a warning says so.
     """
-    from .report import ReportError, write_report
+    from ..evaluation.report import ReportError, write_report
 
     if out_dir is None:
         out_dir = (predictions[:-4] if predictions.lower().endswith(".csv") else predictions) + "-report"
@@ -178,7 +178,7 @@ def report(predictions, out_dir, group_by, review_threshold, run_dir) -> None:
 
 
 
-from .cli_train import export_cmd, train_cmd  # noqa: E402  (click commands; torch loads only when they run)
+from .train import export_cmd, train_cmd  # noqa: E402  (click commands; torch loads only when they run)
 
 main.add_command(train_cmd)
 main.add_command(export_cmd)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .metadata import METADATA_KEY
-from .model import load_model, network_rate
-from .preprocess import PreprocessSpec
+from ..inference.metadata import METADATA_KEY
+from ..inference.model import load_model, network_rate
+from ..inference.preprocess import PreprocessSpec
 
 
 class _Reader:

@@ -30,8 +30,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from ..inference.predictions import PROB_PREFIX, STATUS_OK, OutputError, read_sidecar
 from .metrics import metrics_from_confusion, normalize_rows
-from .predictions import PROB_PREFIX, STATUS_OK, OutputError, read_sidecar
 
 # Non-UTF-8 file names are kept as surrogates in the predictions CSV (as predictions.py writes them).
 ENCODING_ERRORS = "surrogateescape"

@@ -61,8 +61,8 @@ def train_cmd(data_dir, run_dir, quiet, group_regex, crop_window, crop_size, **k
     augmented copies of one source never sit on both sides.
     """
     _need_torch()
-    from .train.data import DEFAULT_GROUP_REGEX
-    from .train.loop import TrainConfig, train
+    from ..training.data import DEFAULT_GROUP_REGEX
+    from ..training.loop import TrainConfig, train
 
     crop = None if crop_window is None else (crop_window, crop_size)
     cfg = TrainConfig(data_dir=data_dir, run_dir=run_dir, group_regex=group_regex or DEFAULT_GROUP_REGEX, crop=crop, **kw)
@@ -89,7 +89,7 @@ def export_cmd(run_dir, output, checkpoint, name, check_dir, eval_dir, int8_dir)
     batch 7 and on 256 real images; argmax agreement 100%.
     """
     _need_torch()
-    from .export import embed_metrics, evaluate_model, export_run
+    from ..training.export import embed_metrics, evaluate_model, export_run
 
     rep = export_run(run_dir, output, checkpoint=checkpoint, name=name, check_dir=check_dir)
     click.echo(json.dumps({"parity": asdict(rep)}, indent=2))
@@ -98,7 +98,7 @@ def export_cmd(run_dir, output, checkpoint, name, check_dir, eval_dir, int8_dir)
         embed_metrics(output, m)
         click.echo(json.dumps({"eval": m}, indent=2))
     if int8_dir:
-        from .quantize import quantize_model
+        from ..training.quantize import quantize_model
 
         q = quantize_model(output, int8_dir, eval_dir=eval_dir)
         click.echo(json.dumps({"int8": q}, indent=2))

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..discover import is_image_name
-from ..preprocess import ImageError, PreprocessSpec, load_image
+from ..inference.discover import is_image_name
+from ..inference.preprocess import ImageError, PreprocessSpec, load_image
 
 #: Fits ``_{PREFIX}_{ID}.jpeg``, the prefix the data set README calls the source image (see module doc).
 DEFAULT_GROUP_REGEX = r"^_?(\d+)_"

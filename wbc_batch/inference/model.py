@@ -30,7 +30,7 @@ def default_model_path() -> Path:
     packaged = resources.files("wbc_batch") / "_model" / DEFAULT_MODEL_NAME
     if packaged.is_file():
         return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "export" / DEFAULT_MODEL_NAME
+    return Path(__file__).resolve().parents[2] / "export" / DEFAULT_MODEL_NAME
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -1,14 +1,14 @@
 """The Ray engine: the same classify run, with decoding and inference spread over a Ray cluster.
 
-Only the *distribution* differs from the local engine (:func:`wbc_batch.runner.iter_prediction_batches`):
+Only the *distribution* differs from the local engine (:func:`wbc_batch.inference.local_engine.iter_prediction_batches`):
 
-* the files are the ones :func:`wbc_batch.discover.iter_images` lists, in the same order and
+* the files are the ones :func:`wbc_batch.inference.discover.iter_images` lists, in the same order and
   with the same relative paths (discovery runs on the driver, the machine you type the command on);
-* each batch is decoded and classified by :func:`wbc_batch.runner.run_batch` (so by
-  :func:`wbc_batch.preprocess.load_image` and :meth:`wbc_batch.model.Model.predict`) inside a
+* each batch is decoded and classified by :func:`wbc_batch.inference.local_engine.run_batch` (so by
+  :func:`wbc_batch.inference.preprocess.load_image` and :meth:`wbc_batch.inference.model.Model.predict`) inside a
   Ray Data ``map_batches`` actor pool, one onnxruntime session per actor;
 * the answers come back to the driver in input order and become rows with
-  :func:`wbc_batch.runner.to_predictions`, which :func:`wbc_batch.job.run_classify` writes, resumes
+  :func:`wbc_batch.inference.local_engine.to_predictions`, which :func:`wbc_batch.inference.orchestrator.run_classify` writes, resumes
   and summarises exactly as for a local run.
 
 The model file travels to the workers through Ray's object store (its bytes are ``ray.put``
@@ -38,10 +38,10 @@ from typing import Any
 import numpy as np
 
 from .discover import InputFile
+from .local_engine import BatchResult, RunnerOptions, available_cores, run_batch, to_predictions
 from .metadata import ModelError
 from .model import Model, load_model
 from .predictions import Prediction
-from .runner import BatchResult, RunnerOptions, available_cores, run_batch, to_predictions
 from .truth import folder_truth
 
 try:  # the optional extra: pip install 'wbc-batch[ray]'
@@ -129,9 +129,9 @@ class Predictor:
 
 @dataclass
 class RayEngine:
-    """A prediction-batch engine for :func:`wbc_batch.job.run_classify` that runs on Ray.
+    """A prediction-batch engine for :func:`wbc_batch.inference.orchestrator.run_classify` that runs on Ray.
 
-    Called like :func:`wbc_batch.runner.iter_prediction_batches`: ``engine(files, model, options, truth)``
+    Called like :func:`wbc_batch.inference.local_engine.iter_prediction_batches`: ``engine(files, model, options, truth)``
     yields lists of :class:`Prediction` in input order.
 
     ``address``: None starts a private Ray on this machine, bound to 127.0.0.1 (and stops it at the

@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 from .discover import InputFile, common_root, iter_images
+from .local_engine import RunnerOptions, iter_prediction_batches
 from .model import Model, load_model
 from .predictions import (
     STATUS_OK,
@@ -29,7 +30,6 @@ from .predictions import (
     truncate_torn_tail,
     write_sidecar,
 )
-from .runner import RunnerOptions, iter_prediction_batches
 from .truth import folder_truth, read_labels_csv
 
 #: Exit codes of ``wbc-batch classify`` (documented in the README).

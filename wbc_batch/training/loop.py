@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..metrics import compute_metrics
-from ..preprocess import PreprocessSpec
+from ..evaluation.metrics import compute_metrics
+from ..inference.preprocess import PreprocessSpec
 from .data import DEFAULT_GROUP_REGEX, decode_all, group_split, read_group_file, scan_class_folders
 from .models import DEFAULT_ARCH, CellCrop, Deployable, build_deployable, default_crop, default_size, net_input_size
 
@@ -316,7 +316,7 @@ def _plot_val_confusion(run_dir: Path) -> None:
     if not path.exists():
         return
     try:
-        from ..plots import plot_confusion
+        from ..evaluation.plots import plot_confusion
     except ImportError:
         return
     d = json.loads(path.read_text())

@@ -1,7 +1,7 @@
 """Run dir -> one self-describing ONNX file, checked against PyTorch before it is written.
 
 The graph takes uint8 RGB NHWC with a dynamic batch axis and returns probabilities; the
-labels and preprocessing travel in the metadata (:mod:`wbc_batch.metadata`). Opset and IR
+labels and preprocessing travel in the metadata (:mod:`wbc_batch.inference.metadata`). Opset and IR
 version are pinned so that the file loads on every onnxruntime the project supports
 (1.23.2 is the newest on Python 3.10).
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .metadata import ModelMetadata
-from .preprocess import PreprocessSpec
+from ..inference.metadata import ModelMetadata
+from ..inference.preprocess import PreprocessSpec
 
 OPSET = 18
 IR_VERSION = 9  # onnxruntime >= 1.16 reads it
@@ -45,7 +45,7 @@ class ExportReport:
 
 def data_fingerprint(data_dir: str | os.PathLike[str]) -> dict:
     """A cheap identity of a class-folder data set: sha256 over (relative path, size) of the files training reads."""
-    from .train.data import scan_class_folders
+    from .data import scan_class_folders
 
     root = Path(data_dir)
     try:
@@ -62,7 +62,7 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str = "best.pt"):
     """The trained network of a run dir (eval mode, wrapped to take uint8 NHWC) and its config."""
     import torch
 
-    from .train.models import build_deployable
+    from .models import build_deployable
 
     ck = torch.load(Path(run_dir) / checkpoint, map_location="cpu", weights_only=False)
     cfg = ck["config"]
@@ -103,7 +103,7 @@ def _to_onnx_bytes(model, h: int, w: int) -> bytes:
 
 
 def _sample_images(paths: Sequence[str], spec: PreprocessSpec) -> np.ndarray:
-    from .preprocess import ImageError, load_image
+    from ..inference.preprocess import ImageError, load_image
 
     out = []
     for p in paths:
@@ -116,7 +116,7 @@ def _sample_images(paths: Sequence[str], spec: PreprocessSpec) -> np.ndarray:
 
 def parity_paths(data_dir: str | os.PathLike[str], n: int = 256, seed: int = 0) -> list[str]:
     """Up to ``n`` real images spread over the classes of a class-folder directory."""
-    from .discover import iter_images
+    from ..inference.discover import iter_images
 
     files = [f.path for f in iter_images([data_dir])]
     rng = np.random.default_rng(seed)
@@ -172,7 +172,7 @@ def export_run(
 
     proto = onnx.load_model_from_string(data)
     versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime_export_check": ort.__version__}
-    from . import __version__
+    from .. import __version__
 
     md = ModelMetadata(
         labels=tuple(cfg["classes"]),
@@ -212,8 +212,8 @@ def export_run(
 
 def predict_dir(model_path: str | os.PathLike[str], data_dir: str | os.PathLike[str], workers: int = 0):
     """The model's labels and one :class:`Prediction` per file of ``data_dir`` (via classify)."""
-    from .model import load_model
-    from .runner import RunnerOptions, classify
+    from ..inference.local_engine import RunnerOptions, classify
+    from ..inference.model import load_model
 
     opts = RunnerOptions(workers=workers)
     model = load_model(model_path, threads=opts.session_threads())
@@ -222,7 +222,7 @@ def predict_dir(model_path: str | os.PathLike[str], data_dir: str | os.PathLike[
 
 def metrics_of(preds, labels, eval_dir: str | os.PathLike[str]) -> dict:
     """Accuracy, F1 and confusion matrix of predictions that carry a true label."""
-    from .metrics import compute_metrics_from_names
+    from ..evaluation.metrics import compute_metrics_from_names
 
     scored = [p for p in preds if p.status == "ok" and p.true_label]
     m = compute_metrics_from_names([p.true_label for p in scored], [p.label for p in scored], labels).to_dict()
@@ -241,7 +241,7 @@ def embed_metrics(model_path: str | os.PathLike[str], metrics: dict, key: str = 
     import onnx
     import onnx.helper
 
-    from .metadata import METADATA_KEY
+    from ..inference.metadata import METADATA_KEY
 
     proto = onnx.load(str(model_path))
     props = {p.key: p.value for p in proto.metadata_props}

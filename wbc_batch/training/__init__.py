@@ -1,0 +1,25 @@
+"""Training: class folders to a trained network, exported to ONNX with its metadata, optionally INT8.
+
+Dependency rule: the only package that imports torch (the ``train`` extra); it may import
+:mod:`wbc_batch.inference` and :mod:`wbc_batch.evaluation`, which never import it back.
+"""
+
+from __future__ import annotations
+
+from .._lazy import lazy_exports
+
+_LAZY = {
+    "TrainConfig": ".loop",
+    "TrainResult": ".loop",
+    "train": ".loop",
+    "scan_class_folders": ".data",
+    "build": ".models",
+    "build_deployable": ".models",
+    "export_run": ".export",
+    "load_run": ".export",
+    "evaluate_model": ".export",
+    "quantize_model": ".quantize",
+}
+
+__all__ = list(_LAZY)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
