@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import LABELS, ROOT, SAMPLE, build_color_model
-from test_job import make_bad_inputs, read_rows
+from test_orchestrator import make_bad_inputs, read_rows
 
 from wbc_batch import __version__
 from wbc_batch.cli import main

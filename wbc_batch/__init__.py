@@ -19,11 +19,11 @@ __version__ = "0.1.0"
 
 #: Public names loaded on first access, and the module that defines each.
 _LAZY = {
-    "classify": ".inference.local_engine",
+    "classify": ".inference.orchestrator",
     "load_model": ".inference.model",
     "run_classify": ".inference.orchestrator",
     "ClassifyConfig": ".inference.orchestrator",
-    "RunnerOptions": ".inference.local_engine",
+    "RunnerOptions": ".inference.engine",
     "write_report": ".evaluation.report",
     "compute_metrics": ".evaluation.metrics",
 }

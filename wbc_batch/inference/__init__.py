@@ -5,9 +5,11 @@ from :mod:`wbc_batch.evaluation` or :mod:`wbc_batch.training` (a test enforces i
 
 Modules: ``discover`` (which files), ``preprocess`` (the one decode path), ``metadata`` (the
 contract a model file carries), ``model`` (an onnxruntime session checked against it),
-``predictions`` (CSV rows, the writer, the sidecar), ``truth`` (labels from folders or a CSV),
-``local_engine`` and ``ray_engine`` (execute batches), ``orchestrator`` (a whole run: output
-safety, resume, progress, summary).
+``rows`` (the row type engines produce), ``predictions`` (the CSV writer, the sidecar),
+``truth`` (labels from folders or a CSV), ``engine`` (the interface every engine implements and
+the batch they all execute), ``local_engine`` and ``ray_engine`` (execute batches: processes
+here, or Ray actors), ``orchestrator`` (decides what a run does: files, truth, output safety,
+resume, progress, summary; also the ``classify()`` API).
 """
 
 from __future__ import annotations
@@ -25,15 +27,17 @@ _LAZY = {
     "Model": ".model",
     "load_model": ".model",
     "default_model_path": ".model",
-    "Prediction": ".predictions",
+    "Prediction": ".rows",
     "OutputError": ".predictions",
     "read_sidecar": ".predictions",
     "folder_truth": ".truth",
     "read_labels_csv": ".truth",
     "LabelsError": ".truth",
-    "RunnerOptions": ".local_engine",
-    "classify": ".local_engine",
-    "iter_prediction_batches": ".local_engine",
+    "truth_function": ".truth",
+    "Engine": ".engine",
+    "RunnerOptions": ".engine",
+    "LocalEngine": ".local_engine",
+    "classify": ".orchestrator",
     "ClassifyConfig": ".orchestrator",
     "RunSummary": ".orchestrator",
     "run_classify": ".orchestrator",

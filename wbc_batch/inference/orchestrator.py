@@ -1,7 +1,9 @@
-"""A whole classify run to a CSV: output safety, --resume, progress, summary.
+"""The orchestration of a classify run: which files, true labels, output safety, --resume, progress, summary.
 
-This is what ``wbc-batch classify`` does; it is a function so that scripts and the Ray engine
-get the same behaviour without the CLI.
+This is what ``wbc-batch classify`` does; it is a function so that scripts get the same
+behaviour without the CLI. It decides *what* a run does and hands the batches to an
+:class:`~wbc_batch.inference.engine.Engine`, which only decides *where* they execute (the local
+process pool, or Ray).
 """
 
 from __future__ import annotations
@@ -11,18 +13,17 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import __version__
 from .discover import InputFile, common_root, iter_images
-from .local_engine import RunnerOptions, iter_prediction_batches
+from .engine import Engine, RunnerOptions
+from .local_engine import LocalEngine
 from .model import Model, load_model
 from .predictions import (
-    STATUS_OK,
     OutputError,
-    Prediction,
     PredictionWriter,
     read_sidecar,
     scan_existing,
@@ -30,7 +31,8 @@ from .predictions import (
     truncate_torn_tail,
     write_sidecar,
 )
-from .truth import folder_truth, read_labels_csv
+from .rows import STATUS_OK, Prediction, TruthFn
+from .truth import read_labels_csv, truth_function
 
 #: Exit codes of ``wbc-batch classify`` (documented in the README).
 EXIT_OK = 0
@@ -167,8 +169,44 @@ def _prepare_output(cfg: ClassifyConfig, model: Model, root: Path) -> tuple[set[
     return existing.done, existing.ok, existing.errors
 
 
-#: What produces the rows: ``engine(files, model, options, truth)`` yields lists of predictions in input order.
-Engine = Callable[[Iterable[InputFile], Model, RunnerOptions, Callable[[str], str]], Iterator[list[Prediction]]]
+def _load_model(cfg: ClassifyConfig) -> Model:
+    opts = cfg.runner
+    in_process = opts.resolved_workers() <= 1
+    return load_model(cfg.model, provider=opts.provider, threads=opts.session_threads() if not in_process else opts.threads)
+
+
+def _run_info(cfg: ClassifyConfig, model: Model, root: Path, inputs: Sequence[str], engine: Engine) -> dict:
+    """The sidecar's first state: what runs, on what, with which model."""
+    return {
+        "wbc_batch": __version__,
+        "model": model_identity(model),
+        "root": str(root),
+        "inputs": [os.path.abspath(p) for p in inputs],
+        "labels_csv": os.path.abspath(cfg.labels_csv) if cfg.labels_csv else None,
+        "started": _now(),
+        "options": asdict(cfg.runner),
+        "engine": engine.info(),
+        "state": "running",
+    }
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _count_rows(summary: RunSummary, preds: Sequence[Prediction]) -> int:
+    """Add a batch to the summary; returns its number of error rows."""
+    n_ok = sum(p.status == STATUS_OK for p in preds)
+    summary.ok += n_ok
+    summary.errors += len(preds) - n_ok
+    summary.processed += len(preds)
+    return len(preds) - n_ok
+
+
+def _close_summary(summary: RunSummary, t0: float) -> None:
+    summary.files = summary.ok + summary.errors
+    summary.wall_s = time.perf_counter() - t0
+    summary.images_per_s = summary.processed / summary.wall_s if summary.wall_s > 0 else 0.0
 
 
 def run_classify(
@@ -179,74 +217,76 @@ def run_classify(
 ) -> RunSummary:
     """Classify ``cfg.inputs`` into ``cfg.output``. Raises ModelError/OutputError/LabelsError on unusable setups.
 
-    ``engine`` (default: the local process pool, :func:`runner.iter_prediction_batches`) only
-    distributes the work; output checks, --resume, the sidecar, progress and summary are shared.
+    ``engine`` (default: a :class:`LocalEngine`, processes on this machine) only executes the
+    batches; output checks, --resume, true labels, the sidecar, progress and summary are decided here.
     """
-    engine = engine or iter_prediction_batches
+    engine = engine or LocalEngine()
     t0 = time.perf_counter()
-    opts = cfg.runner
     if model is None:
-        in_process = opts.resolved_workers() <= 1
-        model = load_model(cfg.model, provider=opts.provider, threads=opts.session_threads() if not in_process else opts.threads)
+        model = _load_model(cfg)
     inputs = [os.fspath(p) for p in cfg.inputs]
     root = common_root(inputs)
-    if cfg.labels_csv:  # checked before the output is touched: a bad labels file changes nothing
-        table = read_labels_csv(cfg.labels_csv, root, model.labels)
-
-        def truth(rel: str) -> str:
-            return table.get(rel) or folder_truth(rel, model.labels)
-    else:
-        def truth(rel: str) -> str:
-            return folder_truth(rel, model.labels)
+    # The labels file is checked before the output is touched: a bad one changes nothing.
+    table = read_labels_csv(cfg.labels_csv, root, model.labels) if cfg.labels_csv else None
+    truth = truth_function(model.labels, table)
     done, ok0, err0 = _prepare_output(cfg, model, root)
 
-    info = {
-        "wbc_batch": __version__,
-        "model": model_identity(model),
-        "root": str(root),
-        "inputs": [os.path.abspath(p) for p in inputs],
-        "labels_csv": os.path.abspath(cfg.labels_csv) if cfg.labels_csv else None,
-        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "options": asdict(opts),
-        "engine": engine.info() if hasattr(engine, "info") else "local",
-        "state": "running",
-    }
+    info = _run_info(cfg, model, root, inputs, engine)
     write_sidecar(cfg.output, info)
     summary = RunSummary(output=str(cfg.output), resumed=len(done), ok=ok0, errors=err0, model_sha256=model.sha256)
     progress = _Progress(cfg.progress, 0, cfg.log_every_s)
     _count_in_background(inputs, root, done, progress)
     files: Iterator[InputFile] = (f for f in iter_images(inputs, root) if f.rel not in done)
     writer = PredictionWriter(cfg.output, model.labels, append=cfg.resume and not cfg.overwrite and Path(cfg.output).exists())
-    batches = engine(files, model, opts, truth)
+    batches = engine.batches(files, model, cfg.runner, truth)
     try:
         for preds in batches:
             writer.write(preds)
-            n_ok = sum(p.status == STATUS_OK for p in preds)
-            summary.ok += n_ok
-            summary.errors += len(preds) - n_ok
-            summary.processed += len(preds)
-            progress.update(len(preds), len(preds) - n_ok)
+            progress.update(len(preds), _count_rows(summary, preds))
             if on_batch is not None:
                 on_batch(preds)
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()  # stop the engine's workers now, not when the generator is collected
+        batches.close()  # stop the engine's workers now, not when the generator is collected
+        engine.close()
         progress.close()
         writer.close()
-        summary.files = summary.ok + summary.errors
-        summary.wall_s = time.perf_counter() - t0
-        summary.images_per_s = summary.processed / summary.wall_s if summary.wall_s > 0 else 0.0
-        info.update(
-            engine=engine.info() if hasattr(engine, "info") else "local",
-            state="interrupted" if summary.interrupted else "finished",
-            finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            summary=asdict(summary),
-        )
+        _close_summary(summary, t0)
+        state = "interrupted" if summary.interrupted else "finished"
+        info.update(engine=engine.info(), state=state, finished=_now(), summary=asdict(summary))
         try:
             write_sidecar(cfg.output, info)
         except OutputError:
             pass
     return summary
+
+
+def classify(
+    inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    model: Model | str | os.PathLike[str] | None = None,
+    *,
+    options: RunnerOptions = RunnerOptions(),
+    truth: TruthFn | None = None,
+) -> Iterator[Prediction]:
+    """Classify every image under ``inputs``; yields one :class:`Prediction` per file, in order.
+
+    ``inputs`` is a list of folders and files, or a single one. ``model`` is a loaded
+    :class:`Model`, a path, or None for the shipped default model. Paths in the results are
+    relative to the inputs' common root; true labels come from ``truth`` (default: the
+    class-named parent folder). Nothing is written: :func:`run_classify` is the run to a CSV.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]  # a bare "folder" would otherwise be walked letter by letter
+    inputs = list(inputs)
+    if not isinstance(model, Model):
+        model = load_model(model, provider=options.provider, threads=options.session_threads())
+    files = iter_images(inputs, common_root(inputs))
+    engine = LocalEngine()
+    batches = engine.batches(files, model, options, truth or truth_function(model.labels))
+    try:
+        for batch in batches:
+            yield from batch
+    finally:
+        batches.close()
+        engine.close()

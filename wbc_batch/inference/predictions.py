@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-STATUS_OK = "ok"
-STATUS_ERROR = "error"
+from .rows import STATUS_ERROR, STATUS_OK, Prediction  # the row type lives in rows (engines import it without this writer)
+
 PROB_PREFIX = "prob_"
 #: How undecodable file names (surrogate-escaped by os.scandir) are written and read back.
 ENCODING_ERRORS = "surrogateescape"
@@ -29,19 +29,6 @@ ENCODING_ERRORS = "surrogateescape"
 
 class OutputError(Exception):
     """The output CSV cannot be written or resumed; the message says why."""
-
-
-@dataclass
-class Prediction:
-    """One input file's outcome: a label with probabilities, or an error."""
-
-    path: str  # relative to the run root, POSIX separators
-    label: str = ""
-    confidence: float | None = None
-    probabilities: Sequence[float] | None = None
-    true_label: str = ""
-    status: str = STATUS_OK
-    error: str = ""
 
 
 def columns(labels: Sequence[str]) -> list[str]:

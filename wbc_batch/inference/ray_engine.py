@@ -1,15 +1,17 @@
 """The Ray engine: the same classify run, with decoding and inference spread over a Ray cluster.
 
-Only the *distribution* differs from the local engine (:func:`wbc_batch.inference.local_engine.iter_prediction_batches`):
+Only the *distribution* differs from the local engine (:class:`wbc_batch.inference.local_engine.LocalEngine`);
+both implement :class:`wbc_batch.inference.engine.Engine`:
 
 * the files are the ones :func:`wbc_batch.inference.discover.iter_images` lists, in the same order and
   with the same relative paths (discovery runs on the driver, the machine you type the command on);
-* each batch is decoded and classified by :func:`wbc_batch.inference.local_engine.run_batch` (so by
+* each batch is decoded and classified by :func:`wbc_batch.inference.engine.run_batch` (so by
   :func:`wbc_batch.inference.preprocess.load_image` and :meth:`wbc_batch.inference.model.Model.predict`) inside a
   Ray Data ``map_batches`` actor pool, one onnxruntime session per actor;
 * the answers come back to the driver in input order and become rows with
-  :func:`wbc_batch.inference.local_engine.to_predictions`, which :func:`wbc_batch.inference.orchestrator.run_classify` writes, resumes
-  and summarises exactly as for a local run.
+  :func:`wbc_batch.inference.rows.to_predictions` and the truth function the orchestrator hands in,
+  and :func:`wbc_batch.inference.orchestrator.run_classify` writes, resumes and summarises them
+  exactly as for a local run.
 
 The model file travels to the workers through Ray's object store (its bytes are ``ray.put``
 once); the *images* do not: every worker opens the input paths itself, so they must be readable
@@ -30,7 +32,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, islice
 from typing import Any
@@ -38,11 +40,10 @@ from typing import Any
 import numpy as np
 
 from .discover import InputFile
-from .local_engine import BatchResult, RunnerOptions, available_cores, run_batch, to_predictions
+from .engine import RunnerOptions, available_cores, run_batch
 from .metadata import ModelError
 from .model import Model, load_model
-from .predictions import Prediction
-from .truth import folder_truth
+from .rows import BatchResult, Prediction, TruthFn, to_predictions
 
 try:  # the optional extra: pip install 'wbc-batch[ray]'
     import ray
@@ -81,6 +82,63 @@ def _loopback_only() -> None:
         ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray was imported; looked up at each use
     except (ImportError, AttributeError):  # pragma: no cover - a Ray without that switch
         pass
+
+
+def start_ray(address: str | None, options: RunnerOptions) -> float | None:
+    """Join the cluster at ``address``, or start a private loopback Ray; None if Ray was already running.
+
+    Returns the seconds ``ray.init`` took when this call started it (so the caller must stop it).
+    """
+    require_ray()
+    if ray.is_initialized():
+        return None
+    t0 = time.perf_counter()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        else:
+            _loopback_only()
+            ray.init(
+                address="local",  # never an existing cluster named by RAY_ADDRESS
+                num_cpus=max(available_cores(), options.resolved_workers() * _cpus_per_actor(options)),
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+            )
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = address or "a local instance"
+        raise RayUnavailable(f"cannot start or join Ray ({where}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return time.perf_counter() - t0
+
+
+def _cpus_per_actor(options: RunnerOptions) -> int:
+    return options.threads if options.threads > 0 else 1
+
+
+def _uses_gpu(options: RunnerOptions) -> bool:
+    return options.provider in GPU_PROVIDERS or options.provider.lower() in GPU_PROVIDERS
+
+
+def _n_actors(options: RunnerOptions) -> int:
+    """--workers actors, else one per GPU (GPU providers) or per ``threads`` CPUs of the cluster."""
+    if options.workers > 0:
+        return options.workers
+    res = ray.cluster_resources()
+    if _uses_gpu(options):
+        return max(1, int(res.get("GPU", 0)))
+    return max(1, int(res.get("CPU", 1) // _cpus_per_actor(options)))
+
+
+def _quiet_ordered_ray_data() -> None:
+    """Batches back in input order; Ray Data's own bars and banners off (the run reports progress)."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
 
 
 class Predictor:
@@ -129,10 +187,9 @@ class Predictor:
 
 @dataclass
 class RayEngine:
-    """A prediction-batch engine for :func:`wbc_batch.inference.orchestrator.run_classify` that runs on Ray.
+    """An :class:`~wbc_batch.inference.engine.Engine` that executes the batches on Ray Data actors.
 
-    Called like :func:`wbc_batch.inference.local_engine.iter_prediction_batches`: ``engine(files, model, options, truth)``
-    yields lists of :class:`Prediction` in input order.
+    ``engine.batches(files, model, options, truth)`` yields lists of :class:`Prediction` in input order.
 
     ``address``: None starts a private Ray on this machine, bound to 127.0.0.1 (and stops it at the
     end); ``"auto"`` or ``host:port`` joins a running cluster. If Ray is already initialised in this
@@ -147,102 +204,61 @@ class RayEngine:
     startup_s: float = field(default=0.0, init=False)  # seconds spent in ray.init (0 if it was running)
     actors: int = field(default=0, init=False)
     nodes: list[str] = field(default_factory=list, init=False)  # addresses of the live Ray nodes used
+    _started: bool = field(default=False, init=False, repr=False)  # this engine started Ray and must stop it
 
     name = "ray"
 
     def info(self) -> dict[str, Any]:
         return {"name": "ray", "address": self.address or "local (127.0.0.1)", "actors": self.actors, "nodes": self.nodes}
 
-    # -- Ray lifecycle ---------------------------------------------------------------------
     def _start(self, options: RunnerOptions) -> bool:
-        """Connect to (or start) Ray; True when this call started it and must stop it."""
-        require_ray()
-        if ray.is_initialized():
+        """Connect to (or start) Ray; True when this call started it (and :meth:`close` will stop it)."""
+        startup = start_ray(self.address, options)
+        if startup is None:
             return False
-        t0 = time.perf_counter()
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home
-        try:
-            if self.address:
-                ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=True)
-            else:
-                cpus = max(available_cores(), options.resolved_workers() * self._cpus_per_actor(options))
-                _loopback_only()
-                ray.init(
-                    address="local",  # never an existing cluster named by RAY_ADDRESS
-                    num_cpus=cpus,
-                    include_dashboard=False,
-                    _node_ip_address="127.0.0.1",
-                    logging_level=logging.WARNING,
-                    log_to_driver=True,
-                )
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            where = self.address or "a local instance"
-            raise RayUnavailable(f"cannot start or join Ray ({where}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-        self.startup_s = time.perf_counter() - t0
+        self.startup_s, self._started = startup, True
         return True
 
-    @staticmethod
-    def _cpus_per_actor(options: RunnerOptions) -> int:
-        return options.threads if options.threads > 0 else 1
+    def close(self) -> None:
+        if self._started:
+            self._started = False
+            ray.shutdown()
 
-    def _uses_gpu(self, options: RunnerOptions) -> bool:
-        return options.provider in GPU_PROVIDERS or options.provider.lower() in GPU_PROVIDERS
-
-    def _n_actors(self, options: RunnerOptions) -> int:
-        if options.workers > 0:
-            return options.workers
-        res = ray.cluster_resources()
-        if self._uses_gpu(options):
-            return max(1, int(res.get("GPU", 0)))
-        return max(1, int(res.get("CPU", 1) // self._cpus_per_actor(options)))
-
-    # -- the engine --------------------------------------------------------------------------
-    def __call__(
-        self,
-        files: Iterable[InputFile],
-        model: Model,
-        options: RunnerOptions = RunnerOptions(),
-        truth: Callable[[str], str] | None = None,
-    ) -> Iterator[list[Prediction]]:
-        labels = model.labels
-        truth_fn = truth or (lambda rel: folder_truth(rel, labels))
+    def batches(self, files: Iterable[InputFile], model: Model, options: RunnerOptions, truth: TruthFn) -> Generator[list[Prediction], None, None]:
         it = iter(files)
         first = next(it, None)
         if first is None:
             return  # nothing to do (e.g. a finished --resume): do not start Ray at all
-        it = chain([first], it)
-        started = self._start(options)
+        self._start(options)
         try:
-            yield from self._run(it, model, options, truth_fn)
+            yield from self._run(chain([first], it), model, options, truth)
         finally:
-            if started:
-                ray.shutdown()
+            self.close()
 
-    def _run(self, files: Iterator[InputFile], model: Model, options: RunnerOptions, truth: Callable[[str], str]) -> Iterator[list[Prediction]]:
-        import ray.data
-
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # batches come back in input order
-        ctx.enable_progress_bars = False  # the job's own progress bar/log lines report
-        ctx.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
-        self.nodes = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})
-
+    def _map_kwargs(self, model: Model, options: RunnerOptions) -> dict[str, Any]:
+        """``map_batches`` arguments: the actor pool, its resources, the model (sent once), bounded retries."""
         with open(model.path, "rb") as f:
             model_ref = ray.put(f.read())  # the model travels by Ray, once per run
-        self.actors = self._n_actors(options)
-        cpa = self._cpus_per_actor(options)
-        batch_size = max(1, options.batch_size)
-        map_kwargs: dict[str, Any] = dict(
+        cpa = _cpus_per_actor(options)
+        kwargs: dict[str, Any] = dict(
             fn_constructor_args=([model_ref], model.sha256, options.provider, cpa),
-            batch_size=batch_size,
+            batch_size=max(1, options.batch_size),
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=self.actors),
             num_cpus=cpa,
         )
-        if self._uses_gpu(options):
-            map_kwargs["num_gpus"] = 1
+        if _uses_gpu(options):
+            kwargs["num_gpus"] = 1
+        return kwargs
+
+    def _run(self, files: Iterator[InputFile], model: Model, options: RunnerOptions, truth: TruthFn) -> Iterator[list[Prediction]]:
+        import ray.data
+
+        _quiet_ordered_ray_data()
+        self.nodes = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})
+        self.actors = _n_actors(options)
+        map_kwargs = self._map_kwargs(model, options)
+        batch_size = map_kwargs["batch_size"]
         # Bounded fault tolerance: a dead actor is restarted and its batch rerun, a few times
         # (Ray Data's own default is forever, which a file that always kills its decoder would turn
         # into a hang). Ray marks these pass-through arguments deprecated; without them, its default holds.
@@ -258,40 +274,40 @@ class RayEngine:
                     ds = ds.map_batches(self.predictor_cls, **map_kwargs, **retry_kwargs)
                 except TypeError:  # a Ray that no longer takes them
                     ds = ds.map_batches(self.predictor_cls, **map_kwargs)
-            yield from self._collect(ds, window, labels=model.labels, truth=truth, batch_size=batch_size)
-
-    @staticmethod
-    def _collect(ds, window: Sequence[InputFile], *, labels: Sequence[str], truth: Callable[[str], str], batch_size: int) -> Iterator[list[Prediction]]:
-        """Rows of one window, in input order (results are re-sequenced by index, whatever Ray returns)."""
-        pending: dict[int, tuple[bool, np.ndarray, str]] = {}
-        nxt = 0
-        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
-        while True:
-            try:
-                out = next(batches, None)
-            except ray.exceptions.RayError as e:
-                # Retries are spent (an actor died on the same batch every time, or the cluster is gone).
-                first = window[nxt].rel if nxt < len(window) else "?"
-                msg = str(e).strip().splitlines()
-                raise RayEngineError(
-                    f"Ray could not finish a batch after its retries (the first file without a row is {first}): "
-                    f"{type(e).__name__}: {msg[0][:300] if msg else ''}; rows before it are in the CSV, "
-                    "rerun with --resume (a file that kills its decoder every time must be moved away first)"
-                ) from e
-            if out is None:
-                break
-            for i, ok, p, e in zip(out["idx"], out["ok"], out["probs"], out["error"], strict=True):
-                pending[int(i)] = (bool(ok), p, bytes(e).decode("utf-8", "surrogateescape"))
-            start = nxt
-            while nxt in pending:
-                nxt += 1
-            if nxt > start:
-                yield from _rows(window, start, nxt, pending, labels, truth, batch_size)
-        if nxt != len(window):  # cannot happen unless Ray dropped a block: never lose a row silently
-            raise RuntimeError(f"Ray returned {nxt} of {len(window)} results in order; missing index {nxt}")
+            yield from _collect(ds, window, labels=model.labels, truth=truth, batch_size=batch_size)
 
 
-def _rows(window, start: int, stop: int, pending: dict, labels: Sequence[str], truth: Callable[[str], str], batch_size: int) -> Iterator[list[Prediction]]:
+def _collect(ds, window: Sequence[InputFile], *, labels: Sequence[str], truth: TruthFn, batch_size: int) -> Iterator[list[Prediction]]:
+    """Rows of one window, in input order (results are re-sequenced by index, whatever Ray returns)."""
+    pending: dict[int, tuple[bool, np.ndarray, str]] = {}
+    nxt = 0
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    while True:
+        try:
+            out = next(batches, None)
+        except ray.exceptions.RayError as e:
+            # Retries are spent (an actor died on the same batch every time, or the cluster is gone).
+            first = window[nxt].rel if nxt < len(window) else "?"
+            msg = str(e).strip().splitlines()
+            raise RayEngineError(
+                f"Ray could not finish a batch after its retries (the first file without a row is {first}): "
+                f"{type(e).__name__}: {msg[0][:300] if msg else ''}; rows before it are in the CSV, "
+                "rerun with --resume (a file that kills its decoder every time must be moved away first)"
+            ) from e
+        if out is None:
+            break
+        for i, ok, p, e in zip(out["idx"], out["ok"], out["probs"], out["error"], strict=True):
+            pending[int(i)] = (bool(ok), p, bytes(e).decode("utf-8", "surrogateescape"))
+        start = nxt
+        while nxt in pending:
+            nxt += 1
+        if nxt > start:
+            yield from _rows(window, start, nxt, pending, labels, truth, batch_size)
+    if nxt != len(window):  # cannot happen unless Ray dropped a block: never lose a row silently
+        raise RuntimeError(f"Ray returned {nxt} of {len(window)} results in order; missing index {nxt}")
+
+
+def _rows(window, start: int, stop: int, pending: dict, labels: Sequence[str], truth: TruthFn, batch_size: int) -> Iterator[list[Prediction]]:
     for b0 in range(start, stop, batch_size):
         b1 = min(stop, b0 + batch_size)
         oks, probs, errors = [], [], []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 
@@ -19,6 +19,20 @@ def folder_truth(rel: str, labels: Sequence[str]) -> str:
         return ""
     by_upper = {lb.upper(): lb for lb in labels}
     return by_upper.get(parent.upper(), "")
+
+
+def truth_function(labels: Sequence[str], table: Mapping[str, str] | None = None) -> Callable[[str], str]:
+    """The run's one source of true labels: the labels table first, then the class-named parent folder.
+
+    The orchestrator builds it and hands it to the engine, so every engine (and the
+    ``classify()`` API) labels a file the same way.
+    """
+    lookup = table or {}
+
+    def truth(rel: str) -> str:
+        return lookup.get(rel) or folder_truth(rel, labels)
+
+    return truth
 
 
 def read_labels_csv(path: str | os.PathLike[str], root: str | os.PathLike[str], labels: Sequence[str]) -> dict[str, str]:

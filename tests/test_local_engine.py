@@ -1,4 +1,4 @@
-"""wbc_batch.inference.local_engine: batches, worker processes, crash recovery and the classify() API."""
+"""wbc_batch.inference.local_engine: batches in this process or in worker processes, crash recovery; the classify() API."""
 
 from __future__ import annotations
 
@@ -12,15 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import LABELS, color_model_reference, sample_images
+from conftest import LABELS, color_model_reference
 
 import wbc_batch
 from wbc_batch.inference import local_engine as runner
 from wbc_batch.inference.discover import InputFile
-from wbc_batch.inference.local_engine import RunnerOptions, chunks, classify, iter_prediction_batches, run_batch, to_predictions
+from wbc_batch.inference.engine import RunnerOptions, run_batch
+from wbc_batch.inference.local_engine import LocalEngine
 from wbc_batch.inference.model import load_model
-from wbc_batch.inference.predictions import Prediction
+from wbc_batch.inference.orchestrator import classify
 from wbc_batch.inference.preprocess import load_image
+from wbc_batch.inference.rows import Prediction, to_predictions
+from wbc_batch.inference.truth import truth_function
 
 
 @pytest.fixture(scope="module")
@@ -32,54 +35,9 @@ def _expected(path: Path, model) -> np.ndarray:
     return color_model_reference(load_image(path, model.metadata.preprocess)[None])[0]
 
 
-def test_run_batch_mixes_good_and_bad_files(model, tmp_path):
-    good = sample_images()[:3]
-    (tmp_path / "bad.jpg").write_text("nope")
-    paths = [str(good[0]), str(tmp_path / "bad.jpg"), str(good[1]), str(tmp_path / "missing.jpg"), str(good[2])]
-    res = run_batch(model, paths)
-    assert res.errors == [None, "not an image (format not recognised)", None, "unreadable: No such file or directory", None]
-    assert res.probabilities.shape == (3, 4)
-    for row, p in zip(res.probabilities, good, strict=True):
-        np.testing.assert_allclose(row, _expected(p, model), atol=1e-6)
-
-
-def test_run_batch_all_bad(model, tmp_path):
-    res = run_batch(model, [str(tmp_path / "a.jpg")])
-    assert res.probabilities.shape == (0, 4) and res.errors == ["unreadable: No such file or directory"]
-
-
-def test_a_decoder_bug_costs_one_row(model, monkeypatch):
-    def explode(path, spec):
-        if path.endswith("_1_1414.jpeg"):
-            raise MemoryError("boom")
-        return load_image(path, spec)
-
-    monkeypatch.setattr(runner, "load_image", explode)
-    res = run_batch(model, [str(p) for p in sample_images()[:3]])
-    assert res.errors == [None, "decoder failed: MemoryError: boom", None]
-
-
-def test_to_predictions(model):
-    files = [InputFile("/r/EOSINOPHIL/a.jpg", "EOSINOPHIL/a.jpg"), InputFile("/r/b.jpg", "b.jpg")]
-    probs = np.array([[0.1, 0.2, 0.6, 0.1]], np.float32)
-    res = runner.BatchResult(probs, [None, "empty file"])
-    got = to_predictions(files, res, LABELS, lambda rel: rel.upper()[:3])
-    assert got[0] == Prediction("EOSINOPHIL/a.jpg", "MONOCYTE", pytest.approx(0.6), pytest.approx([0.1, 0.2, 0.6, 0.1]), "EOS", "ok", "")
-    assert got[1] == Prediction("b.jpg", "", None, None, "B.J", "error", "empty file")
-
-
-def test_chunks():
-    assert list(chunks(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
-    assert list(chunks([], 3)) == []
-
-
-def test_runner_options(monkeypatch):
-    monkeypatch.setattr(runner, "available_cores", lambda: 8)
-    assert RunnerOptions().resolved_workers() == 8 and RunnerOptions().session_threads() == 1
-    assert RunnerOptions(workers=1).session_threads() == 8
-    assert RunnerOptions(workers=3).session_threads() == 2
-    assert RunnerOptions(workers=16).session_threads() == 1
-    assert RunnerOptions(workers=2, threads=5).session_threads() == 5
+def iter_prediction_batches(files, model, options):
+    """The local engine's batches, true labels from class-named folders."""
+    return LocalEngine().batches(files, model, options, truth_function(LABELS))
 
 
 def _files(root: Path) -> list[InputFile]:
