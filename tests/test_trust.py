@@ -1,0 +1,98 @@
+"""wbc_batch.training.trust and .calibrate: temperature and domain score fitted, written into the graph, read back.
+
+Uses the tiny colour model (features = mean colour, Gemm, Softmax) so every output has a numpy reference."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import LABELS, SAMPLE, _color_weights, build_color_model
+
+from wbc_batch.inference.preprocess import PreprocessSpec, load_image
+from wbc_batch.training.calibrate import calibrate_model, labelled_set
+from wbc_batch.training.trust import add_trust_outputs, find_head, fit_reference, fit_temperature
+
+
+def _softmax(z, t=1.0):
+    e = np.exp(z / t - (z / t).max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_fit_temperature_recovers_the_temperature_that_generated_the_labels():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, size=(20000, 4))
+    y = np.array([rng.choice(4, p=p) for p in _softmax(z, 2.0)])
+    assert fit_temperature(z, y) == pytest.approx(2.0, rel=0.05)
+
+
+def test_reference_score_is_about_one_in_domain_and_large_far_away():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 6000)
+    means = np.array([[0, 0, 0, 0], [50, 0, 0, 0], [0, 50, 0, 0]], dtype=float)  # far apart: nearest = own class
+    f = means[y] + rng.normal(0, [1, 2, 0.5, 1], size=(6000, 4))
+    ref = fit_reference(f, y, 3)
+    assert ref.scores(f).mean() == pytest.approx(1.0, abs=0.05)  # E[chi2_D] / D = 1
+    assert ref.scores(np.array([[0, 0, 10, 0]]))[0] == pytest.approx(100 / 0.25 / 4, rel=0.05)
+
+
+def test_reference_needs_every_class():
+    with pytest.raises(ValueError, match="no image of class index \\[2\\]"):
+        fit_reference(np.zeros((4, 2)), [0, 1, 0, 1], 3)
+
+
+def test_trust_outputs_match_numpy(tmp_path):
+    model = onnx.load(str(build_color_model(tmp_path / "c.onnx", height=24, width=32)))
+    head = find_head(model, "probabilities")
+    assert (head.logits, head.features, head.n_features) == ("logits", "m", 3)
+    rng = np.random.default_rng(2)
+    ref = fit_reference(rng.normal(100, 20, size=(200, 3)), rng.integers(0, 4, 200), 4)
+    out = add_trust_outputs(model, head, 1.7, ref)
+    x = rng.integers(0, 256, size=(5, 24, 32, 3), dtype=np.uint8)
+    probs, score = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    w, b = _color_weights(4)
+    feats = x.astype(np.float32).mean(axis=(1, 2))
+    np.testing.assert_allclose(probs, _softmax(feats @ w + b, 1.7), atol=1e-6)
+    np.testing.assert_allclose(score, ref.scores(feats), rtol=1e-4)
+    assert [o.name for o in out.graph.output] == ["probabilities", "ood_score"]
+
+
+def test_find_head_refuses_a_graph_without_softmax(tmp_path):
+    model = onnx.load(str(build_color_model(tmp_path / "c.onnx")))
+    with pytest.raises(ValueError, match="not produced by a Softmax"):
+        find_head(model, "logits")
+
+
+def test_calibrate_model_writes_a_model_that_reads_back(tmp_path):
+    src = build_color_model(tmp_path / "c.onnx", height=24, width=32)
+    sections = calibrate_model(src, SAMPLE, tmp_path / "t.onnx", calibration_dir=SAMPLE, quantile=0.9)
+    model = onnx.load(str(tmp_path / "t.onnx"))
+    doc = json.loads({p.key: p.value for p in model.metadata_props}["wbc_batch"])
+    assert doc["domain"] == sections["domain"] and doc["labels"] == list(LABELS)
+    assert doc["domain"]["reference"]["files"] == 40 and doc["domain"]["threshold_from"]["held_out"] is True
+    assert doc["calibration"]["method"] == "temperature" and doc["calibration"]["data"]["files"] == 40
+    # the threshold is the 0.9 quantile of the calibration images' scores: 4 of 40 lie above it
+    sess = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"])
+    x = np.stack([load_image(p, PreprocessSpec(24, 32)) for p in labelled_set(SAMPLE, LABELS).paths])
+    _, score = sess.run(None, {"image": x})
+    assert int((score > doc["domain"]["threshold"]).sum()) == 4
+
+
+def test_calibrate_without_held_out_data_keeps_temperature_one(tmp_path):
+    src = build_color_model(tmp_path / "c.onnx", height=24, width=32)
+    sections = calibrate_model(src, SAMPLE, tmp_path / "t.onnx")
+    assert sections["calibration"]["temperature"] == 1.0 and sections["calibration"]["method"] == "none"
+    assert sections["domain"]["threshold_from"]["held_out"] is False
+
+
+def test_labelled_set_matches_folders_to_labels_case_insensitively(tmp_path):
+    (tmp_path / "eosinophil").mkdir()
+    (tmp_path / "PLATELET").mkdir()
+    src = next(SAMPLE.glob("EOSINOPHIL/*.jpeg"))
+    (tmp_path / "eosinophil" / "a.jpeg").write_bytes(src.read_bytes())
+    (tmp_path / "PLATELET" / "b.jpeg").write_bytes(src.read_bytes())
+    s = labelled_set(tmp_path, LABELS)
+    assert s.labels == [0] and s.skipped_classes == ["PLATELET"]

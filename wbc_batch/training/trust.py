@@ -1,0 +1,180 @@
+"""Calibrated probabilities and an out-of-domain score, fitted from data and written into the ONNX graph.
+
+Why in the graph: every consumer (Python, C#, Java, C++, JavaScript) then gets the calibrated
+probabilities and the domain score from one ``session.run``, with nothing to re-implement. Works on
+any wbc-batch model whose probabilities come from ``Softmax(Gemm(features))`` (both architectures
+the exporter writes), so a shipped model can be upgraded without its run folder.
+
+* Calibration: temperature scaling (Guo et al. 2017): one scalar ``T`` that minimises the negative
+  log-likelihood of held-out labels; ``probabilities = softmax(logits / T)``. It keeps the argmax,
+  so labels and accuracy never change.
+* Domain check: the class-conditional Gaussian with a shared covariance of the penultimate features
+  of the reference (training) images (Lee et al. 2018, "Mahalanobis"). ``ood_score`` is the squared
+  Mahalanobis distance to the nearest class mean divided by the feature dimension (about 1 for images
+  like the reference); ``in_domain`` is ``ood_score <= threshold``, the threshold a high quantile of
+  held-out in-domain scores.
+
+Needs onnx (train or test extra), not torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OOD_OUTPUT = "ood_score"
+#: Ridge added to the covariance, relative to its mean eigenvalue: keeps the whitening finite when
+#: some feature directions barely vary (ReLU features often have near-constant units).
+COV_RIDGE = 1e-3
+
+
+@dataclass(frozen=True)
+class GraphHead:
+    """The tensors temperature scaling and the domain check hook into."""
+
+    softmax: onnx.NodeProto
+    logits: str
+    features: str
+    n_features: int
+
+
+@dataclass(frozen=True)
+class DomainReference:
+    """Whitened class means of the reference features; the score is the distance to the nearest."""
+
+    whitening: np.ndarray  # [D, D], symmetric inverse square root of the shared covariance
+    means: np.ndarray  # [C, D], class means already multiplied by ``whitening``
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        z = np.asarray(features, dtype=np.float64) @ self.whitening
+        d2 = ((z[:, None, :] - self.means[None]) ** 2).sum(-1)
+        return d2.min(1) / z.shape[1]
+
+
+def find_head(model: onnx.ModelProto, output_name: str) -> GraphHead:
+    """Locate ``Softmax(Gemm(features))`` feeding ``output_name``; fail loudly for any other graph shape."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    softmax = producers.get(output_name)
+    if softmax is None or softmax.op_type != "Softmax":
+        raise ValueError(f"the model's output {output_name!r} is not produced by a Softmax; cannot add calibration or a domain check")
+    gemm = producers.get(softmax.input[0])
+    if gemm is None or gemm.op_type != "Gemm":
+        raise ValueError(f"the logits {softmax.input[0]!r} do not come from a Gemm (fully connected) layer")
+    inits = {i.name: i for i in model.graph.initializer}
+    weight = inits.get(gemm.input[1])
+    if weight is None:
+        raise ValueError("the classifier weights are not a constant initializer")
+    trans_b = next((a.i for a in gemm.attribute if a.name == "transB"), 0)
+    n_features = int(weight.dims[1] if trans_b else weight.dims[0])
+    return GraphHead(softmax=softmax, logits=softmax.input[0], features=gemm.input[0], n_features=n_features)
+
+
+def with_probe_outputs(model: onnx.ModelProto, head: GraphHead) -> onnx.ModelProto:
+    """A copy that also outputs the logits and the penultimate features (for fitting; never shipped)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name in (head.logits, head.features):
+        probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return probe
+
+
+def fit_temperature(logits: np.ndarray, labels: Sequence[int]) -> float:
+    """The ``T`` minimising held-out NLL, by golden-section search on log T (the NLL is convex in 1/T)."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels)
+
+    def nll(log_t: float) -> float:
+        s = z / np.exp(log_t)
+        s = s - s.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(s).sum(1)) - s[np.arange(len(y)), y]))
+
+    lo, hi = np.log(0.05), np.log(20.0)
+    g = (np.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    for _ in range(60):
+        if nll(a) < nll(b):
+            hi, b = b, a
+            a = hi - g * (hi - lo)
+        else:
+            lo, a = a, b
+            b = lo + g * (hi - lo)
+    return float(np.exp((lo + hi) / 2))
+
+
+def fit_reference(features: np.ndarray, labels: Sequence[int], n_classes: int) -> DomainReference:
+    """Class means and the shared (tied) covariance of the reference features, whitened once."""
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels)
+    missing = [c for c in range(n_classes) if not np.any(y == c)]
+    if missing:
+        raise ValueError(f"the reference data has no image of class index {missing}")
+    means = np.stack([f[y == c].mean(0) for c in range(n_classes)])
+    resid = f - means[y]
+    cov = resid.T @ resid / len(f)
+    cov += np.eye(len(cov)) * COV_RIDGE * np.trace(cov) / len(cov)
+    w, v = np.linalg.eigh(cov)
+    whitening = (v * w**-0.5) @ v.T
+    return DomainReference(whitening=whitening, means=means @ whitening)
+
+
+def add_trust_outputs(model: onnx.ModelProto, head: GraphHead, temperature: float, reference: DomainReference | None) -> onnx.ModelProto:
+    """The model with ``probabilities = softmax(logits / T)`` and, given a reference, an ``ood_score`` [N] output."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    scaled = f"{head.logits}_over_temperature"
+    g.initializer.append(numpy_helper.from_array(np.array(temperature, dtype=np.float32), "calibration_temperature"))
+    g.node.append(helper.make_node("Div", [head.logits, "calibration_temperature"], [scaled], name="calibration_div"))
+    for node in g.node:
+        if node.name == head.softmax.name and list(node.output) == list(head.softmax.output):
+            node.input[0] = scaled
+    if reference is not None:
+        _append_domain_score(g, head, reference)
+        g.output.append(helper.make_tensor_value_info(OOD_OUTPUT, TensorProto.FLOAT, ["N"]))
+    out.graph.CopyFrom(_topologically_sorted(g))
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def _append_domain_score(g: onnx.GraphProto, head: GraphHead, ref: DomainReference) -> None:
+    """ood_score = min_c ||features @ W - mu_c W||^2 / D, in plain opset-18 ops."""
+    consts = {
+        "domain_whitening": ref.whitening.astype(np.float32),
+        "domain_means": ref.means.astype(np.float32),
+        "domain_axis1": np.array([1], dtype=np.int64),
+        "domain_axis2": np.array([2], dtype=np.int64),
+        "domain_dim": np.array(ref.whitening.shape[0], dtype=np.float32),
+    }
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    g.node.extend([
+        helper.make_node("MatMul", [head.features, "domain_whitening"], ["domain_z"], name="domain_whiten"),
+        helper.make_node("Unsqueeze", ["domain_z", "domain_axis1"], ["domain_z3"], name="domain_unsqueeze"),
+        helper.make_node("Sub", ["domain_z3", "domain_means"], ["domain_diff"], name="domain_diff"),
+        helper.make_node("ReduceSumSquare", ["domain_diff", "domain_axis2"], ["domain_d2"], keepdims=0, name="domain_d2"),
+        helper.make_node("ReduceMin", ["domain_d2", "domain_axis1"], ["domain_min"], keepdims=0, name="domain_min"),
+        helper.make_node("Div", ["domain_min", "domain_dim"], [OOD_OUTPUT], name="domain_score"),
+    ])
+
+
+def _topologically_sorted(g: onnx.GraphProto) -> onnx.GraphProto:
+    """ONNX requires nodes in dependency order; the appended Div must run before the Softmax it feeds."""
+    ready = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
+    pending, ordered = list(g.node), []
+    while pending:
+        progressed = [n for n in pending if all(i in ready for i in n.input)]
+        if not progressed:
+            raise ValueError("the graph has a cycle or an input nobody produces")
+        for n in progressed:
+            ordered.append(n)
+            ready.update(n.output)
+        done = {id(n) for n in progressed}
+        pending = [n for n in pending if id(n) not in done]
+    sorted_graph = onnx.GraphProto()
+    sorted_graph.CopyFrom(g)
+    del sorted_graph.node[:]
+    sorted_graph.node.extend(ordered)
+    return sorted_graph
