@@ -167,8 +167,8 @@ def torch_rate(run_dir: str, data: Path, cores: int, batch: int = 32) -> float:
 
     from wbc_batch.training.export import load_run
 
-    model, cfg, _ = load_run(run_dir)
-    h, w = cfg["size"]
+    model, record, _ = load_run(run_dir)
+    h, w = record.size
     tf = transforms.Compose([transforms.Resize((h, w)), transforms.PILToTensor()])
     ds = datasets.ImageFolder(str(data), transform=tf)
     dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=cores)

@@ -205,8 +205,8 @@ def test_training_is_deterministic_on_cpu(tiny_run, tmp_path):
     from wbc_batch.training.loop import train
 
     train(_tiny_config(tmp_path), progress=False)
-    a = torch.load(tiny_run / "last.pt", weights_only=False)["state_dict"]
-    b = torch.load(tmp_path / "last.pt", weights_only=False)["state_dict"]
+    a = torch.load(tiny_run / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "last.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -239,7 +239,7 @@ def test_export_parity_and_reload_by_classify(tiny_run, tmp_path):
         ref = net(x).numpy()
     got = np.asarray([p.probabilities for p in preds])
     assert np.abs(got - ref).max() < 1e-5  # CSV precision is 1e-6
-    assert [p.label for p in preds] == [cfg["classes"][i] for i in ref.argmax(1)]
+    assert [p.label for p in preds] == [cfg.classes[i] for i in ref.argmax(1)]
 
 
 def test_cell_crop_run_exports_with_parity(tmp_path):

@@ -89,7 +89,8 @@ def export_cmd(run_dir, output, checkpoint, name, check_dir, eval_dir, int8_dir)
     batch 7 and on 256 real images; argmax agreement 100%.
     """
     _need_torch()
-    from ..training.export import embed_metrics, evaluate_model, export_run
+    from ..evaluation.evaluate import evaluate_model
+    from ..training.export import embed_metrics, export_run
 
     rep = export_run(run_dir, output, checkpoint=checkpoint, name=name, check_dir=check_dir)
     click.echo(json.dumps({"parity": asdict(rep)}, indent=2))

@@ -9,15 +9,18 @@ from __future__ import annotations
 from .._lazy import lazy_exports
 
 _LAZY = {
-    "TrainConfig": ".loop",
+    "TrainConfig": ".config",
     "TrainResult": ".loop",
     "train": ".loop",
+    "train_one_epoch": ".loop",
+    "evaluate": ".loop",
+    "RunRecord": ".record",
+    "load_weights": ".record",
     "scan_class_folders": ".data",
     "build": ".models",
     "build_deployable": ".models",
     "export_run": ".export",
     "load_run": ".export",
-    "evaluate_model": ".export",
     "quantize_model": ".quantize",
 }
 

@@ -59,17 +59,17 @@ def data_fingerprint(data_dir: str | os.PathLike[str]) -> dict:
 
 
 def load_run(run_dir: str | os.PathLike[str], checkpoint: str = "best.pt"):
-    """The trained network of a run dir (eval mode, wrapped to take uint8 NHWC) and its config."""
-    import torch
+    """The trained network of a run dir (eval mode, wrapped to take uint8 NHWC), its record, and the weights' epoch.
 
+    The weights are read with ``torch.load(weights_only=True)``: a run folder cannot run code.
+    """
     from .models import build_deployable
+    from .record import RunRecord, load_weights
 
-    ck = torch.load(Path(run_dir) / checkpoint, map_location="cpu", weights_only=False)
-    cfg = ck["config"]
-    crop = cfg.get("crop") or (0, 0)  # runs from before the cell crop have none
-    model = build_deployable(cfg["arch"], len(cfg["classes"]), cfg["size"], tuple(crop) if crop[0] else None)
-    model.net.load_state_dict(ck["state_dict"])
-    return model.eval(), cfg, ck.get("epoch")
+    record = RunRecord.read(run_dir)
+    model = build_deployable(record.config.arch, len(record.classes), record.size, record.crop)
+    model.net.load_state_dict(load_weights(Path(run_dir) / checkpoint))
+    return model.eval(), record, record.epoch_of(checkpoint)
 
 
 def _to_onnx_bytes(model, h: int, w: int) -> bytes:
@@ -124,6 +124,65 @@ def parity_paths(data_dir: str | os.PathLike[str], n: int = 256, seed: int = 0) 
     return [files[i] for i in sorted(idx)]
 
 
+def check_parity(model, data: bytes, images: np.ndarray, output: str | os.PathLike[str]) -> ExportReport:
+    """onnxruntime vs torch probabilities at batch 1, an odd batch (7) and all ``images``; raises on a mismatch."""
+    import onnxruntime as ort
+    import torch
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(images)).numpy()
+    got1 = np.concatenate([sess.run(None, {"image": images[i : i + 1]})[0] for i in range(min(16, len(images)))])
+    got7 = sess.run(None, {"image": images[:7]})[0]
+    got_all = np.concatenate([sess.run(None, {"image": images[i : i + 64]})[0] for i in range(0, len(images), 64)])
+    d1 = float(np.abs(got1 - ref[: len(got1)]).max())
+    d7 = float(np.abs(got7 - ref[:7]).max())
+    dall = float(np.abs(got_all - ref).max())
+    agree = float((got_all.argmax(1) == ref.argmax(1)).mean())
+    report = ExportReport(str(output), OPSET, IR_VERSION, len(images), d1, d7, dall, agree)
+    if max(d1, d7, dall) > PARITY_ATOL or agree < 1.0:
+        raise RuntimeError(f"ONNX/torch parity failed: {json.dumps(asdict(report))}")
+    return report
+
+
+#: TrainConfig fields recorded in the model's metadata (``training.config``).
+_RECORDED = ("size", "crop", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "label_smoothing", "augment", "val_fraction", "group_regex", "groups_file", "seed")
+
+
+def model_metadata(record, epoch: int | None, report: ExportReport, name: str) -> ModelMetadata:
+    """What the ONNX file says about itself: contract (labels, input, preprocessing) and provenance."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from .. import __version__
+
+    spec = record.spec
+    cfg = record.to_dict()
+    versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime_export_check": ort.__version__}
+    training = {
+        "data": data_fingerprint(record.config.data_dir),
+        "epoch": epoch,
+        # "crop": [window, out] of the in-graph cell crop ([0, 0]: whole field); informative only.
+        "config": {k: cfg[k] for k in _RECORDED if k in cfg},
+        "n_train": record.n_train,
+        "n_val": record.n_val,
+    }
+    return ModelMetadata(
+        labels=tuple(record.classes), height=spec.height, width=spec.width, resize=spec.resize, jpeg_draft=spec.jpeg_draft,
+        max_pixels=spec.max_pixels, name=name, arch=record.config.arch,
+        extra={
+            "training": training,
+            "metrics": report.eval_metrics or {},
+            "export_parity": {k: v for k, v in asdict(report).items() if k.startswith(("max_abs", "argmax", "parity", "tolerance"))},
+            "versions": {**versions, "wbc_batch": __version__, "python": sys.version.split()[0]},
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+
+
 def export_run(
     run_dir: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -142,64 +201,19 @@ def export_run(
     Nothing is written when a check fails.
     """
     import onnx
-    import onnxruntime as ort
-    import torch
-
-    model, cfg, epoch = load_run(run_dir, checkpoint)
-    h, w = cfg["size"]
-    spec = PreprocessSpec.from_dict(cfg["preprocess"])
-    data = _to_onnx_bytes(model, h, w)
-
-    check_src = check_dir or cfg["data_dir"]
-    images = _sample_images(parity_paths(check_src, check_images), spec) if check_src and Path(check_src).is_dir() else np.zeros((0, h, w, 3), np.uint8)
-    if len(images) < 8:
-        raise RuntimeError(f"export parity needs real images: found {len(images)} under {check_src!r} (give --check-dir)")
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
-    with torch.inference_mode():
-        ref = model(torch.from_numpy(images)).numpy()
-    got1 = np.concatenate([sess.run(None, {"image": images[i : i + 1]})[0] for i in range(min(16, len(images)))])
-    got7 = sess.run(None, {"image": images[:7]})[0]
-    got_all = np.concatenate([sess.run(None, {"image": images[i : i + 64]})[0] for i in range(0, len(images), 64)])
-    d1 = float(np.abs(got1 - ref[: len(got1)]).max())
-    d7 = float(np.abs(got7 - ref[:7]).max())
-    dall = float(np.abs(got_all - ref).max())
-    agree = float((got_all.argmax(1) == ref.argmax(1)).mean())
-    report = ExportReport(str(output), OPSET, IR_VERSION, len(images), d1, d7, dall, agree, eval_metrics=eval_metrics)
-    if max(d1, d7, dall) > PARITY_ATOL or agree < 1.0:
-        raise RuntimeError(f"ONNX/torch parity failed: {json.dumps(asdict(report))}")
-
-    proto = onnx.load_model_from_string(data)
-    versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime_export_check": ort.__version__}
-    from .. import __version__
-
-    md = ModelMetadata(
-        labels=tuple(cfg["classes"]),
-        height=h,
-        width=w,
-        resize=spec.resize,
-        jpeg_draft=spec.jpeg_draft,
-        max_pixels=spec.max_pixels,
-        name=name or Path(output).stem,
-        arch=cfg["arch"],
-        extra={
-            "training": {
-                "data": data_fingerprint(cfg["data_dir"]),
-                "epoch": epoch,
-                # "crop": [window, out] of the in-graph cell crop ([0, 0]: whole field); informative only.
-                "config": {k: cfg[k] for k in ("size", "crop", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "label_smoothing", "augment", "val_fraction", "group_regex", "groups_file", "seed") if k in cfg},
-                "n_train": cfg.get("n_train"),
-                "n_val": cfg.get("n_val"),
-            },
-            "metrics": eval_metrics or {},
-            "export_parity": {k: v for k, v in asdict(report).items() if k.startswith(("max_abs", "argmax", "parity", "tolerance"))},
-            "versions": {**versions, "wbc_batch": __version__, "python": sys.version.split()[0]},
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        },
-    )
     import onnx.helper
 
+    model, record, epoch = load_run(run_dir, checkpoint)
+    h, w = record.size
+    data = _to_onnx_bytes(model, h, w)
+    check_src = check_dir or record.config.data_dir
+    images = _sample_images(parity_paths(check_src, check_images), record.spec) if check_src and Path(check_src).is_dir() else np.zeros((0, h, w, 3), np.uint8)
+    if len(images) < 8:
+        raise RuntimeError(f"export parity needs real images: found {len(images)} under {check_src!r} (give --check-dir)")
+    report = check_parity(model, data, images, output)
+    report.eval_metrics = eval_metrics
+    md = model_metadata(record, epoch, report, name or Path(output).stem)
+    proto = onnx.load_model_from_string(data)
     onnx.helper.set_model_props(proto, md.to_props())
     proto.doc_string = f"wbc-batch {md.arch}: white blood cell classifier; labels and preprocessing in metadata key 'wbc_batch'"
     onnx.checker.check_model(proto, full_check=True)
@@ -208,32 +222,6 @@ def export_run(
     onnx.save_model(proto, str(tmp))
     os.replace(tmp, output)
     return report
-
-
-def predict_dir(model_path: str | os.PathLike[str], data_dir: str | os.PathLike[str], workers: int = 0):
-    """The model's labels and one :class:`Prediction` per file of ``data_dir`` (via classify)."""
-    from ..inference.local_engine import RunnerOptions, classify
-    from ..inference.model import load_model
-
-    opts = RunnerOptions(workers=workers)
-    model = load_model(model_path, threads=opts.session_threads())
-    return model.labels, list(classify([data_dir], model, options=opts))
-
-
-def metrics_of(preds, labels, eval_dir: str | os.PathLike[str]) -> dict:
-    """Accuracy, F1 and confusion matrix of predictions that carry a true label."""
-    from ..evaluation.metrics import compute_metrics_from_names
-
-    scored = [p for p in preds if p.status == "ok" and p.true_label]
-    m = compute_metrics_from_names([p.true_label for p in scored], [p.label for p in scored], labels).to_dict()
-    m.update(eval_dir=str(eval_dir), errors=sum(p.status != "ok" for p in preds))
-    return m
-
-
-def evaluate_model(model_path: str | os.PathLike[str], eval_dir: str | os.PathLike[str], workers: int = 0) -> dict:
-    """Accuracy, F1 and confusion matrix of an ONNX model on a labelled class-folder set."""
-    labels, preds = predict_dir(model_path, eval_dir, workers)
-    return metrics_of(preds, labels, eval_dir)
 
 
 def embed_metrics(model_path: str | os.PathLike[str], metrics: dict, key: str = "metrics") -> None:

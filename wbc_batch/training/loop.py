@@ -1,7 +1,10 @@
-"""The training loop: in-memory uint8 data, batch augmentation, early stopping on val macro-F1.
+"""The training loop, split as timm's train.py is: data, :func:`train_one_epoch`, :func:`evaluate`, :func:`train`.
 
-Everything that defines a run is in :class:`TrainConfig` and written to ``config.json``,
-so ``wbc-batch export RUN_DIR`` rebuilds the network and its preprocessing from the run dir.
+Images are decoded once into memory as uint8 and augmented a batch at a time
+(:mod:`.augment`); early stopping and the best checkpoint follow validation macro-F1.
+Everything that defines a run is in the :class:`~.record.RunRecord` written to
+``config.json``, so ``wbc-batch export RUN_DIR`` rebuilds the network and its preprocessing
+from the run folder.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,54 +22,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..evaluation.metrics import compute_metrics
+from ..evaluation.metrics import Metrics, compute_metrics
 from ..inference.preprocess import PreprocessSpec
-from .data import DEFAULT_GROUP_REGEX, decode_all, group_split, read_group_file, scan_class_folders
-from .models import DEFAULT_ARCH, CellCrop, Deployable, build_deployable, default_crop, default_size, net_input_size
+from . import augment
+from .config import FIELD_SIZE, TrainConfig
+from .data import decode_all, group_split, read_group_file, scan_class_folders
+from .models import CellCrop, Deployable, build_deployable
+from .optim import build_optimizer, build_scheduler
+from .record import BEST_WEIGHTS, LAST_WEIGHTS, RunRecord, save_weights
 
-#: Decode size when a cell crop is used: the full field at the data set's native resolution.
-FIELD_SIZE = (240, 320)
-
-
-@dataclass
-class TrainConfig:
-    data_dir: str
-    run_dir: str
-    arch: str = DEFAULT_ARCH
-    size: tuple[int, int] | None = None  # (height, width) of the decoded field; None: see resolved_size
-    crop: tuple[int, int] | None = None  # (window, out) cell crop; None: the architecture's default; (0, 0): none
-    resize: str = "bilinear"
-    epochs: int = 30
-    batch_size: int = 64
-    optimizer: str = "adamw"  # adamw | sgd | adam
-    lr: float = 2e-3
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"  # onecycle | cosine | constant
-    label_smoothing: float = 0.1
-    augment: bool = True
-    val_fraction: float = 0.15
-    group_regex: str = DEFAULT_GROUP_REGEX
-    groups_file: str | None = None  # path,group CSV; overrides group_regex
-    patience: int = 8
-    seed: int = 0
-    workers: int = 0  # decode processes; 0 = all cores
-    threads: int = 0  # torch CPU threads; 0 = all cores
-    device: str = "auto"  # auto | cpu | cuda
-    max_per_class: int = 0  # 0 = all; >0 subsamples (quick runs, tests)
-    extra: dict = field(default_factory=dict)
-
-    def resolved_crop(self) -> tuple[int, int] | None:
-        crop = tuple(self.crop) if self.crop is not None else default_crop(self.arch)
-        return crop if crop[0] > 0 else None  # type: ignore[return-value]
-
-    def resolved_size(self) -> tuple[int, int]:
-        if self.size:
-            return tuple(self.size)  # type: ignore[return-value]
-        # A cell crop works on the whole field at this data set's native 240x320.
-        return FIELD_SIZE if self.resolved_crop() else default_size(self.arch)
-
-    def net_input_size(self) -> tuple[int, int]:
-        return net_input_size(self.resolved_size(), self.resolved_crop())
+__all__ = ["FIELD_SIZE", "TrainConfig", "TrainData", "TrainResult", "evaluate", "load_data", "train", "train_one_epoch"]
 
 
 @dataclass
@@ -80,59 +45,69 @@ class TrainResult:
     classes: tuple[str, ...]
 
 
-def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, dev: torch.device) -> torch.Tensor:
-    return (torch.rand(n, generator=gen) * (hi - lo) + lo).to(dev)
+@dataclass
+class TrainData:
+    """Decoded images (N, H, W, 3) uint8, their targets and split groups, and the train/val indices."""
+
+    images: np.ndarray
+    targets: np.ndarray
+    groups: list[str]
+    classes: tuple[str, ...]
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    unreadable: int
+    decode_seconds: float
+
+    @property
+    def val_is_train(self) -> bool:
+        return self.val_idx is self.train_idx
+
+    def val_sources(self) -> list[str]:
+        return sorted(set(self.groups[i] for i in self.val_idx))
 
 
-def _random_rotation(n: int, gen: torch.Generator, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """cos/scale, sin/scale, flip sign, and a unit shift in [-1, 1]^2: any rotation, a flip, zoom 0.9-1.1."""
-    angle = _uniform(n, -math.pi, math.pi, gen, dev)
-    scale = _uniform(n, 0.9, 1.1, gen, dev)
-    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).to(dev)
-    shift = torch.stack([_uniform(n, -1, 1, gen, dev), _uniform(n, -1, 1, gen, dev)], dim=1)
-    return torch.cos(angle) / scale, torch.sin(angle) / scale, flip, shift
+@dataclass
+class Trainer:
+    """What one optimisation step needs, fixed for the whole run."""
+
+    model: Deployable
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    centres: torch.Tensor | None  # per image, when the network sees a cell crop
+    label_smoothing: float
+    augment: bool
 
 
-def _augment_geometry(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Whole-field augmentation on a float NCHW batch: any rotation, flips, shift of 10%, zoom."""
-    n, _, h, w = x.shape
-    cos, sin, flip, shift = _random_rotation(n, gen, x.device)
-    theta = torch.zeros(n, 2, 3, device=x.device)
-    # Rotation in pixel space, written in the normalised coordinates affine_grid uses.
-    theta[:, 0, 0] = cos * flip
-    theta[:, 0, 1] = -sin * h / w
-    theta[:, 1, 0] = sin * flip * w / h
-    theta[:, 1, 1] = cos
-    theta[:, :, 2] = shift * 0.1
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+def load_data(cfg: TrainConfig, spec: PreprocessSpec) -> TrainData:
+    """Scan the class folders, subsample if asked, decode once, and split by group."""
+    group_map = read_group_file(cfg.groups_file) if cfg.groups_file else None
+    files = scan_class_folders(cfg.data_dir, cfg.group_regex, group_map)
+    idx = np.arange(len(files.paths))
+    if cfg.max_per_class:
+        rng = np.random.default_rng(cfg.seed)
+        idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(files.targets == c))[: cfg.max_per_class] for c in range(len(files.classes))]))
+    t0 = time.perf_counter()
+    images, ok = decode_all([files.paths[i] for i in idx], spec, cfg.workers)
+    decode_s = time.perf_counter() - t0
+    targets, groups = files.targets[idx][ok], [files.groups[i] for i, k in zip(idx, ok, strict=True) if k]
+    tr, va = group_split(targets, groups, cfg.val_fraction, cfg.seed)
+    if len(va) == 0:
+        va = tr  # too few groups to hold any out: validate on train (flagged in the record)
+    return TrainData(images[ok], targets, groups, files.classes, tr, va, int((~ok).sum()), decode_s)
 
 
-def _window_affine(n: int, window: int, gen: torch.Generator, dev: torch.device) -> torch.Tensor:
-    """(N, 2, 3) maps of crop-window offsets (pixels): any rotation about the cell, a flip, zoom, shift of 8%."""
-    cos, sin, flip, shift = _random_rotation(n, gen, dev)
-    a = torch.zeros(n, 2, 3, device=dev)
-    a[:, 0, 0] = cos * flip
-    a[:, 0, 1] = -sin
-    a[:, 1, 0] = sin * flip
-    a[:, 1, 1] = cos
-    a[:, :, 2] = shift * (0.08 * window)
-    return a
-
-
-def _stain_jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Stain / illumination on a float NCHW 0..255 batch: per-channel gain, brightness, contrast, saturation."""
-    n, dev = x.shape[0], x.device
-    gain = (torch.rand(n, 3, generator=gen).to(dev) * 0.16 + 0.92).view(n, 3, 1, 1)
-    bright = _uniform(n, 0.85, 1.15, gen, dev).view(n, 1, 1, 1)
-    contrast = _uniform(n, 0.8, 1.2, gen, dev).view(n, 1, 1, 1)
-    sat = _uniform(n, 0.75, 1.25, gen, dev).view(n, 1, 1, 1)
-    x = x * gain * bright
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * contrast + mean
-    gray = x.mean(dim=1, keepdim=True)
-    x = (x - gray) * sat + gray
-    return x.clamp_(0, 255)
+def _device(cfg: TrainConfig) -> torch.device:
+    """Seeds, threads and the device; CPU runs are made deterministic (a test checks it)."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available()) or cfg.device == "cuda" else "cpu")
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    return device
 
 
 def _centres(crop: CellCrop, images: np.ndarray, device: torch.device, batch_size: int = 256) -> torch.Tensor:
@@ -142,183 +117,165 @@ def _centres(crop: CellCrop, images: np.ndarray, device: torch.device, batch_siz
     return torch.cat(out) if out else torch.zeros((0, 2), device=device)
 
 
-def _predict(model: Deployable, images: np.ndarray, device: torch.device, batch_size: int = 256) -> np.ndarray:
+def predict_logits(model: Deployable, images: np.ndarray, device: torch.device, batch_size: int = 256) -> np.ndarray:
+    """Logits of uint8 NHWC images through the deployable model, in eval mode."""
     model.eval()
     outs = []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
-            xb = torch.from_numpy(images[i : i + batch_size]).to(device)
-            outs.append(model(xb).float().cpu().numpy())
+            outs.append(model(torch.from_numpy(images[i : i + batch_size]).to(device)).float().cpu().numpy())
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
-def _plot_curves(history: list[dict], path: Path) -> None:
-    import matplotlib
+def _network_input(t: Trainer, xb: torch.Tensor, bi: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The (cropped, augmented) float NCHW batch the network sees, before normalisation."""
+    p = augment.draw(len(bi), gen, t.device) if t.augment else None
+    crop = t.model.crop
+    if crop is not None:
+        xb = crop.sample(xb, t.centres[bi.to(t.device)], augment.window_affine(p.geometry, crop.window) if p else None)
+    elif p is not None:
+        xb = augment.rotate_field(xb, p.geometry)
+    return augment.jitter_stain(xb, p.stain) if p is not None else xb
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    ep = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    a.plot(ep, [h["train_loss"] for h in history], label="train")
-    a.plot(ep, [h["val_loss"] for h in history], label="val")
-    a.set(title="loss", xlabel="epoch")
-    a.legend()
-    b.plot(ep, [h["train_accuracy"] for h in history], label="train")
-    b.plot(ep, [h["val_accuracy"] for h in history], label="val")
-    b.plot(ep, [h["val_macro_f1"] for h in history], label="val macro-F1", linestyle="--")
-    b.set(title="accuracy", xlabel="epoch", ylim=(0, 1))
-    b.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def train_one_epoch(t: Trainer, data: TrainData, batch_size: int, gen: torch.Generator, *, desc: str, progress: bool) -> tuple[float, float]:
+    """One pass over the training split in a seeded random order; returns (mean loss, accuracy)."""
+    t.model.train()
+    tr = torch.from_numpy(data.train_idx)
+    perm = tr[torch.randperm(len(tr), generator=gen)]
+    x_all, y_all = torch.from_numpy(data.images), torch.from_numpy(data.targets)
+    loss_sum = correct = seen = 0
+    bar = tqdm(range(math.ceil(len(tr) / batch_size)), desc=desc, unit="batch", disable=not progress, leave=False, file=sys.stderr)
+    for s in bar:
+        bi = perm[s * batch_size : (s + 1) * batch_size]
+        xb = _network_input(t, x_all[bi].to(t.device).permute(0, 3, 1, 2).float(), bi, gen)
+        yb = y_all[bi].to(t.device)
+        with torch.autocast(t.device.type, enabled=t.scaler.is_enabled()):
+            logits = t.model.net(xb * t.model.scale - t.model.shift)
+            loss = F.cross_entropy(logits, yb, label_smoothing=t.label_smoothing)
+        t.opt.zero_grad(set_to_none=True)
+        t.scaler.scale(loss).backward()
+        t.scaler.step(t.opt)
+        t.scaler.update()
+        if t.sched is not None:
+            t.sched.step()
+        loss_sum += float(loss.detach()) * len(bi)
+        correct += int((logits.argmax(1) == yb).sum())
+        seen += len(bi)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    bar.close()
+    return loss_sum / seen, correct / seen
+
+
+def evaluate(model: Deployable, images: np.ndarray, targets: np.ndarray, classes: tuple[str, ...], device: torch.device) -> tuple[float, Metrics]:
+    """Validation loss (plain cross-entropy) and metrics of the model as it would be exported."""
+    logits = predict_logits(model, images, device)
+    loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(targets)))
+    return loss, compute_metrics(targets, logits.argmax(1), classes)
+
+
+def _trainer(cfg: TrainConfig, model: Deployable, data: TrainData, device: torch.device) -> Trainer:
+    opt = build_optimizer(cfg.optimizer, (p for p in model.parameters() if p.requires_grad), cfg.lr, cfg.weight_decay)
+    sched = build_scheduler(cfg.schedule, opt, cfg.lr, math.ceil(len(data.train_idx) / cfg.batch_size) * cfg.epochs)
+    centres = _centres(model.crop, data.images, device) if model.crop is not None else None
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    return Trainer(model, opt, sched, scaler, device, centres, cfg.label_smoothing, cfg.augment)
+
+
+def _record(cfg: TrainConfig, spec: PreprocessSpec, data: TrainData, device: torch.device) -> RunRecord:
+    resolved = replace(cfg, size=cfg.resolved_size(), crop=cfg.resolved_crop() or (0, 0), device=str(device))
+    return RunRecord(resolved, data.classes, spec.to_dict(), int(len(data.train_idx)), int(len(data.val_idx)),
+                     bool(len(data.val_idx) and data.val_is_train), data.val_sources(), str(device), str(torch.__version__))
+
+
+def _log_data(data: TrainData) -> None:
+    print(
+        f"data: {len(data.images)} images ({data.unreadable} unreadable skipped), {len(data.classes)} classes, "
+        f"train {len(data.train_idx)} / val {len(data.val_idx)} images ({len(data.val_sources())} held-out groups), "
+        f"decoded in {data.decode_seconds:.1f}s",
+        file=sys.stderr,
+    )
+
+
+def _write_history(history: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(history[0]))
+        wr.writeheader()
+        wr.writerows(history)
+
+
+def _log_epoch(row: dict, improved: bool) -> None:
+    print(
+        f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
+        f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f} macro-F1 {row['val_macro_f1']:.4f}  "
+        f"{row['seconds']:.1f}s{'  *' if improved else ''}",
+        file=sys.stderr, flush=True,
+    )
+
+
+def _fit(cfg: TrainConfig, t: Trainer, data: TrainData, record: RunRecord, run_dir: Path, progress: bool) -> tuple[list[dict], Metrics | None]:
+    """Epochs with early stopping on val macro-F1; writes weights, history and the record as it goes."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    va = data.val_idx
+    history: list[dict] = []
+    best: Metrics | None = None
+    bad_epochs = 0
+    for epoch in range(1, cfg.epochs + 1):
+        te = time.perf_counter()
+        loss, acc = train_one_epoch(t, data, cfg.batch_size, gen, desc=f"epoch {epoch}/{cfg.epochs}", progress=progress)
+        val_loss, m = evaluate(t.model, data.images[va], data.targets[va], data.classes, t.device)
+        row = {"epoch": epoch, "train_loss": loss, "train_accuracy": acc, "val_loss": val_loss, "val_accuracy": m.accuracy,
+               "val_macro_f1": m.macro_f1, "lr": t.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - te}
+        history.append(row)
+        improved = best is None or m.macro_f1 > best.macro_f1
+        if improved:
+            best, bad_epochs, record.best_epoch = m, 0, epoch
+            save_weights(t.model.net.state_dict(), run_dir / BEST_WEIGHTS)
+            (run_dir / "val_confusion.json").write_text(json.dumps({"epoch": epoch, **m.to_dict()}, indent=2))
+        else:
+            bad_epochs += 1
+        save_weights(t.model.net.state_dict(), run_dir / LAST_WEIGHTS)
+        record.last_epoch = epoch
+        record.write(run_dir)
+        _write_history(history, run_dir / "history.csv")
+        _log_epoch(row, improved)
+        if cfg.patience and bad_epochs >= cfg.patience:
+            print(f"early stop: no val macro-F1 gain for {cfg.patience} epochs", file=sys.stderr)
+            break
+    return history, best
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     """Train one run and write the run dir; returns the best epoch's validation figures."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available()) or cfg.device == "cuda" else "cpu")
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
+    device = _device(cfg)
     h, w = cfg.resolved_size()
-    crop_cfg = cfg.resolved_crop()
     spec = PreprocessSpec(height=h, width=w, resize=cfg.resize)
+    data = load_data(cfg, spec)
+    _log_data(data)
+    model = build_deployable(cfg.arch, len(data.classes), (h, w), cfg.resolved_crop(), probabilities=False).to(device)
+    t = _trainer(cfg, model, data, device)
+    record = _record(cfg, spec, data, device)
+    record.write(run_dir)
+    history, best = _fit(cfg, t, data, record, run_dir, progress)
+    _plot_run(run_dir)
+    seconds = float(np.mean([r["seconds"] for r in history]))
+    return TrainResult(run_dir, record.best_epoch or 0, best.macro_f1, best.accuracy, len(history), seconds, data.classes)
 
-    group_map = read_group_file(cfg.groups_file) if cfg.groups_file else None
-    files = scan_class_folders(cfg.data_dir, cfg.group_regex, group_map)
-    idx = np.arange(len(files.paths))
-    if cfg.max_per_class:
-        rng = np.random.default_rng(cfg.seed)
-        idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(files.targets == c))[: cfg.max_per_class] for c in range(len(files.classes))]))
-    paths = [files.paths[i] for i in idx]
-    targets = files.targets[idx]
-    groups = [files.groups[i] for i in idx]
-    t0 = time.perf_counter()
-    images, ok = decode_all(paths, spec, cfg.workers)
-    decode_s = time.perf_counter() - t0
-    images, targets, groups = images[ok], targets[ok], [g for g, k in zip(groups, ok, strict=True) if k]
-    tr, va = group_split(targets, groups, cfg.val_fraction, cfg.seed)
-    if len(va) == 0:
-        va = tr  # too few groups to hold any out: validate on train (flagged in config.json)
-    print(
-        f"data: {len(images)} images ({int((~ok).sum())} unreadable skipped), {len(files.classes)} classes, "
-        f"train {len(tr)} / val {len(va)} images ({len(set(groups[i] for i in va))} held-out groups), decoded in {decode_s:.1f}s",
-        file=sys.stderr,
-    )
 
-    model = build_deployable(cfg.arch, len(files.classes), (h, w), crop_cfg, probabilities=False).to(device)
-    net, crop = model.net, model.crop
-    centres = _centres(crop, images, device) if crop is not None else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    if cfg.schedule == "onecycle":
-        sched: torch.optim.lr_scheduler.LRScheduler | None = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.2)
-    elif cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    else:
-        sched = None
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    config_out = {**asdict(cfg), "size": [h, w], "crop": list(crop_cfg) if crop_cfg else [0, 0], "classes": list(files.classes), "preprocess": spec.to_dict(),
-                  "n_train": int(len(tr)), "n_val": int(len(va)), "val_is_train": bool(len(va) and va is tr),
-                  "val_sources": sorted(set(groups[i] for i in va)), "device": str(device),
-                  "torch": torch.__version__}
-    (run_dir / "config.json").write_text(json.dumps(config_out, indent=2))
-
-    history: list[dict] = []
-    best = (-1.0, -1.0, 0)  # macro-F1, accuracy, epoch
-    bad_epochs = 0
-    epoch_times = []
-    x_all = torch.from_numpy(images)
-    y_all = torch.from_numpy(targets)
-    for epoch in range(1, cfg.epochs + 1):
-        te = time.perf_counter()
-        model.train()
-        perm = torch.from_numpy(tr)[torch.randperm(len(tr), generator=gen)]
-        loss_sum = correct = seen = 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress, leave=False, file=sys.stderr)
-        for s in bar:
-            bi = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            xb = x_all[bi].to(device).permute(0, 3, 1, 2).float()
-            yb = y_all[bi].to(device)
-            if crop is not None:
-                affine = _window_affine(len(bi), crop.window, gen, device) if cfg.augment else None
-                xb = crop.sample(xb, centres[bi.to(device)], affine)
-            elif cfg.augment:
-                xb = _augment_geometry(xb, gen)
-            if cfg.augment:
-                xb = _stain_jitter(xb, gen)
-            with torch.autocast(device.type, enabled=use_amp):
-                logits = model.net(xb * model.scale - model.shift)
-                loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            if sched is not None:
-                sched.step()
-            loss_sum += float(loss.detach()) * len(bi)
-            correct += int((logits.argmax(1) == yb).sum())
-            seen += len(bi)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        bar.close()
-        logits_val = _predict(model, images[va], device)
-        val_loss = float(F.cross_entropy(torch.from_numpy(logits_val), torch.from_numpy(targets[va])))
-        m = compute_metrics(targets[va], logits_val.argmax(1), files.classes)
-        epoch_times.append(time.perf_counter() - te)
-        row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen, "val_loss": val_loss,
-               "val_accuracy": m.accuracy, "val_macro_f1": m.macro_f1, "lr": opt.param_groups[0]["lr"], "seconds": epoch_times[-1]}
-        history.append(row)
-        improved = m.macro_f1 > best[0]
-        if improved:
-            best = (m.macro_f1, m.accuracy, epoch)
-            bad_epochs = 0
-            torch.save({"state_dict": net.state_dict(), "config": config_out, "epoch": epoch}, run_dir / "best.pt")
-            (run_dir / "val_confusion.json").write_text(json.dumps({"epoch": epoch, **m.to_dict()}, indent=2))
-        else:
-            bad_epochs += 1
-        torch.save({"state_dict": net.state_dict(), "config": config_out, "epoch": epoch}, run_dir / "last.pt")
-        with open(run_dir / "history.csv", "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=list(row))
-            wr.writeheader()
-            wr.writerows(history)
-        print(
-            f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
-            f"val loss {val_loss:.4f} acc {m.accuracy:.4f} macro-F1 {m.macro_f1:.4f}  {epoch_times[-1]:.1f}s{'  *' if improved else ''}",
-            file=sys.stderr, flush=True,
-        )
-        if cfg.patience and bad_epochs >= cfg.patience:
-            print(f"early stop: no val macro-F1 gain for {cfg.patience} epochs", file=sys.stderr)
-            break
+def _plot_run(run_dir: Path) -> None:
+    """curves.png and val_confusion.png, when matplotlib (the report extra) is there."""
     try:
-        _plot_curves(history, run_dir / "curves.png")
+        from ..evaluation.plots import plot_confusion, plot_history
+    except ImportError:
+        return
+    try:
+        plot_history(run_dir / "history.csv", run_dir / "curves.png")
     except ImportError:
         print("matplotlib missing: curves.png not written", file=sys.stderr)
-    _plot_val_confusion(run_dir)
-    return TrainResult(run_dir, best[2], best[0], best[1], len(history), float(np.mean(epoch_times)), files.classes)
-
-
-def _plot_val_confusion(run_dir: Path) -> None:
+        return
     path = run_dir / "val_confusion.json"
-    if not path.exists():
-        return
-    try:
-        from ..evaluation.plots import plot_confusion
-    except ImportError:
-        return
-    d = json.loads(path.read_text())
-    plot_confusion(np.asarray(d["confusion_matrix"]), d["labels"], run_dir / "val_confusion.png", title=f"validation, epoch {d['epoch']}")
-
+    if path.exists():
+        d = json.loads(path.read_text())
+        plot_confusion(np.asarray(d["confusion_matrix"]), d["labels"], run_dir / "val_confusion.png", title=f"validation, epoch {d['epoch']}")

@@ -47,7 +47,8 @@ def quantize_model(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from .export import _sample_images, metrics_of, parity_paths, predict_dir
+    from ..evaluation.evaluate import metrics_of, predict_dir
+    from .export import _sample_images, parity_paths
 
     float_path = Path(float_path)
     out = Path(output) if output else float_path.with_name(float_path.stem + ".int8.onnx")

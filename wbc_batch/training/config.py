@@ -1,0 +1,52 @@
+"""What defines a training run: :class:`TrainConfig`, the one place each training default lives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .data import DEFAULT_GROUP_REGEX
+from .models import DEFAULT_ARCH, default_crop, default_size, net_input_size
+
+#: Decode size when a cell crop is used: the full field at the data set's native resolution.
+FIELD_SIZE = (240, 320)
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str
+    run_dir: str
+    arch: str = DEFAULT_ARCH
+    size: tuple[int, int] | None = None  # (height, width) of the decoded field; None: see resolved_size
+    crop: tuple[int, int] | None = None  # (window, out) cell crop; None: the architecture's default; (0, 0): none
+    resize: str = "bilinear"
+    epochs: int = 30
+    batch_size: int = 64
+    optimizer: str = "adamw"  # adamw | sgd | adam
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"  # onecycle | cosine | constant
+    label_smoothing: float = 0.1
+    augment: bool = True
+    val_fraction: float = 0.15
+    group_regex: str = DEFAULT_GROUP_REGEX
+    groups_file: str | None = None  # path,group CSV; overrides group_regex
+    patience: int = 8
+    seed: int = 0
+    workers: int = 0  # decode processes; 0 = all cores
+    threads: int = 0  # torch CPU threads; 0 = all cores
+    device: str = "auto"  # auto | cpu | cuda
+    max_per_class: int = 0  # 0 = all; >0 subsamples (quick runs, tests)
+    extra: dict = field(default_factory=dict)
+
+    def resolved_crop(self) -> tuple[int, int] | None:
+        crop = tuple(self.crop) if self.crop is not None else default_crop(self.arch)
+        return crop if crop[0] > 0 else None  # type: ignore[return-value]
+
+    def resolved_size(self) -> tuple[int, int]:
+        if self.size:
+            return tuple(self.size)  # type: ignore[return-value]
+        # A cell crop works on the whole field at this data set's native 240x320.
+        return FIELD_SIZE if self.resolved_crop() else default_size(self.arch)
+
+    def net_input_size(self) -> tuple[int, int]:
+        return net_input_size(self.resolved_size(), self.resolved_crop())

@@ -1,0 +1,108 @@
+"""A run folder's contents, typed: the :class:`RunRecord` (JSON) and the weights (plain state dicts).
+
+Why not one pickled checkpoint: unpickling a run folder from elsewhere can run code.
+Weights are plain ``state_dict`` files read with ``torch.load(weights_only=True)``, and
+everything else export and fine-tuning need (architecture, sizes, classes, preprocessing,
+data facts, epochs) is readable JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from ..inference.preprocess import PreprocessSpec
+from .config import TrainConfig
+
+RECORD_FILE = "config.json"
+BEST_WEIGHTS = "best.pt"
+LAST_WEIGHTS = "last.pt"
+
+_CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
+
+
+@dataclass
+class RunRecord:
+    """One run: its config (size, crop and device resolved), classes, data facts and the epochs its weights hold."""
+
+    config: TrainConfig
+    classes: tuple[str, ...]
+    preprocess: dict
+    n_train: int
+    n_val: int
+    val_is_train: bool = False
+    val_sources: list[str] | None = None
+    device: str = "cpu"
+    torch: str = ""
+    best_epoch: int | None = None
+    last_epoch: int | None = None
+    init: dict | None = None  # what the weights started from (fine-tuning), else None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.config.resolved_size()
+
+    @property
+    def crop(self) -> tuple[int, int] | None:
+        return self.config.resolved_crop()
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec.from_dict(self.preprocess)
+
+    def epoch_of(self, weights: str) -> int | None:
+        return self.last_epoch if weights == LAST_WEIGHTS else self.best_epoch
+
+    def to_dict(self) -> dict:
+        """Flat JSON: the config's fields at the top level (as ``config.json`` always had them), then the facts."""
+        out = asdict(self.config)
+        out.update(size=list(self.size), crop=list(self.crop or (0, 0)))
+        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "config"})
+        out["classes"] = list(self.classes)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunRecord:
+        """Also reads run folders written before the record (no epochs in them); unknown keys are ignored."""
+        cfg = TrainConfig(**{k: v for k, v in d.items() if k in _CONFIG_FIELDS})
+        cfg = replace(cfg, size=tuple(cfg.size) if cfg.size else None, crop=tuple(d.get("crop") or (0, 0)))
+        own = {f.name for f in fields(cls)} - {"config"}
+        rec = cls(config=cfg, **{k: v for k, v in d.items() if k in own})
+        rec.classes = tuple(rec.classes)
+        return rec
+
+    def write(self, run_dir: str | os.PathLike[str]) -> None:
+        path = Path(run_dir) / RECORD_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def read(cls, run_dir: str | os.PathLike[str]) -> RunRecord:
+        path = Path(run_dir) / RECORD_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{run_dir} is not a wbc-batch run folder: no {RECORD_FILE}")
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
+    """A plain state dict (tensors only), written atomically."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A state dict, never unpickling code; run folders from before the record held ``{"state_dict": ...}``."""
+    # TorchVersion (a str) sat in those old checkpoints' config: allowed, nothing else is.
+    with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return obj
