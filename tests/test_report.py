@@ -19,7 +19,7 @@ from conftest import LABELS, ROOT, SAMPLE
 
 from wbc_batch.cli import main
 from wbc_batch.evaluation import report as report_mod
-from wbc_batch.evaluation.report import write_report
+from wbc_batch.evaluation.report import ReportLimits, write_report
 from wbc_batch.inference.local_engine import RunnerOptions
 from wbc_batch.inference.orchestrator import ClassifyConfig, run_classify
 from wbc_batch.inference.predictions import Prediction, PredictionWriter, read_sidecar, write_sidecar
@@ -137,8 +137,9 @@ def test_html_sections_and_self_contained(sample_report):
     assert 'id="per-class-table"' in page
     gallery = page[page.index('id="gallery"') : page.index('id="distribution"')]
     mistakes = [r for r in read_rows(csv_path) if r["status"] == "ok" and r["label"] != r["true_label"]]
-    n_thumbs = gallery.count("data:image/jpeg;base64,")
-    assert n_thumbs == min(len(mistakes), 3 * report_mod.GALLERY_PER_PAIR)  # 3 wrong pairs in this run
+    n_cells = gallery.count("<figure class=cell")
+    assert n_cells == min(len(mistakes), 3 * report_mod.GALLERY_PER_PAIR)  # 3 wrong pairs in this run
+    assert gallery.count("data:image/jpeg;base64,") == 2 * n_cells  # each: the zoom and the whole field
     assert "true EOSINOPHIL → predicted MONOCYTE" in gallery
     # The failed file, with its error.
     failed = page[page.index('id="failed"') :]
@@ -207,6 +208,10 @@ def test_no_truth_run_with_slide_folders(tmp_path, color_model):
     assert low
     review = page[page.index('id="review"') : page.index('id="failed"')]
     assert all(p in review for p in low)
+    # ... each with its pictures (the zoom and the whole field), in the unlabelled report too.
+    assert review.count("<img ") == 2 * len(low) and all(f'alt="zoom on the cell in {p}"' in review for p in low)
+    assert all(r["with_truth"] == "0" and r["accuracy"] == "" and r["true_count_EOSINOPHIL"] == "" for r in diff.values())
+    assert "<th class=num>true</th>" not in page and "accuracy" not in page[page.index('id="differential"') :]
 
 
 def test_group_by_level(tmp_path, color_model):
@@ -221,12 +226,31 @@ def test_group_by_level(tmp_path, color_model):
     assert m["has_truth"] and m["counts"]["files"] == 80
     _check_metrics_against_sklearn(m, rows)
     assert [r["group"] for r in read_rows(paths["differential"])] == ["s1", "s2"]
+    _check_per_slide_truth(paths, rows, ["s1", "s2"])
     paths2 = write_report(csv_path, tmp_path / "lvl2", group_by=2, on_warning=None)
     groups = [r["group"] for r in read_rows(paths2["differential"])]
     assert groups == sorted(f"{s}/{lb}" for s in ("s1", "s2") for lb in LABELS)
     assert all(int(r["n"]) == 10 for r in read_rows(paths2["differential"]))
     paths0 = write_report(csv_path, tmp_path / "none", group_by=0, on_warning=None)
     assert "differential" not in paths0 and 'id="differential"' not in paths0["html"].read_text()
+
+
+def _check_per_slide_truth(paths: dict, rows: list[dict], groups: list[str]) -> None:
+    """differential.csv and the HTML table: true counts per class and accuracy per slide, from the CSV rows."""
+    diff = {r["group"]: r for r in read_rows(paths["differential"])}
+    page = paths["html"].read_text()
+    assert list(diff) == groups
+    for g in groups:
+        ok = [x for x in rows if x["path"].startswith(g + "/") and x["status"] == "ok" and x["true_label"]]
+        correct = sum(x["label"] == x["true_label"] for x in ok)
+        trues = [sum(x["true_label"] == lb for x in ok) for lb in LABELS]
+        assert int(diff[g]["with_truth"]) == len(ok) and int(diff[g]["correct"]) == correct
+        assert [int(diff[g][f"true_count_{lb}"]) for lb in LABELS] == trues
+        assert float(diff[g]["accuracy"]) == pytest.approx(correct / len(ok), abs=1e-4)
+        row = re.search(rf'<tr data-group="{re.escape(g)}">(.*?)</tr>', page, re.S).group(1)
+        assert [int(v.replace(",", "")) for v in re.findall(r'<td class="num true">([\d,]+)</td>', row)] == trues
+        assert re.findall(r'<td class="num pred">([\d,]+) ', row) == [diff[g][f"count_{lb}"] for lb in LABELS]
+        assert re.findall(r'<td class="num acc">([\d.]+)</td>', row) == [f"{correct / len(ok):.3f}"]
 
 
 def test_group_by_forced_on_class_folders(sample_run, tmp_path):
@@ -327,14 +351,11 @@ def _synthetic_csv(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def test_synthetic_csv_matches_sklearn_and_caps(tmp_path, monkeypatch):
-    monkeypatch.setattr(report_mod, "GALLERY_PER_PAIR", 3)
-    monkeypatch.setattr(report_mod, "GALLERY_MAX", 20)
-    monkeypatch.setattr(report_mod, "REVIEW_MAX", 25)
-    monkeypatch.setattr(report_mod, "FAILED_MAX", 10)
+def test_synthetic_csv_matches_sklearn_and_caps(tmp_path):
+    limits = ReportLimits(gallery_per_pair=3, gallery_max=20, review_max=25, review_images=5, failed_max=10)
     csv_path = _synthetic_csv(tmp_path / "pred.csv", 3000)
     rows = read_rows(csv_path)
-    paths = write_report(csv_path, tmp_path / "r", review_threshold=0.6, on_warning=None)
+    paths = write_report(csv_path, tmp_path / "r", review_threshold=0.6, on_warning=None, limits=limits)
     m = json.loads(paths["metrics"].read_text())
     _check_metrics_against_sklearn(m, rows)
     ok = [r for r in rows if r["status"] == "ok"]
@@ -350,10 +371,12 @@ def test_synthetic_csv_matches_sklearn_and_caps(tmp_path, monkeypatch):
     assert m["throughput"]["images_per_s"] == 123.0
     page = paths["html"].read_text()
     gallery = page[page.index('id="gallery"') : page.index('id="distribution"')]
-    assert gallery.count("data:image/jpeg") == 20  # GALLERY_MAX
+    assert gallery.count("<figure class=cell") == 20  # gallery_max
+    assert gallery.count("data:image/jpeg") == 2 * 20
     assert "not shown" in gallery
     review = page[page.index('id="review"') : page.index('id="failed"')]
     assert review.count("<tr>") - 1 == 25
+    assert review.count("<img ") == 2 * 5 and review.count("listed only") == 25 - 5  # review_images=5, the rest by name
     # The listed ones are the least confident; review.csv has them all.
     listed = [float(x) for x in re.findall(r"<td class=num>([01]\.\d+)</td>", review)]
     lows = sorted(float(r["confidence"]) for r in ok if float(r["confidence"]) < 0.6)
@@ -363,6 +386,60 @@ def test_synthetic_csv_matches_sklearn_and_caps(tmp_path, monkeypatch):
     assert failed.count("<tr>") - 1 == 10 and "the rest have status=error" in failed
     top = m["top_confusions"]
     assert top == sorted(top, key=lambda x: -x["count"]) and len(top) == 10
+
+
+def test_synthetic_per_slide_truth(tmp_path):
+    """Grouped by the class folders, a group's accuracy is that class's recall; rows without truth are left out of it."""
+    csv_path = _synthetic_csv(tmp_path / "pred.csv", 2000, seed=3)
+    rows = read_rows(csv_path)
+    paths = write_report(csv_path, tmp_path / "r", group_by=1, on_warning=None)
+    m = json.loads(paths["metrics"].read_text())
+    _check_per_slide_truth(paths, rows, list(LABELS))
+    for r in read_rows(paths["differential"]):
+        assert float(r["accuracy"]) == pytest.approx(m["per_class"][r["group"]]["recall"], abs=1e-4)
+        assert int(r["with_truth"]) == m["per_class"][r["group"]]["support"] < int(r["ok"])
+
+
+def test_picture_counts_per_section(sample_report):
+    """Every gallery cell and every review row (up to review_images) shows the zoom and the field, each click-to-enlarge."""
+    paths, csv_path = sample_report
+    page = paths["html"].read_text()
+    rows = read_rows(csv_path)
+    ok = [r for r in rows if r["status"] == "ok"]
+    mistakes = [r for r in ok if r["label"] != r["true_label"]]
+    low = sorted((r for r in ok if float(r["confidence"]) < 0.86), key=lambda r: float(r["confidence"]))
+    assert 0 < len(low) < report_mod.REVIEW_IMAGES
+    gallery = page[page.index('id="gallery"') : page.index('id="distribution"')]
+    review = page[page.index('id="review"') : page.index('id="failed"')]
+    assert gallery.count("<img ") == 2 * min(len(mistakes), 3 * report_mod.GALLERY_PER_PAIR)
+    assert review.count("<img ") == 2 * len(low)
+    assert [re.sub(r"^zoom on the cell in ", "", a) for a in re.findall(r'alt="(zoom on the cell in [^"]*)"', review)] == [
+        r["path"] for r in low
+    ]
+    assert page.count("<img ") == 2 + gallery.count("<img ") + review.count("<img ")  # + both confusion matrices
+    assert page.count("<details class=zoom><summary><img ") == gallery.count("<img ") + review.count("<img ")
+
+
+def test_file_names_are_escaped(tmp_path):
+    """Autoescaping: a file name with markup in it is shown as text, and its pictures are still found."""
+    root = tmp_path / "root"
+    (root / "EOSINOPHIL").mkdir(parents=True)
+    name = 'a<b>&"x.jpeg'
+    shutil.copy(sorted((SAMPLE / "EOSINOPHIL").glob("*.jpeg"))[0], root / "EOSINOPHIL" / name)
+    csv_path = tmp_path / "pred.csv"
+    with PredictionWriter(csv_path, LABELS) as w:
+        w.write(
+            [
+                Prediction(
+                    path=f"EOSINOPHIL/{name}", label="MONOCYTE", confidence=0.4, probabilities=[0.3, 0.2, 0.4, 0.1], true_label="EOSINOPHIL"
+                )
+            ]
+        )
+    write_sidecar(csv_path, {"model": {"name": "<i>m</i>", "labels": list(LABELS)}, "root": str(root)})
+    page = write_report(csv_path, tmp_path / "r", on_warning=None)["html"].read_text()
+    assert "a<b>" not in page and "<i>m" not in page
+    assert "a&lt;b&gt;&amp;&#34;x.jpeg" in page and "&lt;i&gt;m&lt;/i&gt;" in page
+    assert page.count("data:image/jpeg") == 4  # gallery and review: zoom and field each
 
 
 def test_torn_last_line_is_skipped(tmp_path):
@@ -478,7 +555,7 @@ def test_non_utf8_file_name(tmp_path):
     paths = write_report(csv_path, tmp_path / "r", group_by=1, on_warning=None)
     page = paths["html"].read_text(encoding="utf-8")
     gallery = page[page.index('id="gallery"') : page.index('id="distribution"')]
-    assert gallery.count("data:image/jpeg") == 1
+    assert gallery.count("data:image/jpeg") == 2  # the zoom and the whole field
     assert "caf\ufffd.jpeg" in page
     with open(paths["review"], encoding="utf-8", errors="surrogateescape", newline="") as f:
         assert [r["path"] for r in csv.DictReader(f)] == [rel]
