@@ -244,3 +244,45 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, co
     assert sorted(map(key, got)) == sorted(map(key, want))
     side = json.loads(sidecar_path(out).read_text())
     assert side["state"] == "finished" and side["summary"]["resumed"] == at_kill and side["summary"]["files"] == n
+
+
+def test_any_library_error_is_one_message_and_its_exit_code(tmp_path, color_model, sample_copy, monkeypatch):
+    import wbc_batch.cli as cli
+    from wbc_batch.inference.ray_engine import RayEngineError
+
+    def fail(cfg, engine=None):
+        raise RayEngineError("the cluster went away")
+
+    monkeypatch.setattr(cli, "run_classify", fail)
+    r = classify(sample_copy, tmp_path / "p.csv", color_model)
+    assert (r.exit_code, r.stdout, r.stderr) == (1, "", "wbc-batch: error: the cluster went away\n")
+
+
+def test_options_not_given_take_the_config_defaults(tmp_path, sample_copy, monkeypatch):
+    """Click passes None for options not given, so ClassifyConfig and RunnerOptions hold the only defaults."""
+    import wbc_batch.cli as cli
+    from wbc_batch.inference.engine import RunnerOptions
+    from wbc_batch.inference.orchestrator import ClassifyConfig
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(cfg, engine=None):
+        seen.append(cfg)
+        raise Stop  # the config is what this test is about
+
+    monkeypatch.setattr(cli, "run_classify", capture)
+    with pytest.raises(Stop):
+        wbc("classify", sample_copy)
+    assert seen == [ClassifyConfig(inputs=[str(sample_copy)], progress="auto")]
+    with pytest.raises(Stop):
+        wbc("classify", sample_copy, "--workers", "3", "--threads", "2", "-o", tmp_path / "x.csv", "-q")
+    assert seen[1] == ClassifyConfig(inputs=[str(sample_copy)], output=str(tmp_path / "x.csv"), runner=RunnerOptions(workers=3, threads=2), progress="none")
+
+
+def test_address_without_ray_engine_exit_2(tmp_path, color_model, sample_copy):
+    r = classify(sample_copy, tmp_path / "p.csv", color_model, "--address", "auto")
+    assert (r.exit_code, r.stderr) == (2, "wbc-batch: error: --address is only meaningful with --engine ray\n")
+    assert not (tmp_path / "p.csv").exists()

@@ -8,29 +8,28 @@ import sys
 import click
 
 from .. import __version__
-from ..inference.local_engine import RunnerOptions
-from ..inference.metadata import ModelError
-from ..inference.orchestrator import (
-    EXIT_FAILURE,
-    EXIT_INTERRUPTED,
-    EXIT_MODEL,
-    EXIT_NO_IMAGES,
-    EXIT_OK,
-    EXIT_OUTPUT,
-    EXIT_USAGE,
-    ClassifyConfig,
-    run_classify,
-)
-from ..inference.predictions import OutputError
-from ..inference.truth import LabelsError
+from ..errors import ExitCode, WbcBatchError
+from ..inference.engine import RunnerOptions
+from ..inference.orchestrator import ClassifyConfig, require_images, run_classify
 
 
-def _fail(msg: str, code: int) -> None:
-    click.echo(f"wbc-batch: error: {msg}", err=True)
-    sys.exit(code)
+class _Main(click.Group):
+    """The command group: every :class:`WbcBatchError` a command raises becomes one message and its exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except WbcBatchError as e:
+            click.echo(f"wbc-batch: error: {e}", err=True)
+            ctx.exit(int(e.exit_code))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _given(**options):
+    """The options the user gave (click passes None for the others), so the config dataclass's default applies."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="wbc-batch")
 def main() -> None:
     """Classify white blood cells (EOSINOPHIL, LYMPHOCYTE, MONOCYTE, NEUTROPHIL) in microscope images.
@@ -40,14 +39,24 @@ def main() -> None:
     """
 
 
+def _ray_engine(address: str | None):
+    try:
+        from ..inference.ray_engine import RayEngine, require_ray
+
+        require_ray()
+    except Exception as e:  # noqa: BLE001 - a missing or broken ray install is a usage problem, said plainly
+        raise WbcBatchError(str(e), exit_code=ExitCode.USAGE) from e
+    return RayEngine(address=address)
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("-m", "--model", type=click.Path(exists=True, dir_okay=False), default=None, help="ONNX model file.  [default: the shipped model]")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default="predictions.csv", show_default=True, help="Predictions CSV to write.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Processes that decode and infer; 0 = all cores, 1 = in this process.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per onnxruntime call (and per CSV flush).")
-@click.option("--provider", default="cpu", show_default=True, help="onnxruntime execution provider: cpu, cuda, tensorrt, openvino, or a full provider name.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="onnxruntime threads per session; 0 = cores / workers.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help=f"Predictions CSV to write.  [default: {ClassifyConfig.output}]")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help=f"Processes that decode and infer; 0 = all cores, 1 = in this process.  [default: {RunnerOptions.workers}]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help=f"Images per onnxruntime call (and per CSV flush).  [default: {RunnerOptions.batch_size}]")
+@click.option("--provider", default=None, help=f"onnxruntime execution provider: cpu, cuda, tensorrt, openvino, or a full provider name.  [default: {RunnerOptions.provider}]")
+@click.option("--threads", type=click.IntRange(min=0), default=None, help=f"onnxruntime threads per session; 0 = cores / workers.  [default: {RunnerOptions.threads}]")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run: skip files already in OUTPUT (refused if another model wrote it).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT instead of refusing.")
 @click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False), default=None, help="CSV with path,label columns giving the true label of inputs.")
@@ -66,56 +75,39 @@ def classify(inputs, model, output, workers, batch_size, provider, threads, resu
     or none could be read; 4 model unusable; 5 output unusable or resume refused;
     130 interrupted (rerun with --resume).
     """
+    runner = RunnerOptions(**_given(workers=workers, batch_size=batch_size, provider=provider, threads=threads))
     cfg = ClassifyConfig(
         inputs=list(inputs),
-        output=output,
-        model=model,
-        runner=RunnerOptions(workers=workers, batch_size=batch_size, provider=provider, threads=threads),
+        **_given(output=output, model=model, labels_csv=labels_csv),
+        runner=runner,
         resume=resume,
         overwrite=overwrite,
-        labels_csv=labels_csv,
         progress="none" if quiet else "auto",
     )
-    engine, engine_errors = None, ()
     if address and engine_name != "ray":
-        _fail("--address is only meaningful with --engine ray", EXIT_USAGE)
-    if engine_name == "ray":
-        try:
-            from ..inference.ray_engine import RayEngine, RayEngineError, require_ray
-
-            require_ray()
-        except Exception as e:  # noqa: BLE001 - a broken ray install is a usage problem, said plainly
-            _fail(str(e), EXIT_USAGE)
-        engine, engine_errors = RayEngine(address=address), (RayEngineError,)
-    try:
-        summary = run_classify(cfg, engine=engine)
-    except ModelError as e:
-        _fail(str(e), EXIT_MODEL)
-    except OutputError as e:
-        _fail(str(e), EXIT_OUTPUT)
-    except LabelsError as e:
-        _fail(str(e), EXIT_USAGE)
-    except engine_errors as e:
-        _fail(str(e), EXIT_FAILURE)
+        raise WbcBatchError("--address is only meaningful with --engine ray", exit_code=ExitCode.USAGE)
+    engine = _ray_engine(address) if engine_name == "ray" else None
+    summary = run_classify(cfg, engine=engine)
     if not quiet:
         click.echo(f"wbc-batch: {summary.line()}", err=True)
     if summary.interrupted:
         click.echo("wbc-batch: interrupted; rerun the same command with --resume to finish", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    if summary.files == 0:
-        _fail("no image files found under the inputs", EXIT_NO_IMAGES)
-    if summary.ok == 0:
-        _fail(f"none of the {summary.files} files could be read (see the error column of {output})", EXIT_NO_IMAGES)
+        sys.exit(int(ExitCode.INTERRUPTED))
+    require_images(summary)
     if report_dir:
-        from ..evaluation.report import ReportError, write_report
+        _report_after_classify(cfg.output, report_dir, quiet)
+    sys.exit(int(ExitCode.OK))
 
-        try:
-            paths = write_report(output, report_dir)
-        except (ReportError, OutputError) as e:
-            _fail(f"the predictions are written ({output}), but the report failed: {e}", EXIT_OUTPUT)
-        if not quiet:
-            click.echo(f"wbc-batch: report -> {paths['html']}", err=True)
-    sys.exit(EXIT_OK)
+
+def _report_after_classify(predictions: str, report_dir: str, quiet: bool) -> None:
+    from ..evaluation.report import write_report
+
+    try:
+        paths = write_report(predictions, report_dir)
+    except WbcBatchError as e:
+        raise WbcBatchError(f"the predictions are written ({predictions}), but the report failed: {e}", exit_code=ExitCode.OUTPUT) from e
+    if not quiet:
+        click.echo(f"wbc-batch: report -> {paths['html']}", err=True)
 
 
 @main.command()
@@ -125,10 +117,7 @@ def info(model, as_json) -> None:
     """Show what MODEL (default: the shipped model) carries: labels, input, preprocessing, provenance."""
     from ..inference.model import load_model
 
-    try:
-        m = load_model(model, threads=1)
-    except ModelError as e:
-        _fail(str(e), EXIT_MODEL)
+    m = load_model(model, threads=1)
     d = m.metadata.to_json_dict()
     if as_json:
         click.echo(json.dumps(d, indent=2))
@@ -151,7 +140,7 @@ def info(model, as_json) -> None:
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder to write the report to.  [default: PREDICTIONS without .csv, plus -report]")
 @click.option("--group-by", "group_by", type=click.IntRange(min=0), default=None, metavar="LEVEL",
               help="Per-group differential, one group per folder at this depth under the input root (1 = first level, e.g. one folder per slide); 0 = none.  [default: 1 when the first-level folders are not class names]")
-@click.option("--review-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="List predictions with a lower confidence for human review.")
+@click.option("--review-threshold", type=click.FloatRange(0, 1), default=None, help="List predictions with a lower confidence for human review.  [default: 0.5]")
 @click.option("--run-dir", type=click.Path(exists=True, file_okay=False), default=None, help="Training run dir: show its curves.png (or history.csv) in the report.")
 def report(predictions, out_dir, group_by, review_threshold, run_dir) -> None:
     """Evaluation report for a PREDICTIONS CSV written by `classify`.
@@ -164,16 +153,11 @@ def report(predictions, out_dir, group_by, review_threshold, run_dir) -> None:
     The figures need matplotlib (pip install 'wbc-batch[report]'); without it the
     report is written without them and a warning says so.
     """
-    from ..evaluation.report import ReportError, write_report
+    from ..evaluation.report import write_report
 
     if out_dir is None:
         out_dir = (predictions[:-4] if predictions.lower().endswith(".csv") else predictions) + "-report"
-    try:
-        paths = write_report(predictions, out_dir, group_by=group_by, review_threshold=review_threshold, run_dir=run_dir)
-    except ReportError as e:
-        _fail(str(e), EXIT_USAGE)
-    except OutputError as e:
-        _fail(str(e), EXIT_OUTPUT)
+    paths = write_report(predictions, out_dir, group_by=group_by, run_dir=run_dir, **_given(review_threshold=review_threshold))
     click.echo(f"wbc-batch: report -> {paths['html']}", err=True)
 
 

@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import ExitCode, WbcBatchError
 from .preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec
 
 METADATA_KEY = "wbc_batch"
@@ -20,8 +21,10 @@ DTYPES = ("uint8", "float32")
 OUTPUT_KINDS = ("probabilities", "logits")
 
 
-class ModelError(Exception):
+class ModelError(WbcBatchError):
     """A model file that cannot be used: the message says what is wrong with it."""
+
+    exit_code = ExitCode.MODEL
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import __version__
+from ..errors import ExitCode, WbcBatchError
 from .discover import InputFile, common_root, iter_images
 from .engine import Engine, RunnerOptions
 from .local_engine import LocalEngine
@@ -34,14 +35,11 @@ from .predictions import (
 from .rows import STATUS_OK, Prediction, TruthFn
 from .truth import read_labels_csv, truth_function
 
-#: Exit codes of ``wbc-batch classify`` (documented in the README).
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_NO_IMAGES = 3
-EXIT_MODEL = 4
-EXIT_OUTPUT = 5
-EXIT_INTERRUPTED = 130
+
+class NoImagesError(WbcBatchError):
+    """The run found no image under its inputs, or could read none of them."""
+
+    exit_code = ExitCode.NO_IMAGES
 
 
 @dataclass
@@ -78,6 +76,14 @@ class RunSummary:
         if self.resumed:
             s += f"  (resumed: {self.resumed} already done)"
         return s + f"  -> {self.output}"
+
+
+def require_images(summary: RunSummary) -> None:
+    """Raise :class:`NoImagesError` when a finished run classified nothing (no file, or every file an error)."""
+    if summary.files == 0:
+        raise NoImagesError("no image files found under the inputs")
+    if summary.ok == 0:
+        raise NoImagesError(f"none of the {summary.files} files could be read (see the error column of {summary.output})")
 
 
 def model_identity(model: Model) -> dict:

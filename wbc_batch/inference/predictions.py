@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ExitCode, WbcBatchError
 from .rows import STATUS_ERROR, STATUS_OK, Prediction  # the row type lives in rows (engines import it without this writer)
 
 PROB_PREFIX = "prob_"
@@ -27,8 +28,10 @@ PROB_PREFIX = "prob_"
 ENCODING_ERRORS = "surrogateescape"
 
 
-class OutputError(Exception):
+class OutputError(WbcBatchError):
     """The output CSV cannot be written or resumed; the message says why."""
+
+    exit_code = ExitCode.OUTPUT
 
 
 def columns(labels: Sequence[str]) -> list[str]:

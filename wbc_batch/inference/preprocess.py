@@ -37,7 +37,11 @@ DEFAULT_MAX_PIXELS = 89_478_485
 
 
 class ImageError(Exception):
-    """A file that cannot be turned into a model input; the message is shown to the user."""
+    """A file that cannot be turned into a model input; the message is shown to the user.
+
+    Deliberately not a :class:`wbc_batch.errors.WbcBatchError`: a bad image is one error *row*
+    with this reason, and the run goes on; it never ends a run or sets an exit code.
+    """
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ExitCode, WbcBatchError
 from .discover import InputFile
 from .engine import RunnerOptions, available_cores, run_batch
 from .metadata import ModelError
@@ -54,8 +55,10 @@ except ImportError:  # pragma: no cover - exercised where ray is absent
 GPU_PROVIDERS = ("cuda", "tensorrt", "CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
-class RayEngineError(Exception):
+class RayEngineError(WbcBatchError):
     """The Ray engine cannot run or finish; the message says why (rows written so far are kept)."""
+
+    exit_code = ExitCode.FAILURE
 
 
 class RayUnavailable(RayEngineError):

@@ -7,9 +7,13 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
+from ..errors import ExitCode, WbcBatchError
 
-class LabelsError(Exception):
-    """A labels CSV that cannot be used; the message says what is wrong."""
+
+class LabelsError(WbcBatchError):
+    """A labels CSV that cannot be used; the message says what is wrong (a usage error: the user gave that file)."""
+
+    exit_code = ExitCode.USAGE
 
 
 def folder_truth(rel: str, labels: Sequence[str]) -> str:
