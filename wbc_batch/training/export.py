@@ -201,7 +201,8 @@ def export_run(
     Nothing is written when a check fails.
     """
     import onnx
-    import onnx.helper
+
+    from .onnx_metadata import save_checked, set_metadata
 
     model, record, epoch = load_run(run_dir, checkpoint)
     h, w = record.size
@@ -214,30 +215,18 @@ def export_run(
     report.eval_metrics = eval_metrics
     md = model_metadata(record, epoch, report, name or Path(output).stem)
     proto = onnx.load_model_from_string(data)
-    onnx.helper.set_model_props(proto, md.to_props())
+    set_metadata(proto, md.to_json_dict())
     proto.doc_string = f"wbc-batch {md.arch}: white blood cell classifier; labels and preprocessing in metadata key 'wbc_batch'"
-    onnx.checker.check_model(proto, full_check=True)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(output) + ".tmp")
-    onnx.save_model(proto, str(tmp))
-    os.replace(tmp, output)
+    save_checked(proto, output, full_check=True)
     return report
+
+
+#: The evaluation figures kept in a model's metadata (the per-file predictions are not).
+_EMBEDDED = ("eval_dir", "n", "accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix", "errors")
 
 
 def embed_metrics(model_path: str | os.PathLike[str], metrics: dict, key: str = "metrics") -> None:
     """Store evaluation figures in the model's metadata (the graph is unchanged)."""
-    import onnx
-    import onnx.helper
+    from .onnx_metadata import rewrite_metadata
 
-    from ..inference.metadata import METADATA_KEY
-
-    proto = onnx.load(str(model_path))
-    props = {p.key: p.value for p in proto.metadata_props}
-    d = json.loads(props[METADATA_KEY])
-    d[key] = {k: metrics[k] for k in ("eval_dir", "n", "accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix", "errors") if k in metrics}
-    props[METADATA_KEY] = json.dumps(d)
-    del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, props)
-    tmp = Path(str(model_path) + ".tmp")
-    onnx.save_model(proto, str(tmp))
-    os.replace(tmp, model_path)
+    rewrite_metadata(model_path, lambda d: {**d, key: {k: metrics[k] for k in _EMBEDDED if k in metrics}})

@@ -8,14 +8,12 @@ labelled set, and network-only speed for both on the same cores.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from ..inference.metadata import METADATA_KEY
 from ..inference.model import load_model, network_rate
 from ..inference.preprocess import PreprocessSpec
 
@@ -43,12 +41,12 @@ def quantize_model(
 ) -> dict:
     """Write ``<float>.int8.onnx`` and return its accuracy, agreement and speed next to the float model's."""
     import onnx
-    import onnx.helper
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from ..evaluation.evaluate import metrics_of, predict_dir
     from .export import _sample_images, parity_paths
+    from .onnx_metadata import read_metadata, rewrite_metadata
 
     float_path = Path(float_path)
     out = Path(output) if output else float_path.with_name(float_path.stem + ".int8.onnx")
@@ -71,24 +69,17 @@ def quantize_model(
             extra_options={"CalibPercentile": 99.99},
         )
     # Same contract and provenance as the float model, plus how it was quantised.
-    fproto = onnx.load(str(float_path))
-    props = {p.key: p.value for p in fproto.metadata_props}
-    d = json.loads(props[METADATA_KEY])
-    d["name"] = d.get("name", "model") + "-int8"
-    d["quantization"] = {
+    float_proto = onnx.load(str(float_path))
+    record = {
         "format": "QDQ static",
         "weights": "int8 per-channel",
         "activations": "uint8",
         "calibration": {"dir": str(calibration_dir), "images": int(len(calib)), "method": "percentile 99.99"},
         "float_model_sha256": fm.sha256,
     }
-    qproto = onnx.load(str(out))
-    qproto.ir_version = fproto.ir_version
-    del qproto.metadata_props[:]
-    props[METADATA_KEY] = json.dumps(d)
-    onnx.helper.set_model_props(qproto, props)
-    onnx.checker.check_model(qproto)
-    onnx.save_model(qproto, str(out))
+    doc = read_metadata(float_proto)
+    doc = {**doc, "name": doc.get("name", "model") + "-int8", "quantization": record}
+    rewrite_metadata(out, lambda _: doc, ir_version=float_proto.ir_version)
 
     result: dict = {"output": str(out), "calibration_images": int(len(calib))}
     bench = calib[: min(len(calib), 512)]
