@@ -77,7 +77,7 @@ def field_theta(p: GeometryParams, h: int, w: int) -> torch.Tensor:
     return theta
 
 
-def window_affine(p: GeometryParams, window: int) -> torch.Tensor:
+def window_affine(p: GeometryParams, window: float | torch.Tensor) -> torch.Tensor:
     """(N, 2, 3) maps of crop-window offsets (pixels): rotation about the cell, flip, zoom, shift of 8%."""
     cos, sin = torch.cos(p.angle) / p.scale, torch.sin(p.angle) / p.scale
     a = torch.zeros(len(cos), 2, 3, device=cos.device)
@@ -85,7 +85,7 @@ def window_affine(p: GeometryParams, window: int) -> torch.Tensor:
     a[:, 0, 1] = -sin
     a[:, 1, 0] = sin * p.flip
     a[:, 1, 1] = cos
-    a[:, :, 2] = p.shift * (0.08 * window)
+    a[:, :, 2] = p.shift * (0.08 * (window.view(-1, 1) if isinstance(window, torch.Tensor) else window))
     return a
 
 

@@ -76,6 +76,7 @@ class Trainer:
     scaler: torch.amp.GradScaler
     device: torch.device
     centres: torch.Tensor | None  # per image, when the network sees a cell crop
+    windows: torch.Tensor | None  # per image window side (pixels), with the crop
     label_smoothing: float
     augment: bool
 
@@ -110,11 +111,14 @@ def _device(cfg: TrainConfig) -> torch.device:
     return device
 
 
-def _centres(crop: CellCrop, images: np.ndarray, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+def _locate(crop: CellCrop, images: np.ndarray, device: torch.device, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's cell centre and window side, found once: the images do not change between epochs."""
     with torch.inference_mode():
-        out = [crop.centres(torch.from_numpy(images[i : i + batch_size]).to(device).permute(0, 3, 1, 2).float())
+        out = [crop.locate(torch.from_numpy(images[i : i + batch_size]).to(device).permute(0, 3, 1, 2).float())
                for i in range(0, len(images), batch_size)]
-    return torch.cat(out) if out else torch.zeros((0, 2), device=device)
+    if not out:
+        return torch.zeros((0, 2), device=device), torch.zeros(0, device=device)
+    return torch.cat([c for c, _ in out]), torch.cat([w for _, w in out])
 
 
 def predict_logits(model: Deployable, images: np.ndarray, device: torch.device, batch_size: int = 256) -> np.ndarray:
@@ -132,21 +136,26 @@ def _network_input(t: Trainer, xb: torch.Tensor, bi: torch.Tensor, gen: torch.Ge
     p = augment.draw(len(bi), gen, t.device) if t.augment else None
     crop = t.model.crop
     if crop is not None:
-        xb = crop.sample(xb, t.centres[bi.to(t.device)], augment.window_affine(p.geometry, crop.window) if p else None)
+        i = bi.to(t.device)
+        windows = t.windows[i]
+        xb = crop.sample(xb, t.centres[i], windows, augment.window_affine(p.geometry, windows) if p else None)
     elif p is not None:
         xb = augment.rotate_field(xb, p.geometry)
     return augment.jitter_stain(xb, p.stain) if p is not None else xb
 
 
-def train_one_epoch(t: Trainer, data: TrainData, batch_size: int, gen: torch.Generator, *, desc: str, progress: bool) -> tuple[float, float]:
-    """One pass over the training split in a seeded random order; returns (mean loss, accuracy)."""
+def train_one_epoch(t: Trainer, data: TrainData, batch_size: int, gen: torch.Generator, *, desc: str, bar: bool) -> tuple[float, float]:
+    """One pass over the training split in a seeded random order; returns (mean loss, accuracy).
+
+    ``bar``: a tqdm bar on stderr for the epoch (only on a terminal: see :func:`train`).
+    """
     t.model.train()
     tr = torch.from_numpy(data.train_idx)
     perm = tr[torch.randperm(len(tr), generator=gen)]
     x_all, y_all = torch.from_numpy(data.images), torch.from_numpy(data.targets)
     loss_sum = correct = seen = 0
-    bar = tqdm(range(math.ceil(len(tr) / batch_size)), desc=desc, unit="batch", disable=not progress, leave=False, file=sys.stderr)
-    for s in bar:
+    steps = tqdm(range(math.ceil(len(tr) / batch_size)), desc=desc, unit="batch", disable=not bar, leave=False, file=sys.stderr)
+    for s in steps:
         bi = perm[s * batch_size : (s + 1) * batch_size]
         xb = _network_input(t, x_all[bi].to(t.device).permute(0, 3, 1, 2).float(), bi, gen)
         yb = y_all[bi].to(t.device)
@@ -162,8 +171,8 @@ def train_one_epoch(t: Trainer, data: TrainData, batch_size: int, gen: torch.Gen
         loss_sum += float(loss.detach()) * len(bi)
         correct += int((logits.argmax(1) == yb).sum())
         seen += len(bi)
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-    bar.close()
+        steps.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    steps.close()
     return loss_sum / seen, correct / seen
 
 
@@ -177,9 +186,9 @@ def evaluate(model: Deployable, images: np.ndarray, targets: np.ndarray, classes
 def _trainer(cfg: TrainConfig, model: Deployable, data: TrainData, device: torch.device) -> Trainer:
     opt = build_optimizer(cfg.optimizer, (p for p in model.parameters() if p.requires_grad), cfg.lr, cfg.weight_decay)
     sched = build_scheduler(cfg.schedule, opt, cfg.lr, math.ceil(len(data.train_idx) / cfg.batch_size) * cfg.epochs)
-    centres = _centres(model.crop, data.images, device) if model.crop is not None else None
+    centres, windows = _locate(model.crop, data.images, device) if model.crop is not None else (None, None)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    return Trainer(model, opt, sched, scaler, device, centres, cfg.label_smoothing, cfg.augment)
+    return Trainer(model, opt, sched, scaler, device, centres, windows, cfg.label_smoothing, cfg.augment)
 
 
 def _record(cfg: TrainConfig, spec: PreprocessSpec, data: TrainData, device: torch.device) -> RunRecord:
@@ -213,7 +222,7 @@ def _log_epoch(row: dict, improved: bool) -> None:
     )
 
 
-def _fit(cfg: TrainConfig, t: Trainer, data: TrainData, record: RunRecord, run_dir: Path, progress: bool) -> tuple[list[dict], Metrics | None]:
+def _fit(cfg: TrainConfig, t: Trainer, data: TrainData, record: RunRecord, run_dir: Path, bar: bool) -> tuple[list[dict], Metrics | None]:
     """Epochs with early stopping on val macro-F1; writes weights, history and the record as it goes."""
     gen = torch.Generator().manual_seed(cfg.seed)
     va = data.val_idx
@@ -222,7 +231,7 @@ def _fit(cfg: TrainConfig, t: Trainer, data: TrainData, record: RunRecord, run_d
     bad_epochs = 0
     for epoch in range(1, cfg.epochs + 1):
         te = time.perf_counter()
-        loss, acc = train_one_epoch(t, data, cfg.batch_size, gen, desc=f"epoch {epoch}/{cfg.epochs}", progress=progress)
+        loss, acc = train_one_epoch(t, data, cfg.batch_size, gen, desc=f"epoch {epoch}/{cfg.epochs}", bar=bar)
         val_loss, m = evaluate(t.model, data.images[va], data.targets[va], data.classes, t.device)
         row = {"epoch": epoch, "train_loss": loss, "train_accuracy": acc, "val_loss": val_loss, "val_accuracy": m.accuracy,
                "val_macro_f1": m.macro_f1, "lr": t.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - te}
@@ -246,7 +255,12 @@ def _fit(cfg: TrainConfig, t: Trainer, data: TrainData, record: RunRecord, run_d
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
-    """Train one run and write the run dir; returns the best epoch's validation figures."""
+    """Train one run and write the run dir; returns the best epoch's validation figures.
+
+    Output on stderr: one plain line per epoch (losses, accuracies, val macro-F1, seconds). With
+    ``progress`` and stderr a terminal, a bar runs during each epoch too; a log file or a pipe
+    gets the lines only, never carriage-return bar frames.
+    """
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = _device(cfg)
@@ -258,7 +272,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     t = _trainer(cfg, model, data, device)
     record = _record(cfg, spec, data, device)
     record.write(run_dir)
-    history, best = _fit(cfg, t, data, record, run_dir, progress)
+    history, best = _fit(cfg, t, data, record, run_dir, bar=progress and sys.stderr.isatty())
     _plot_run(run_dir)
     seconds = float(np.mean([r["seconds"] for r in history]))
     return TrainResult(run_dir, record.best_epoch or 0, best.macro_f1, best.accuracy, len(history), seconds, data.classes)

@@ -89,58 +89,109 @@ def default_crop(arch: str) -> tuple[int, int]:
 
 
 class CellCrop(nn.Module):
-    """Centres a ``window``-pixel square on the white cell and samples it to ``out`` x ``out``.
+    """Centres a square window on the white cell and samples it to ``out`` x ``out``.
 
     Why: each field holds one stained white cell among red cells; the classes differ in nucleus
     shape and granule colour, detail that a whole-field downscale blurs away, while the red
     cells around it are what differs between smears.  The nucleus is the field's strongest
-    blue-minus-red blob; its position is found on a 4x-pooled, 9x9-smoothed map (small
-    platelets lose to the nucleus there).  Everything is plain tensor arithmetic, so it exports
-    to ONNX (AveragePool, ArgMax, GridSample) and embedders still feed the decoded field only.
+    stain blob; its position is found on a 4x-pooled, 9x9-smoothed map (small platelets lose
+    to the nucleus there).  Everything is plain tensor arithmetic, so it exports to ONNX
+    (AveragePool, ArgMax, GridSample) and embedders still feed the decoded field only.
+
+    ``follow=False``: a fixed ``window``-pixel square, nucleus = strongest blue-minus-red blob.
+    ``follow=True``: the window follows the nucleus' size (``window`` pixels for a nucleus of
+    :attr:`ref_diameter` pixels), so a cell is seen at one scale whatever the magnification or
+    the image size (a 320x240 field or a cell analyser's single-cell crop).  The nucleus signal
+    is then blue-minus-red plus half the green absorbance: nuclei are dark *and* blue in every
+    stain seen so far, red cells are only dark, yellow or white backgrounds are neither.
+    Padding (pure black, from aspect-keeping decode) never counts as stain.
     """
 
     stride = 4
     blur = 9
+    #: Nucleus diameter (pixels, the size signal's equivalent-disc measure) at which the window is ``window``.
+    ref_diameter = 80.0
+    #: The window stays within [window / 4, window * 3]: a failed size estimate cannot blow up or vanish.
+    clamp = (0.25, 3.0)
 
-    def __init__(self, window: int, out: int) -> None:
+    def __init__(self, window: int, out: int, follow: bool = False) -> None:
         super().__init__()
         self.window = int(window)
         self.out = int(out)
-        # Output pixel centres as offsets from the window centre, in input pixels.
-        offs = (torch.arange(self.out, dtype=torch.float32) + 0.5 - self.out / 2) * (self.window / self.out)
-        self.register_buffer("offsets", offs, persistent=False)
+        self.follow = bool(follow)
+        unit = (torch.arange(self.out, dtype=torch.float32) + 0.5 - self.out / 2) / self.out
+        self.register_buffer("unit_offsets", unit, persistent=False)
+        # Output pixel centres as offsets from the window centre, in input pixels (fixed window).
+        self.register_buffer("offsets", unit * self.window, persistent=False)
         kernel = torch.zeros(1, 3, self.stride, self.stride)
-        kernel[0, 0], kernel[0, 2] = -1.0 / self.stride**2, 1.0 / self.stride**2
-        self.register_buffer("score_kernel", kernel, persistent=False)
+        if self.follow:
+            kernel[0, 0], kernel[0, 1], kernel[0, 2] = -1.0, -0.5, 1.0
+        else:
+            kernel[0, 0], kernel[0, 2] = -1.0, 1.0
+        self.register_buffer("score_kernel", kernel / self.stride**2, persistent=False)
 
-    def centres(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 2) cell centres (x, y) in input pixels for a float NCHW 0..255 RGB batch."""
-        # One strided conv computes the stride-pooled blue-minus-red map (pooling is linear).
+    def _score(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H/4, W/4) stride-pooled nucleus signal (one strided conv: pooling is linear)."""
         score = nn.functional.conv2d(x, self.score_kernel, stride=self.stride)
-        score = nn.functional.avg_pool2d(score, self.blur, 1, self.blur // 2, count_include_pad=False)
-        wp = score.shape[-1]
-        k = torch.argmax(score.flatten(1), dim=1).to(torch.float32)
+        if self.follow:
+            # + 0.5 * 255 completes "0.5 * (255 - G)"; padding pixels (all channels 0) score 0.
+            valid = nn.functional.avg_pool2d((x.sum(1, keepdim=True) > 0).to(x.dtype), self.stride)
+            score = (score + 127.5) * valid
+        return score
+
+    def locate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 2) cell centres (x, y) and (N,) window sides, in input pixels, for a float NCHW 0..255 RGB batch."""
+        score = self._score(x)
+        smooth = nn.functional.avg_pool2d(score, self.blur, 1, self.blur // 2, count_include_pad=False)
+        wp = smooth.shape[-1]
+        k = torch.argmax(smooth.flatten(1), dim=1).to(torch.float32)
         ky = torch.floor(k / wp)
         kx = k - ky * wp
-        return torch.stack([kx, ky], dim=1) * self.stride + self.stride / 2
+        centres = torch.stack([kx, ky], dim=1) * self.stride + self.stride / 2
+        if not self.follow:
+            return centres, torch.full((x.shape[0],), float(self.window), device=x.device)
+        return centres, self._window_sides(score, kx, ky)
 
-    def sample(self, x: torch.Tensor, centres: torch.Tensor, affine: torch.Tensor | None = None) -> torch.Tensor:
-        """Sample the window around ``centres``; ``affine`` (N, 2, 3) maps window offsets (pixels) for augmentation."""
+    def _window_sides(self, score: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
+        """Window side from the nucleus' area: cells above half the peak signal, within half a window of the centre."""
+        n, _, hp, wp = score.shape
+        peak = score.flatten(1).max(dim=1).values.view(n, 1, 1, 1)
+        gy = torch.arange(hp, device=score.device, dtype=torch.float32).view(1, 1, hp, 1)
+        gx = torch.arange(wp, device=score.device, dtype=torch.float32).view(1, 1, 1, wp)
+        reach = self.window / 2 / self.stride
+        near = ((gx - kx.view(n, 1, 1, 1)).abs() <= reach) & ((gy - ky.view(n, 1, 1, 1)).abs() <= reach)
+        area = ((score > 0.5 * peak) & near).to(torch.float32).sum(dim=(1, 2, 3)) * self.stride**2
+        diameter = 2.0 * torch.sqrt(area / torch.pi)
+        lo, hi = self.clamp
+        return torch.clamp(self.window * diameter / self.ref_diameter, lo * self.window, hi * self.window)
+
+    def centres(self, x: torch.Tensor) -> torch.Tensor:
+        return self.locate(x)[0]
+
+    def sample(self, x: torch.Tensor, centres: torch.Tensor, windows: torch.Tensor | None = None, affine: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample the window around ``centres`` (sides ``windows``, default the fixed one); ``affine`` (N, 2, 3) maps window offsets for augmentation."""
         n, _, h, w = x.shape
         if affine is None:
-            # Separate x and y planes, each a per-sample scalar plus a constant: onnxruntime's fast broadcast path.
-            gx = self.offsets.view(1, 1, -1, 1) * (2.0 / w) + (centres[:, 0] * (2.0 / w) - 1.0).view(n, 1, 1, 1)
-            gy = self.offsets.view(1, -1, 1, 1) * (2.0 / h) + (centres[:, 1] * (2.0 / h) - 1.0).view(n, 1, 1, 1)
+            # Separate x and y planes, each a per-sample scalar times a constant plus a scalar: onnxruntime's fast broadcast path.
+            if windows is None:
+                ox, oy = self.offsets.view(1, 1, -1, 1) * (2.0 / w), self.offsets.view(1, -1, 1, 1) * (2.0 / h)
+            else:
+                ox = self.unit_offsets.view(1, 1, -1, 1) * (windows * (2.0 / w)).view(n, 1, 1, 1)
+                oy = self.unit_offsets.view(1, -1, 1, 1) * (windows * (2.0 / h)).view(n, 1, 1, 1)
+            gx = ox + (centres[:, 0] * (2.0 / w) - 1.0).view(n, 1, 1, 1)
+            gy = oy + (centres[:, 1] * (2.0 / h) - 1.0).view(n, 1, 1, 1)
             grid = torch.cat([gx.expand(n, self.out, self.out, 1), gy.expand(n, self.out, self.out, 1)], dim=3)
         else:
-            oy, ox = torch.meshgrid(self.offsets, self.offsets, indexing="ij")
-            pts = torch.stack([ox, oy], dim=-1).reshape(1, -1, 2)  # (1, out*out, 2) as (dx, dy)
+            side = torch.full((n,), float(self.window), device=x.device) if windows is None else windows
+            uy, ux = torch.meshgrid(self.unit_offsets, self.unit_offsets, indexing="ij")
+            pts = torch.stack([ux, uy], dim=-1).reshape(1, -1, 2) * side.view(n, 1, 1)  # (n, out*out, 2) as (dx, dy)
             px = pts @ affine[:, :, :2].transpose(1, 2) + affine[:, None, :, 2] + centres[:, None, :]
             grid = (px * torch.tensor([2.0 / w, 2.0 / h], device=x.device) - 1.0).reshape(n, self.out, self.out, 2)
         return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.sample(x, self.centres(x))
+        centres, windows = self.locate(x)
+        return self.sample(x, centres, windows if self.follow else None)
 
 
 class Deployable(nn.Module):
