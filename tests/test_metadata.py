@@ -123,3 +123,13 @@ def test_optional_fields_default():
     md = ModelMetadata.from_json_dict(doc)
     assert md == ModelMetadata(labels=("A", "B"), height=8, width=9, input_name="img", output_name="p")
     assert md.extra == {} and md.resize == "bilinear" and md.jpeg_draft is True and md.max_pixels == DEFAULT_MAX_PIXELS
+
+
+def test_keep_aspect_round_trips_and_reaches_the_spec():
+    md = ModelMetadata(labels=("A", "B"), height=240, width=320, keep_aspect=True)
+    d = md.to_json_dict()
+    assert d["preprocess"]["keep_aspect"] is True and "pad" in d["preprocess"]
+    back = ModelMetadata.from_json_dict(d)
+    assert back == md and back.preprocess.keep_aspect is True
+    old = ModelMetadata(labels=("A", "B"), height=240, width=320).to_json_dict()
+    assert old["preprocess"]["keep_aspect"] is False and "pad" not in old["preprocess"]

@@ -48,3 +48,24 @@ def test_node_reads_labels_from_model_and_matches_python(node_modules):
     # Decoders differ (jpeg-js full decode vs Pillow's draft mode), so probabilities agree closely, not exactly.
     diff = max(np.abs(np.asarray(node[p.path]["probabilities"]) - np.asarray(p.probabilities)).max() for p in py)
     assert diff < 0.1
+
+
+def test_node_keeps_the_aspect_ratio_like_python(node_modules, tmp_path):
+    """A keep_aspect model on square crops: Node pads like Python (a stretch would change the mean colour a lot)."""
+    from conftest import build_color_model
+    from PIL import Image
+
+    from wbc_batch.inference.metadata import ModelMetadata
+
+    md = ModelMetadata(labels=("A", "B", "C", "D"), height=24, width=32, keep_aspect=True, name="aspect")
+    model = build_color_model(tmp_path / "aspect.onnx", height=24, width=32, metadata=md.to_json_dict())
+    images = tmp_path / "img"
+    images.mkdir()
+    for p in sorted(SAMPLE.glob("*/*.jpeg"))[:6]:
+        Image.open(p).crop((100, 60, 220, 180)).save(images / p.name, quality=95)
+    r = subprocess.run(["node", str(NODE_DIR / "classify.mjs"), str(model), str(images)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    node = {p["path"]: np.asarray(p["probabilities"]) for p in json.loads(r.stdout)["predictions"]}
+    py = {p.path: np.asarray(p.probabilities) for p in classify([images], model, options=RunnerOptions(workers=1))}
+    assert sorted(node) == sorted(py) and len(py) == 6
+    assert max(np.abs(node[k] - py[k]).max() for k in py) < 0.01

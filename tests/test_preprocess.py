@@ -83,7 +83,7 @@ def test_spec_validation_and_dict_round_trip():
     with pytest.raises(ValueError, match="unknown resize method 'area'"):
         PreprocessSpec(24, 32, resize="area")
     spec = PreprocessSpec(24, 32, resize="bicubic", jpeg_draft=False, max_pixels=1000)
-    assert spec.to_dict() == {"height": 24, "width": 32, "resize": "bicubic", "jpeg_draft": False, "max_pixels": 1000}
+    assert spec.to_dict() == {"height": 24, "width": 32, "resize": "bicubic", "jpeg_draft": False, "max_pixels": 1000, "keep_aspect": False}
     assert PreprocessSpec.from_dict({**spec.to_dict(), "unrelated": 1}) == spec
     assert PreprocessSpec.from_dict({"height": 5, "width": 6}) == PreprocessSpec(5, 6, "bilinear", True, DEFAULT_MAX_PIXELS)
 
@@ -330,3 +330,24 @@ def test_max_pixels_above_pils_threshold_is_honoured(tmp_path):
     with pytest.raises(ImageError) as e:
         load_image(p, PreprocessSpec(24, 32, max_pixels=100_000_000))
     assert str(e.value).startswith("truncated image")  # it got as far as decoding the (short) data
+
+
+def test_fit_box_rule():
+    from wbc_batch.inference.preprocess import fit_box
+
+    assert fit_box(360, 363, 320, 240) == (41, 0, 238, 240)  # a cell analyser's crop in a 4:3 frame
+    assert fit_box(120, 120, 320, 240) == (40, 0, 240, 240)  # upscaled to fill the height
+    assert fit_box(640, 480, 320, 240) == (0, 0, 320, 240)  # same aspect: the same as stretching
+    assert fit_box(1000, 10, 320, 240) == (0, 118, 320, 3)
+
+
+def test_keep_aspect_pads_with_black_instead_of_stretching(tmp_path):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(1, 256, (363, 360, 3), dtype=np.uint8))
+    img.save(tmp_path / "cell.png")
+    out = load_image(tmp_path / "cell.png", PreprocessSpec(240, 320, keep_aspect=True))
+    assert out.shape == (240, 320, 3)
+    assert out[:, :41].max() == 0 and out[:, 41 + 238 :].max() == 0
+    np.testing.assert_array_equal(out[:, 41 : 41 + 238], np.asarray(img.resize((238, 240), Image.Resampling.BILINEAR)))
+    stretched = load_image(tmp_path / "cell.png", PreprocessSpec(240, 320))
+    assert stretched[:, :41].min() > 0  # the stretch fills the frame: no black bars

@@ -92,6 +92,19 @@ function resizeRGB(rgb, w, h, W, H) {
   return h === H ? a : resamplePass(a, W, h, H, false);
 }
 
+// preprocess.keep_aspect: fit inside W x H keeping the aspect ratio, centred on black
+// (the rule of wbc_batch.inference.preprocess.fit_box).
+function fitRGB(rgb, w, h, W, H) {
+  const s = Math.min(W / w, H / h);
+  const nw = Math.max(1, Math.min(W, Math.floor(w * s + 0.5)));
+  const nh = Math.max(1, Math.min(H, Math.floor(h * s + 0.5)));
+  const x0 = Math.floor((W - nw) / 2), y0 = Math.floor((H - nh) / 2);
+  const small = resizeRGB(rgb, w, h, nw, nh);
+  const out = new Uint8Array(W * H * 3);
+  for (let y = 0; y < nh; y++) out.set(small.subarray(y * nw * 3, (y + 1) * nw * 3), ((y + y0) * W + x0) * 3);
+  return out;
+}
+
 function loadRGB(file) {
   const img = jpeg.decode(fs.readFileSync(file), { useTArray: true, formatAsRGBA: true });
   const rgb = new Uint8Array(img.width * img.height * 3);
@@ -125,7 +138,8 @@ async function main() {
   const batch = new Uint8Array(files.length * H * W * 3);
   files.forEach((f, n) => {
     const { rgb, width, height } = loadRGB(f);
-    batch.set(resizeRGB(rgb, width, height, W, H), n * H * W * 3);
+    const keepAspect = meta.preprocess && meta.preprocess.keep_aspect && (width !== W || height !== H);
+    batch.set(keepAspect ? fitRGB(rgb, width, height, W, H) : resizeRGB(rgb, width, height, W, H), n * H * W * 3);
   });
   const feeds = { [inputName]: new ort.Tensor("uint8", batch, [files.length, H, W, 3]) };
   const result = await session.run(feeds);

@@ -41,6 +41,7 @@ class ModelMetadata:
     resize: str = "bilinear"
     jpeg_draft: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
+    keep_aspect: bool = False  # fit and pad with black (preprocess.fit_box) instead of stretching
     output_name: str = "probabilities"
     output_kind: str = "probabilities"
     name: str = "model"
@@ -79,6 +80,7 @@ class ModelMetadata:
             resize=self.resize,
             jpeg_draft=self.jpeg_draft,
             max_pixels=self.max_pixels,
+            keep_aspect=self.keep_aspect,
         )
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -100,7 +102,8 @@ class ModelMetadata:
                 "resize": self.resize,
                 "jpeg_draft": self.jpeg_draft,
                 "max_pixels": self.max_pixels,
-                "keep_aspect": False,
+                "keep_aspect": self.keep_aspect,
+                **({"pad": "centred; floor(size * min(W / w, H / h) + 0.5); the rest black (0, 0, 0)"} if self.keep_aspect else {}),
                 "normalization": "inside the graph" if self.dtype == "uint8" else "none",
             },
             "output": {"name": self.output_name, "kind": self.output_kind},
@@ -132,6 +135,7 @@ class ModelMetadata:
                 resize=str(pre.get("resize", "bilinear")),
                 jpeg_draft=bool(pre.get("jpeg_draft", True)),
                 max_pixels=int(pre.get("max_pixels", DEFAULT_MAX_PIXELS)),
+                keep_aspect=bool(pre.get("keep_aspect", False)),
                 output_name=str(out["name"]),
                 output_kind=str(out.get("kind", "probabilities")),
                 name=str(d.get("name", "model")),

@@ -9,6 +9,7 @@ normalises (uint8 RGB NHWC in), so embedders in other languages only decode and 
 from __future__ import annotations
 
 import io
+import math
 import os
 import stat
 import struct
@@ -53,6 +54,9 @@ class PreprocessSpec:
     resize: str = "bilinear"
     jpeg_draft: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Fit inside height x width keeping the aspect ratio, centred on black, instead of stretching:
+    #: a cell keeps its shape whatever the camera's frame (see :func:`fit_box` for the exact rule).
+    keep_aspect: bool = False
 
     def __post_init__(self) -> None:
         if self.height <= 0 or self.width <= 0:
@@ -65,7 +69,7 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
-        known = {k: d[k] for k in ("height", "width", "resize", "jpeg_draft", "max_pixels") if k in d}
+        known = {k: d[k] for k in ("height", "width", "resize", "jpeg_draft", "max_pixels", "keep_aspect") if k in d}
         return cls(**known)
 
 
@@ -142,9 +146,7 @@ def _decode(f: BinaryIO, spec: PreprocessSpec) -> np.ndarray:
                 if spec.jpeg_draft and im.format == "JPEG":
                     im.draft("RGB", (spec.width, spec.height))
                 im.load()
-                rgb = _to_rgb(im)
-                if rgb.size != (spec.width, spec.height):
-                    rgb = rgb.resize((spec.width, spec.height), _FILTERS[spec.resize])
+                rgb = _resized(_to_rgb(im), spec)
                 arr = np.asarray(rgb, dtype=np.uint8)
     except ImageError:
         raise
@@ -166,6 +168,29 @@ def _decode(f: BinaryIO, spec: PreprocessSpec) -> np.ndarray:
     if arr.shape != (spec.height, spec.width, 3):  # defensive: a plugin returned something odd
         raise ImageError(f"decoded to unexpected shape {arr.shape}")
     return arr
+
+
+def fit_box(w: int, h: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """Where a ``w x h`` image goes in a ``width x height`` frame with its aspect kept: (x, y, new_w, new_h).
+
+    The rule embedders copy: ``s = min(width / w, height / h)``, ``new = floor(size * s + 0.5)``
+    (at least 1), placed at ``floor((width - new_w) / 2), floor((height - new_h) / 2)``; the rest
+    of the frame is black (0, 0, 0).
+    """
+    s = min(width / w, height / h)
+    nw, nh = max(1, min(width, math.floor(w * s + 0.5))), max(1, min(height, math.floor(h * s + 0.5)))
+    return (width - nw) // 2, (height - nh) // 2, nw, nh
+
+
+def _resized(rgb: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    if rgb.size == (spec.width, spec.height):
+        return rgb
+    if not spec.keep_aspect:
+        return rgb.resize((spec.width, spec.height), _FILTERS[spec.resize])
+    x, y, nw, nh = fit_box(rgb.width, rgb.height, spec.width, spec.height)
+    frame = Image.new("RGB", (spec.width, spec.height), (0, 0, 0))
+    frame.paste(rgb if rgb.size == (nw, nh) else rgb.resize((nw, nh), _FILTERS[spec.resize]), (x, y))
+    return frame
 
 
 def _decode_error(e: BaseException) -> ImageError:
