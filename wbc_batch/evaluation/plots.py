@@ -37,19 +37,15 @@ def plot_confusion(cm: np.ndarray, labels: Sequence[str], path: str | Path, *, n
     plt.close(fig)
 
 
-def plot_history(history_csv: str | Path, path: str | Path) -> None:
-    """Training curves (loss; accuracy and macro-F1) from a run dir's history.csv."""
-    import csv
+def history_figure(rows: Sequence[dict]):
+    """The training-curves figure (loss; accuracy and macro-F1) of history rows; markers show every epoch.
 
+    Why markers: a one-epoch run is a single point per curve, which a line alone does not draw.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    with open(history_csv, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError(f"{history_csv} has no epochs")
 
     def col(name: str) -> list[float]:
         return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
@@ -58,14 +54,28 @@ def plot_history(history_csv: str | Path, path: str | Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     for key, lab in (("train_loss", "train"), ("val_loss", "val")):
         if key in rows[0]:
-            a.plot(ep, col(key), label=lab)
+            a.plot(ep, col(key), label=lab, marker="o", markersize=4)
     a.set(title="loss", xlabel="epoch")
     a.legend()
     for key, lab, ls in (("train_accuracy", "train", "-"), ("val_accuracy", "val", "-"), ("val_macro_f1", "val macro-F1", "--")):
         if key in rows[0]:
-            b.plot(ep, col(key), label=lab, linestyle=ls)
+            b.plot(ep, col(key), label=lab, linestyle=ls, marker="o", markersize=4)
     b.set(title="accuracy", xlabel="epoch", ylim=(0, 1))
     b.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_history(history_csv: str | Path, path: str | Path) -> None:
+    """Training curves from a run dir's history.csv, written to ``path``."""
+    import csv
+
+    with open(history_csv, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{history_csv} has no epochs")
+    fig = history_figure(rows)
+    import matplotlib.pyplot as plt  # after history_figure chose the Agg backend
+
     fig.savefig(path)
     plt.close(fig)
