@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from test_orchestrator import make_bad_inputs, read_rows
 from wbc_batch import __version__
 from wbc_batch.cli import main
 from wbc_batch.inference.metadata import ModelMetadata
+from wbc_batch.inference.model import load_model
 from wbc_batch.inference.predictions import sidecar_path
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
@@ -286,3 +288,104 @@ def test_address_without_ray_engine_exit_2(tmp_path, color_model, sample_copy):
     r = classify(sample_copy, tmp_path / "p.csv", color_model, "--address", "auto")
     assert (r.exit_code, r.stderr) == (2, "wbc-batch: error: --address is only meaningful with --engine ray\n")
     assert not (tmp_path / "p.csv").exists()
+
+
+# -- what a person reads: the summary's scores, the model card, usage and no-image errors ----------------
+def _sklearn_scores(csv_path: Path) -> tuple[float, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    rows = [r for r in read_rows(csv_path) if r["status"] == "ok" and r["true_label"]]
+    t, p = [r["true_label"] for r in rows], [r["label"] for r in rows]
+    return accuracy_score(t, p), f1_score(t, p, labels=list(LABELS), average="macro", zero_division=0)
+
+
+def test_summary_prints_accuracy_and_macro_f1_when_truth_is_known(tmp_path, sample_copy):
+    out = tmp_path / "p.csv"
+    r = wbc("classify", sample_copy, "-o", out, "--workers", "1")  # the shipped model: real scores
+    assert r.exit_code == 0, r.output
+    acc, f1 = _sklearn_scores(out)
+    assert (f"{acc:.3f}", f"{f1:.3f}") == ("0.850", "0.842")
+    assert r.stderr.startswith("wbc-batch: files 40  ok 40  errors 0  accuracy 0.850  macro-F1 0.842  ") and r.stderr.endswith(f"  -> {out}\n")
+    (sample_copy / "slide7").mkdir()
+    shutil.copy(next(sample_copy.rglob("*.jpeg")), sample_copy / "slide7" / "a.jpeg")
+    r = wbc("classify", sample_copy, "-o", tmp_path / "q.csv", "--workers", "1")
+    assert "files 41  ok 41  errors 0  accuracy 0.850  macro-F1 0.842 (40 with a true label)  " in r.stderr
+
+
+def test_summary_without_truth_prints_no_scores(tmp_path, color_model, sample_copy):
+    r = classify(sample_copy / "MONOCYTE", tmp_path / "p.csv", color_model)  # files at the root: no class folder, no truth
+    assert r.exit_code == 0 and r.stderr.startswith("wbc-batch: files 10  ok 10  errors 0  ") and "accuracy" not in r.stderr
+    assert {row["true_label"] for row in read_rows(tmp_path / "p.csv")} == {""}
+
+
+def test_resume_with_overwrite_is_a_usage_error(tmp_path, color_model, sample_copy):
+    out = tmp_path / "p.csv"
+    out.write_text("keep me\n")
+    r = classify(sample_copy, out, color_model, "--resume", "--overwrite")
+    assert r.exit_code == 2
+    assert r.stderr == "wbc-batch: error: --resume and --overwrite contradict each other: --resume continues OUTPUT, --overwrite replaces it; give one\n"
+    assert out.read_text() == "keep me\n" and not sidecar_path(out).exists()
+
+
+def test_no_image_leaves_no_output(tmp_path, color_model):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "p.csv"
+    r = classify(tmp_path / "empty", out, color_model)  # not quiet: no summary line for a run that wrote nothing
+    assert (r.exit_code, r.stdout, r.stderr) == (3, "", "wbc-batch: error: no image files found under the inputs\n")
+    assert not out.exists() and not sidecar_path(out).exists()
+    r = classify(tmp_path / "empty", out, color_model, "-q")  # so the same command is not refused the next time
+    assert r.exit_code == 3 and "exists" not in r.stderr
+
+
+def test_info_card_of_a_bare_model(color_model):
+    r = wbc("info", color_model)
+    assert r.exit_code == 0
+    sha = load_model(color_model, threads=1).sha256
+    assert r.stdout.splitlines() == [
+        f"model:      {color_model}",
+        f"sha256:     {sha}",
+        "name:       color-test  (arch mean-colour)",
+        "labels:     EOSINOPHIL, LYMPHOCYTE, MONOCYTE, NEUTROPHIL",
+        "input:      image  NHWC uint8 24x32x3 RGB",
+        "preprocess: decode, convert to RGB, resize to 32x24 (bilinear, JPEG draft)",
+        "output:     probabilities  (probabilities)",
+        "providers:  CPUExecutionProvider",
+    ]
+
+
+def test_info_card_shows_provenance_whole_and_rounded(tmp_path):
+    extra = {
+        "training": {
+            "data": {"path": "data/TRAIN", "files": 9957, "sha256_names_sizes": "36e7bc232cad91d26d9a1ae8fa3f1870"},
+            "epoch": 26,
+            "config": {"size": [240, 320], "lr": 0.002, "weight_decay": 0.0005, "augment": True},
+            "n_train": 8534,
+        },
+        "metrics": {
+            "eval_dir": "data/TEST",
+            "n": 2487,
+            "accuracy": 0.8785685564937676,
+            "macro_f1": 0.8817020178065,
+            "per_class": {lb: {"precision": 1 / 3, "recall": 0.75, "f1": 0.46153846, "support": 620} for lb in LABELS},
+            "confusion_matrix": [[1, 2], [3, 4]],
+        },
+        "export_parity": {"parity_images": 256, "max_abs_diff_all": 2.980232238769531e-07, "argmax_agreement": 1.0},
+        "versions": {"torch": "2.14.1", "onnx": "1.23.2", "wbc_batch": "0.1.0"},
+        "created": "2026-11-26T16:57:06+00:00",
+    }
+    md = ModelMetadata(labels=LABELS, height=24, width=32, name="card", arch="wbc-net", extra=extra).to_json_dict()
+    path = build_color_model(tmp_path / "card.onnx", metadata=md)
+    r = wbc("info", path)
+    assert r.exit_code == 0
+    assert r.stdout.splitlines()[8:] == [
+        "training:   data/TRAIN, 9957 files (fingerprint 36e7bc232cad...); epoch 26, n_train 8534",
+        "            size [240, 320], lr 0.002, weight_decay 0.0005, augment True",
+        "metrics:    on data/TEST, 2487 images: accuracy 0.879, macro_f1 0.882",
+        *(f"            {lb:<10}  precision 0.333, recall 0.750, f1 0.462, support 620" for lb in LABELS),
+        "            confusion (rows true, columns predicted): 1 2 | 3 4",
+        "export_parity: parity_images 256, max_abs_diff_all 2.98023e-07, argmax_agreement 1",
+        "versions:   torch 2.14.1, onnx 1.23.2, wbc_batch 0.1.0",
+        "created:    2026-11-26T16:57:06+00:00",
+    ]
+    r = wbc("info", "--json", path)
+    assert json.loads(r.stdout) == md  # the raw metadata, unrounded

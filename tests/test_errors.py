@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from wbc_batch.errors import ExitCode, WbcBatchError
+from wbc_batch.errors import ExitCode, UsageError, WbcBatchError
 from wbc_batch.evaluation.report import ReportError
 from wbc_batch.inference.metadata import ModelError
 from wbc_batch.inference.orchestrator import NoImagesError
@@ -26,6 +26,7 @@ from wbc_batch.inference.truth import LabelsError
         (NoImagesError, 3),
         (RayEngineError, 1),
         (RayUnavailable, 1),
+        (UsageError, 2),
     ],
 )
 def test_each_error_carries_its_exit_code(cls, code):

@@ -15,10 +15,11 @@ import pytest
 from conftest import LABELS, build_color_model, color_model_reference, sample_images
 from PIL import Image
 
+from wbc_batch.errors import UsageError
 from wbc_batch.inference.local_engine import RunnerOptions
 from wbc_batch.inference.model import load_model
 from wbc_batch.inference.orchestrator import ClassifyConfig, run_classify
-from wbc_batch.inference.predictions import OutputError, format_header, sidecar_path
+from wbc_batch.inference.predictions import OutputError, sidecar_path
 from wbc_batch.inference.preprocess import load_image
 from wbc_batch.inference.truth import LabelsError
 
@@ -276,9 +277,47 @@ def test_no_images_and_all_bad(tmp_path, color_model):
     (tmp_path / "empty").mkdir()
     s = run_classify(_cfg([tmp_path / "empty"], tmp_path / "p.csv", color_model))
     assert (s.files, s.ok) == (0, 0)
-    assert (tmp_path / "p.csv").read_text() == format_header(LABELS)
+    # Nothing found, nothing written: no header-only CSV and no sidecar to block the next run.
+    assert not (tmp_path / "p.csv").exists() and not sidecar_path(tmp_path / "p.csv").exists()
+    (tmp_path / "kept.csv").write_text("an earlier run\n")
+    s = run_classify(_cfg([tmp_path / "empty"], tmp_path / "kept.csv", color_model, overwrite=True))
+    assert s.files == 0 and (tmp_path / "kept.csv").read_text() == "an earlier run\n"
     make_bad_inputs(tmp_path / "bad")
     for ok in ["cmyk.jpg", "gray.png", "gray16.png", "palette.png", "palette_t.png", "real.jpeg", "rgba.png"]:
         (tmp_path / "bad" / ok).unlink()
     s = run_classify(_cfg([tmp_path / "bad"], tmp_path / "p2.csv", color_model))
     assert (s.files, s.ok, s.errors) == (6, 0, 6)
+
+
+def test_resume_and_overwrite_together_is_a_usage_error(tmp_path, color_model):
+    with pytest.raises(UsageError, match=r"^--resume and --overwrite contradict each other: --resume continues OUTPUT, --overwrite replaces it; give one$"):
+        _cfg([tmp_path], tmp_path / "p.csv", color_model, resume=True, overwrite=True)
+
+
+def _confusion(rows: list[dict[str, str]]) -> list[list[int]]:
+    return [[sum(r["status"] == "ok" and (r["true_label"], r["label"]) == (t, p) for r in rows) for p in LABELS] for t in LABELS]
+
+
+def test_summary_confusion_counts_the_whole_csv_including_resumed_rows(tmp_path, color_model, sample_copy):
+    (sample_copy / "bad.jpg").write_bytes(b"")  # an error row: not counted
+    (sample_copy / "unlabelled").mkdir()
+    shutil.copy(JPEG, sample_copy / "unlabelled" / "x.jpeg")  # no true label: not counted
+    full = run_classify(_cfg([sample_copy], tmp_path / "full.csv", color_model))
+    want = _confusion(read_rows(tmp_path / "full.csv"))
+    assert sum(map(sum, want)) == 40 and full.labels == list(LABELS)
+    assert full.confusion == want
+    out = _first_rows(tmp_path, color_model, sample_copy, 3)
+    resumed = run_classify(_cfg([sample_copy], out, color_model, resume=True))
+    assert (resumed.resumed, resumed.files) == (12, 42)
+    assert resumed.confusion == want
+    assert json.loads(sidecar_path(out).read_text())["summary"]["confusion"] == want
+
+
+def test_summary_without_truth_has_no_confusion(tmp_path, color_model):
+    d = tmp_path / "slide"
+    d.mkdir()
+    shutil.copy(JPEG, d / "a.jpeg")
+    s = run_classify(_cfg([d], tmp_path / "p.csv", color_model))
+    assert (s.files, s.confusion) == (1, [])
+    assert s.line().startswith("files 1  ok 1  errors 0  ") and "accuracy" not in s.line()
+    assert s.line("accuracy 1.000").startswith("files 1  ok 1  errors 0  accuracy 1.000  ")

@@ -107,6 +107,19 @@ def test_scan_intact_file(tmp_path):
     assert (run.done, run.ok, run.errors, run.good_bytes, run.torn_bytes) == ({"a/x.jpg", "b.jpg"}, 1, 1, out.stat().st_size, 0)
 
 
+def test_scan_tallies_true_and_predicted_labels_of_ok_rows(tmp_path):
+    rows = [
+        Prediction("a.jpg", "EOSINOPHIL", 0.9, [0.9, 0.1, 0.0, 0.0], "EOSINOPHIL"),
+        Prediction("b.jpg", "EOSINOPHIL", 0.6, [0.6, 0.4, 0.0, 0.0], "LYMPHOCYTE"),
+        Prediction("c.jpg", "EOSINOPHIL", 0.6, [0.6, 0.4, 0.0, 0.0], "LYMPHOCYTE"),
+        Prediction("d.jpg", "MONOCYTE", 0.7, [0.1, 0.1, 0.7, 0.1], ""),  # no truth: not tallied
+        Prediction("e.jpg", true_label="NEUTROPHIL", status="error", error="empty file"),  # no prediction: not tallied
+    ]
+    run = scan_existing(_intact(tmp_path, rows), LABELS)
+    assert dict(run.truth_pairs) == {("EOSINOPHIL", "EOSINOPHIL"): 1, ("LYMPHOCYTE", "EOSINOPHIL"): 2}
+    assert (run.ok, run.errors) == (4, 1)
+
+
 @pytest.mark.parametrize(
     "tail",
     [

@@ -37,3 +37,9 @@ class WbcBatchError(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+class UsageError(WbcBatchError):
+    """Options that contradict each other or cannot apply (e.g. --resume with --overwrite)."""
+
+    exit_code = ExitCode.USAGE

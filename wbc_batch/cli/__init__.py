@@ -8,9 +8,9 @@ import sys
 import click
 
 from .. import __version__
-from ..errors import ExitCode, WbcBatchError
+from ..errors import ExitCode, UsageError, WbcBatchError
 from ..inference.engine import RunnerOptions
-from ..inference.orchestrator import ClassifyConfig, require_images, run_classify
+from ..inference.orchestrator import ClassifyConfig, RunSummary, require_images, run_classify
 
 
 class _Main(click.Group):
@@ -85,11 +85,11 @@ def classify(inputs, model, output, workers, batch_size, provider, threads, resu
         progress="none" if quiet else "auto",
     )
     if address and engine_name != "ray":
-        raise WbcBatchError("--address is only meaningful with --engine ray", exit_code=ExitCode.USAGE)
+        raise UsageError("--address is only meaningful with --engine ray")
     engine = _ray_engine(address) if engine_name == "ray" else None
     summary = run_classify(cfg, engine=engine)
-    if not quiet:
-        click.echo(f"wbc-batch: {summary.line()}", err=True)
+    if not quiet and summary.files:  # a run that found no image wrote nothing: the error below says so
+        click.echo(f"wbc-batch: {summary.line(_scores(summary))}", err=True)
     if summary.interrupted:
         click.echo("wbc-batch: interrupted; rerun the same command with --resume to finish", err=True)
         sys.exit(int(ExitCode.INTERRUPTED))
@@ -97,6 +97,19 @@ def classify(inputs, model, output, workers, batch_size, provider, threads, resu
     if report_dir:
         _report_after_classify(cfg.output, report_dir, quiet)
     sys.exit(int(ExitCode.OK))
+
+
+def _scores(summary: RunSummary) -> str:
+    """Accuracy and macro-F1 over the rows with a true label (as the report computes them); '' without truth."""
+    if not summary.confusion:
+        return ""
+    import numpy as np
+
+    from ..evaluation.metrics import metrics_from_confusion
+
+    m = metrics_from_confusion(np.asarray(summary.confusion), summary.labels)
+    share = "" if m.n == summary.ok else f" ({m.n} with a true label)"
+    return f"accuracy {m.accuracy:.3f}  macro-F1 {m.macro_f1:.3f}{share}"
 
 
 def _report_after_classify(predictions: str, report_dir: str, quiet: bool) -> None:
@@ -118,21 +131,12 @@ def info(model, as_json) -> None:
     from ..inference.model import load_model
 
     m = load_model(model, threads=1)
-    d = m.metadata.to_json_dict()
     if as_json:
-        click.echo(json.dumps(d, indent=2))
+        click.echo(json.dumps(m.metadata.to_json_dict(), indent=2))
         return
-    md = m.metadata
-    click.echo(f"model:      {m.path}")
-    click.echo(f"sha256:     {m.sha256}")
-    click.echo(f"name:       {md.name}  (arch {md.arch or '?'})")
-    click.echo(f"labels:     {', '.join(md.labels)}")
-    click.echo(f"input:      {md.input_name}  {md.layout} {md.dtype} {md.height}x{md.width}x3 {md.color}")
-    click.echo(f"preprocess: decode, convert to RGB, resize to {md.width}x{md.height} ({md.resize}{', JPEG draft' if md.jpeg_draft else ''})")
-    click.echo(f"output:     {md.output_name}  ({md.output_kind})")
-    click.echo(f"providers:  {', '.join(m.providers)}")
-    for k, v in md.extra.items():
-        click.echo(f"{k + ':':<11} {json.dumps(v)[:300]}")
+    from .model_card import card_lines
+
+    click.echo("\n".join(card_lines(m)))
 
 
 @main.command()

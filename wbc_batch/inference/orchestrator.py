@@ -13,17 +13,19 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..errors import ExitCode, WbcBatchError
+from ..errors import ExitCode, UsageError, WbcBatchError
 from .discover import InputFile, common_root, iter_images
 from .engine import Engine, RunnerOptions
 from .local_engine import LocalEngine
 from .model import Model, load_model
 from .predictions import (
+    ExistingRun,
     OutputError,
     PredictionWriter,
     read_sidecar,
@@ -54,6 +56,10 @@ class ClassifyConfig:
     progress: str = "auto"  # auto | bar | log | none
     log_every_s: float = 10.0
 
+    def __post_init__(self) -> None:
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other: --resume continues OUTPUT, --overwrite replaces it; give one")
+
 
 @dataclass
 class RunSummary:
@@ -67,10 +73,14 @@ class RunSummary:
     images_per_s: float = 0.0
     interrupted: bool = False
     model_sha256: str = ""
+    labels: list[str] = field(default_factory=list)  # the model's, in its order
+    #: Rows with a true label, whole CSV (resumed rows too): rows true, columns predicted; empty without truth.
+    confusion: list[list[int]] = field(default_factory=list)
 
-    def line(self) -> str:
+    def line(self, scores: str = "") -> str:
+        """One line for the terminal; ``scores`` (e.g. accuracy and macro-F1, worked out by the caller) goes after the counts."""
         s = (
-            f"files {self.files}  ok {self.ok}  errors {self.errors}  "
+            f"files {self.files}  ok {self.ok}  errors {self.errors}  {scores + '  ' if scores else ''}"
             f"{self.images_per_s:.1f} images/s  wall {self.wall_s:.1f}s"
         )
         if self.resumed:
@@ -149,13 +159,13 @@ def _count_in_background(inputs: Sequence[str], root: Path, skip: set[str], prog
     return t
 
 
-def _prepare_output(cfg: ClassifyConfig, model: Model, root: Path) -> tuple[set[str], int, int]:
-    """Check the output for --resume/--overwrite; returns (done paths, ok, errors) already there."""
+def _prepare_output(cfg: ClassifyConfig, model: Model, root: Path) -> ExistingRun:
+    """Check the output for --resume/--overwrite; returns what is already there (nothing for a fresh run)."""
     out = Path(cfg.output)
     if out.is_dir():
         raise OutputError(f"output {out} is a directory; give a CSV file path")
     if not out.exists() or cfg.overwrite:
-        return set(), 0, 0
+        return ExistingRun(set(), 0, 0, 0, 0)
     if not cfg.resume:
         raise OutputError(f"{out} exists: use --resume to continue that run, or --overwrite to replace it")
     side = read_sidecar(out)
@@ -172,7 +182,7 @@ def _prepare_output(cfg: ClassifyConfig, model: Model, root: Path) -> tuple[set[
     existing = scan_existing(out, model.labels)
     if existing.torn_bytes:
         truncate_torn_tail(out, existing.good_bytes)
-    return existing.done, existing.ok, existing.errors
+    return existing
 
 
 def _load_model(cfg: ClassifyConfig) -> Model:
@@ -200,19 +210,26 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _count_rows(summary: RunSummary, preds: Sequence[Prediction]) -> int:
-    """Add a batch to the summary; returns its number of error rows."""
-    n_ok = sum(p.status == STATUS_OK for p in preds)
+def _count_rows(summary: RunSummary, truth_pairs: Counter[tuple[str, str]], preds: Sequence[Prediction]) -> int:
+    """Add a batch to the summary and the (true, predicted) tally; returns its number of error rows."""
+    n_ok = 0
+    for p in preds:
+        if p.status == STATUS_OK:
+            n_ok += 1
+            if p.true_label:
+                truth_pairs[p.true_label, p.label] += 1
     summary.ok += n_ok
     summary.errors += len(preds) - n_ok
     summary.processed += len(preds)
     return len(preds) - n_ok
 
 
-def _close_summary(summary: RunSummary, t0: float) -> None:
+def _close_summary(summary: RunSummary, t0: float, truth_pairs: Counter[tuple[str, str]]) -> None:
     summary.files = summary.ok + summary.errors
     summary.wall_s = time.perf_counter() - t0
     summary.images_per_s = summary.processed / summary.wall_s if summary.wall_s > 0 else 0.0
+    if truth_pairs:
+        summary.confusion = [[truth_pairs[t, p] for p in summary.labels] for t in summary.labels]
 
 
 def run_classify(
@@ -235,11 +252,15 @@ def run_classify(
     # The labels file is checked before the output is touched: a bad one changes nothing.
     table = read_labels_csv(cfg.labels_csv, root, model.labels) if cfg.labels_csv else None
     truth = truth_function(model.labels, table)
-    done, ok0, err0 = _prepare_output(cfg, model, root)
+    summary = RunSummary(output=str(cfg.output), model_sha256=model.sha256, labels=list(model.labels))
+    if not any(True for _ in iter_images(inputs, root)):
+        return summary  # no image at all: no CSV, no sidecar (and an existing output stays as it was)
+    existing = _prepare_output(cfg, model, root)
+    done, truth_pairs = existing.done, existing.truth_pairs
+    summary.resumed, summary.ok, summary.errors = len(done), existing.ok, existing.errors
 
     info = _run_info(cfg, model, root, inputs, engine)
     write_sidecar(cfg.output, info)
-    summary = RunSummary(output=str(cfg.output), resumed=len(done), ok=ok0, errors=err0, model_sha256=model.sha256)
     progress = _Progress(cfg.progress, 0, cfg.log_every_s)
     _count_in_background(inputs, root, done, progress)
     files: Iterator[InputFile] = (f for f in iter_images(inputs, root) if f.rel not in done)
@@ -248,7 +269,7 @@ def run_classify(
     try:
         for preds in batches:
             writer.write(preds)
-            progress.update(len(preds), _count_rows(summary, preds))
+            progress.update(len(preds), _count_rows(summary, truth_pairs, preds))
             if on_batch is not None:
                 on_batch(preds)
     except KeyboardInterrupt:
@@ -258,7 +279,7 @@ def run_classify(
         engine.close()
         progress.close()
         writer.close()
-        _close_summary(summary, t0)
+        _close_summary(summary, t0, truth_pairs)
         state = "interrupted" if summary.interrupted else "finished"
         info.update(engine=engine.info(), state=state, finished=_now(), summary=asdict(summary))
         try:

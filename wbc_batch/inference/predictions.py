@@ -16,8 +16,9 @@ import csv
 import io
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ExitCode, WbcBatchError
@@ -114,6 +115,7 @@ class ExistingRun:
     errors: int
     good_bytes: int  # length of the intact prefix (header + whole rows)
     torn_bytes: int  # bytes after it that a kill left behind
+    truth_pairs: Counter[tuple[str, str]] = field(default_factory=Counter)  # (true, predicted) of ok rows with a true label
 
 
 def _records_with_offsets(f: io.BufferedReader) -> Iterator[tuple[list[str], int]]:
@@ -146,9 +148,10 @@ def _records_with_offsets(f: io.BufferedReader) -> Iterator[tuple[list[str], int
 def scan_existing(path: str | os.PathLike[str], labels: Sequence[str]) -> ExistingRun:
     """Read a predictions CSV for --resume: the finished paths and where the intact part ends."""
     expected = columns(labels)
-    n, st = len(expected), expected.index("status")
+    n, st, ti = len(expected), expected.index("status"), expected.index("true_label")
     size = os.path.getsize(path)
     done: set[str] = set()
+    pairs: Counter[tuple[str, str]] = Counter()
     ok = errors = good = 0
     with open(path, "rb") as f:
         records = _records_with_offsets(f)
@@ -167,8 +170,10 @@ def scan_existing(path: str | os.PathLike[str], labels: Sequence[str]) -> Existi
             done.add(rec[0])
             ok += rec[st] == STATUS_OK
             errors += rec[st] == STATUS_ERROR
+            if rec[st] == STATUS_OK and rec[ti]:
+                pairs[rec[ti], rec[1]] += 1
             good = end
-    return ExistingRun(done, ok, errors, good, size - good)
+    return ExistingRun(done, ok, errors, good, size - good, pairs)
 
 
 def truncate_torn_tail(path: str | os.PathLike[str], good_bytes: int) -> None:
