@@ -53,7 +53,9 @@ def _need_torch() -> None:
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="torch CPU threads (0: torch's default).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--max-per-class", type=click.IntRange(min=0), default=0, show_default=True, help="Use at most N images per class (quick runs).")
-@click.option("-q", "--quiet", is_flag=True, help="No per-epoch progress bar.")
+@click.option("--init", "init_from", type=click.Path(exists=True), default=None, help="Fine-tune from these weights: a run folder, or an ONNX model exported by wbc-batch (e.g. export/wbc-default.onnx). A different class set rebuilds the classifier (shared classes keep their rows).")
+@click.option("--class-weights", type=click.Choice(["balanced", "none"]), default="balanced", show_default=True, help="balanced: weight each class's loss by n / (classes x n_class) of the training split, so a rare class counts as much as a common one.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar (a log file or pipe never gets one: one line per epoch).")
 def train_cmd(data_dir, run_dir, quiet, group_regex, crop_window, crop_size, **kw) -> None:
     """Train a classifier on DATA_DIR/CLASS/*.jpeg (any class names) and write a run dir.
 

@@ -36,6 +36,8 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = all cores
     device: str = "auto"  # auto | cpu | cuda
     max_per_class: int = 0  # 0 = all; >0 subsamples (quick runs, tests)
+    init_from: str | None = None  # run folder or exported .onnx to fine-tune from (see training.init_weights)
+    class_weights: str = "balanced"  # balanced: loss weight n / (classes * n_c) per class (train split); none
     extra: dict = field(default_factory=dict)
 
     def resolved_crop(self) -> tuple[int, int] | None:

@@ -148,7 +148,7 @@ def check_parity(model, data: bytes, images: np.ndarray, output: str | os.PathLi
 
 
 #: TrainConfig fields recorded in the model's metadata (``training.config``).
-_RECORDED = ("size", "crop", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "label_smoothing", "augment", "val_fraction", "group_regex", "groups_file", "seed")
+_RECORDED = ("size", "crop", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "label_smoothing", "augment", "val_fraction", "group_regex", "groups_file", "seed", "class_weights")
 
 
 def model_metadata(record, epoch: int | None, report: ExportReport, name: str) -> ModelMetadata:
@@ -169,6 +169,7 @@ def model_metadata(record, epoch: int | None, report: ExportReport, name: str) -
         "config": {k: cfg[k] for k in _RECORDED if k in cfg},
         "n_train": record.n_train,
         "n_val": record.n_val,
+        **({"init": record.init} if record.init else {}),
     }
     return ModelMetadata(
         labels=tuple(record.classes), height=spec.height, width=spec.width, resize=spec.resize, jpeg_draft=spec.jpeg_draft,

@@ -79,6 +79,7 @@ class Trainer:
     windows: torch.Tensor | None  # per image window side (pixels), with the crop
     label_smoothing: float
     augment: bool
+    loss_weights: torch.Tensor | None = None  # per class (imbalance), None: plain cross-entropy
 
 
 def load_data(cfg: TrainConfig, spec: PreprocessSpec) -> TrainData:
@@ -161,7 +162,7 @@ def train_one_epoch(t: Trainer, data: TrainData, batch_size: int, gen: torch.Gen
         yb = y_all[bi].to(t.device)
         with torch.autocast(t.device.type, enabled=t.scaler.is_enabled()):
             logits = t.model.net(xb * t.model.scale - t.model.shift)
-            loss = F.cross_entropy(logits, yb, label_smoothing=t.label_smoothing)
+            loss = F.cross_entropy(logits, yb, weight=t.loss_weights, label_smoothing=t.label_smoothing)
         t.opt.zero_grad(set_to_none=True)
         t.scaler.scale(loss).backward()
         t.scaler.step(t.opt)
@@ -188,13 +189,39 @@ def _trainer(cfg: TrainConfig, model: Deployable, data: TrainData, device: torch
     sched = build_scheduler(cfg.schedule, opt, cfg.lr, math.ceil(len(data.train_idx) / cfg.batch_size) * cfg.epochs)
     centres, windows = _locate(model.crop, data.images, device) if model.crop is not None else (None, None)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    return Trainer(model, opt, sched, scaler, device, centres, windows, cfg.label_smoothing, cfg.augment)
+    weights = class_weights(data.targets[data.train_idx], len(data.classes), cfg.class_weights)
+    return Trainer(model, opt, sched, scaler, device, centres, windows, cfg.label_smoothing, cfg.augment, None if weights is None else weights.to(device))
+
+
+def class_weights(targets: np.ndarray, n_classes: int, mode: str) -> torch.Tensor | None:
+    """Loss weight per class so that each class counts as much as the others: n / (classes * n_c).
+
+    Why weights rather than re-sampling: the epoch and its random order stay as they are, and a
+    class of 22 images is not shown ten times over per epoch. A class absent from training gets 0.
+    """
+    if mode == "none":
+        return None
+    if mode != "balanced":
+        raise ValueError(f"unknown class_weights {mode!r}; choose balanced or none")
+    counts = np.bincount(targets, minlength=n_classes).astype(np.float64)
+    w = np.divide(len(targets), n_classes * counts, out=np.zeros(n_classes), where=counts > 0)
+    return torch.tensor(w, dtype=torch.float32)
 
 
 def _record(cfg: TrainConfig, spec: PreprocessSpec, data: TrainData, device: torch.device) -> RunRecord:
     resolved = replace(cfg, size=cfg.resolved_size(), crop=cfg.resolved_crop() or (0, 0), device=str(device))
     return RunRecord(resolved, data.classes, spec.to_dict(), int(len(data.train_idx)), int(len(data.val_idx)),
                      bool(len(data.val_idx) and data.val_is_train), data.val_sources(), str(device), str(torch.__version__))
+
+
+def _init(model: Deployable, cfg: TrainConfig, data: TrainData, device: torch.device) -> dict:
+    """Fine-tuning: the --init weights into ``model`` (head rebuilt for a new class set), said on stderr."""
+    from .init_weights import init_model, read_init
+
+    done = init_model(model, read_init(cfg.init_from), cfg.arch, data.classes, data.images[data.train_idx], device)
+    head = "same classes" if not done["new"] and done["kept"] == done["classes"] else f"head rebuilt: kept {done['kept']}, new {done['new']}"
+    print(f"init: {done['kind']} {done['from']} ({head})", file=sys.stderr)
+    return done
 
 
 def _log_data(data: TrainData) -> None:
@@ -269,8 +296,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     data = load_data(cfg, spec)
     _log_data(data)
     model = build_deployable(cfg.arch, len(data.classes), (h, w), cfg.resolved_crop(), probabilities=False).to(device)
-    t = _trainer(cfg, model, data, device)
     record = _record(cfg, spec, data, device)
+    if cfg.init_from:
+        record.init = _init(model, cfg, data, device)
+    t = _trainer(cfg, model, data, device)
     record.write(run_dir)
     history, best = _fit(cfg, t, data, record, run_dir, bar=progress and sys.stderr.isatty())
     _plot_run(run_dir)

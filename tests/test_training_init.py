@@ -1,0 +1,129 @@
+"""``train --init``: fine-tuning from a run folder or an exported ONNX model, the rebuilt head, class weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import SAMPLE, build_color_model
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
+
+from wbc_batch.inference.preprocess import PreprocessSpec, load_image  # noqa: E402
+from wbc_batch.training.config import TrainConfig  # noqa: E402
+from wbc_batch.training.init_weights import InitError, init_model, read_init  # noqa: E402
+from wbc_batch.training.loop import class_weights, train  # noqa: E402
+from wbc_batch.training.models import build_deployable  # noqa: E402
+from wbc_batch.training.record import load_weights  # noqa: E402
+
+SIZE = (48, 64)
+CLASSES = ("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL")
+
+
+def _cfg(data, run, **kw) -> TrainConfig:
+    base = dict(arch="wbc-net", size=SIZE, crop=(0, 0), epochs=1, batch_size=8, val_fraction=0.3, patience=0, workers=1, threads=2)
+    return TrainConfig(str(data), str(run), **{**base, **kw})
+
+
+def _images() -> np.ndarray:
+    return np.stack([load_image(p, PreprocessSpec(*SIZE)) for p in sorted(SAMPLE.rglob("*.jpeg"))])
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A tiny trained run and its ONNX export."""
+    from wbc_batch.training.export import export_run
+
+    tmp = tmp_path_factory.mktemp("init")
+    train(_cfg(SAMPLE, tmp / "run", epochs=2), progress=False)
+    export_run(tmp / "run", tmp / "tiny.onnx", check_dir=SAMPLE, check_images=40)
+    return tmp / "run", tmp / "tiny.onnx"
+
+
+def _fresh(classes=CLASSES, probabilities=True):
+    torch.manual_seed(123)
+    return build_deployable("wbc-net", len(classes), SIZE, None, probabilities=probabilities).eval()
+
+
+def test_init_from_a_run_loads_its_weights_exactly(source):
+    run, _ = source
+    model = _fresh()
+    done = init_model(model, read_init(run), "wbc-net", CLASSES, _images(), torch.device("cpu"))
+    assert done == {"from": str(run), "kind": "run", "classes": list(CLASSES), "kept": list(CLASSES), "new": [], "rebuilt_batch_norms": 0}
+    ref = load_weights(run / "best.pt")
+    got = model.net.state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_init_from_onnx_computes_what_the_onnx_file_computes(source):
+    import onnxruntime as ort
+
+    _, onnx_path = source
+    src = read_init(onnx_path)
+    # The dynamo exporter names initializers after the torch parameters and folds each batch norm into its conv.
+    assert "features.0.0.weight" in src.state and "features.0.0.weight_bias" in src.state and "features.0.1.weight" not in src.state
+    model = _fresh()
+    x = _images()
+    done = init_model(model, src, "wbc-net", CLASSES, x, torch.device("cpu"))
+    assert done["kind"] == "onnx" and done["rebuilt_batch_norms"] == 8 and done["new"] == []
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        got = model.eval()(torch.from_numpy(x)).numpy()
+    assert np.abs(got - sess.run(None, {"image": x})[0]).max() < 1e-4
+    # The rebuilt batch norms carry the statistics of the new images, so training mode starts normalised.
+    bn = model.net.features[0][1]
+    assert float(bn.running_var.min()) > 0 and not torch.allclose(bn.weight, torch.ones_like(bn.weight))
+
+
+def test_a_different_class_set_rebuilds_the_head_and_keeps_the_rest(source):
+    run, _ = source
+    ref = load_weights(run / "best.pt")
+    classes = ("BASOPHIL", "LYMPHOCYTE", "NEUTROPHIL")
+    model = _fresh(classes)
+    fresh_row = model.net.head[1].weight[0].detach().clone()
+    done = init_model(model, read_init(run), "wbc-net", classes, _images(), torch.device("cpu"))
+    assert done["kept"] == ["LYMPHOCYTE", "NEUTROPHIL"] and done["new"] == ["BASOPHIL"]
+    w, b = model.net.head[1].weight.detach(), model.net.head[1].bias.detach()
+    assert w.shape == (3, ref["head.1.weight"].shape[1])
+    assert torch.equal(w[1], ref["head.1.weight"][1]) and torch.equal(w[2], ref["head.1.weight"][3]) and torch.equal(b[2], ref["head.1.bias"][3])
+    assert torch.equal(w[0], fresh_row)  # the new class starts fresh
+    got = model.net.state_dict()
+    assert all(torch.equal(got[k], ref[k]) for k in ref if not k.startswith("head."))
+
+
+def test_train_init_records_where_it_started(source, tmp_path, capsys):
+    run, onnx_path = source
+    data = tmp_path / "data"
+    for cls in ("LYMPHOCYTE", "NEUTROPHIL"):
+        (data / cls).mkdir(parents=True)
+        for p in sorted((SAMPLE / cls).glob("*.jpeg")):
+            (data / cls / p.name).symlink_to(p)
+    train(_cfg(data, tmp_path / "ft", init_from=str(onnx_path)), progress=False)
+    rec = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert rec["init_from"] == str(onnx_path) and rec["init"]["kind"] == "onnx" and rec["init"]["kept"] == ["LYMPHOCYTE", "NEUTROPHIL"]
+    assert f"init: onnx {onnx_path} (head rebuilt: kept ['LYMPHOCYTE', 'NEUTROPHIL'], new [])" in capsys.readouterr().err
+
+
+def test_what_does_not_map_is_a_clear_error(source, tmp_path):
+    run, _ = source
+    with pytest.raises(InitError, match=r"is a wbc-net network; this run trains seed-cnn \(give --arch wbc-net\)"):
+        init_model(_fresh(), read_init(run), "seed-cnn", CLASSES, _images(), torch.device("cpu"))
+    with pytest.raises(InitError, match="no initializer is named after a network parameter"):
+        read_init(build_color_model(tmp_path / "color.onnx"))
+    with pytest.raises(InitError, match="expected a run folder or an exported .onnx model"):
+        read_init(SAMPLE / "LYMPHOCYTE" / "_0_1022.jpeg")
+    src = read_init(run)
+    src.state["features.0.0.weight"] = src.state["features.0.0.weight"][:, :, :2]
+    src.state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(InitError, match=r"2 weights do not map onto this wbc-net: features.0.0.weight: shape \(24, 3, 2, 3\) in --init, \(24, 3, 3, 3\) here; extra.weight: not a parameter"):
+        init_model(_fresh(), src, "wbc-net", CLASSES, _images(), torch.device("cpu"))
+
+
+def test_balanced_class_weights():
+    w = class_weights(np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 3]), 4, "balanced")
+    assert torch.allclose(w, torch.tensor([10 / 12, 10 / 24, 0.0, 10 / 4]))
+    assert class_weights(np.array([0, 1]), 2, "none") is None
+    with pytest.raises(ValueError, match="choose balanced or none"):
+        class_weights(np.array([0, 1]), 2, "sqrt")
