@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import sample_images
 
 from wbc_batch.inference.discover import InputFile, common_root, is_image_name, iter_images, looks_like_image
+from wbc_batch.inference.preprocess import ImageError, PreprocessSpec, load_image
 
 JPEG_BYTES = sample_images()[0].read_bytes()
 
@@ -158,3 +160,61 @@ def test_helpers():
     assert looks_like_image(str(sample_images()[0]))
     assert not looks_like_image("/nonexistent/file")
     assert InputFile("/a/b.jpg", "b.jpg").rel == "b.jpg"
+
+
+def test_branching_symlinked_folders_are_walked_once(tmp_path):
+    """Two links per level to the level below: 2**12 paths to one image, one row."""
+    _touch(tmp_path / "l00" / "x.jpg")
+    for i in range(1, 13):
+        d = tmp_path / f"l{i:02d}"
+        d.mkdir()
+        (d / "a").symlink_to(tmp_path / f"l{i - 1:02d}")
+        (d / "b").symlink_to(tmp_path / f"l{i - 1:02d}")
+    assert _rels([tmp_path / "l12"]) == ["a/" * 12 + "x.jpg"]
+    assert _rels([tmp_path / "l12", tmp_path / "l00"]) == ["l12/" + "a/" * 12 + "x.jpg"]  # an input folder reached before
+
+
+def _deep(base: Path, depth: int) -> Path:
+    """A chain of 200-character folder names deeper than PATH_MAX allows, built a level at a time (fd-relative)."""
+    name = "d" * 200
+    fd = os.open(base, os.O_RDONLY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            nxt = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        img = os.open("x.jpg", os.O_WRONLY | os.O_CREAT, dir_fd=fd)
+        os.write(img, b"\xff\xd8\xff")
+        os.close(img)
+    finally:
+        os.close(fd)
+    return base.joinpath(*[name] * depth)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PATH_MAX of 4096 is Linux's")
+def test_a_folder_too_deep_to_list_is_itself_a_row(tmp_path):
+    _touch(tmp_path / "ok.jpg")
+    _deep(tmp_path, 24)  # 24 x 201 characters: past 4096 somewhere on the way down
+    rels = _rels([tmp_path])
+    assert rels[-1] == "ok.jpg" and len(rels) == 2
+    too_long = rels[0]
+    assert too_long.startswith("d" * 200 + "/") and len(str(tmp_path / too_long)) >= 4096
+    with pytest.raises(ImageError, match="^unreadable: File name too long"):
+        load_image(str(tmp_path / too_long), PreprocessSpec(8, 8))
+
+
+def test_an_unreadable_folder_is_itself_a_row(tmp_path, monkeypatch):
+    _touch(tmp_path / "a" / "1.jpg")
+    _touch(tmp_path / "locked" / "2.jpg")
+    real = os.scandir
+
+    def scandir(path="."):  # root reads any folder, so the refusal is simulated for this one
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert _rels([tmp_path]) == ["a/1.jpg", "locked"]
+    with pytest.raises(ImageError, match=r"^unreadable folder: Permission denied; the files in it are not classified$"):
+        load_image(str(tmp_path / "locked"), PreprocessSpec(8, 8))

@@ -351,3 +351,36 @@ def test_keep_aspect_pads_with_black_instead_of_stretching(tmp_path):
     np.testing.assert_array_equal(out[:, 41 : 41 + 238], np.asarray(img.resize((238, 240), Image.Resampling.BILINEAR)))
     stretched = load_image(tmp_path / "cell.png", PreprocessSpec(240, 320))
     assert stretched[:, :41].min() > 0  # the stretch fills the frame: no black bars
+
+
+def test_a_float_tiff_is_scaled_by_its_range_not_decoded_black(tmp_path):
+    gray = np.asarray(Image.open(sample_images()[0]).convert("L"), dtype=np.float32)
+    spec = PreprocessSpec(24, 32)
+    Image.fromarray(gray.astype(np.uint8)).save(tmp_path / "gray8.png")
+    want = load_image(tmp_path / "gray8.png", spec)
+    for name, data in [("unit.tif", gray / 255.0), ("bytes.tif", gray), ("wide.tif", gray * 10.0 - 500.0)]:
+        Image.fromarray(data.astype(np.float32), mode="F").save(tmp_path / name)
+        got = load_image(tmp_path / name, spec)
+        assert got.mean() > 50, name  # was all black for the 0..1 file
+        if name != "wide.tif":
+            assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, name
+    nan = (gray / 255.0).copy()
+    nan[: len(nan) // 2] = np.nan  # the top half: black
+    Image.fromarray(nan.astype(np.float32), mode="F").save(tmp_path / "nan.tif")
+    assert load_image(tmp_path / "nan.tif", spec)[:1].max() == 0
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    upright = Image.fromarray(pixels)
+    spec = PreprocessSpec(30, 40, jpeg_draft=False)
+    upright.save(tmp_path / "upright.png")
+    # A camera that stores the shot turned 90 degrees and tags it "rotate 90 CW to display" (orientation 6).
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "tagged.png", exif=exif.tobytes())
+    stored.save(tmp_path / "untagged.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "tagged.png", spec), load_image(tmp_path / "upright.png", spec))
+    assert load_image(tmp_path / "untagged.png", PreprocessSpec(40, 30, jpeg_draft=False)).shape == (40, 30, 3)

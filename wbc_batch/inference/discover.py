@@ -2,8 +2,12 @@
 
 Millions of files must not be listed into memory: directories are walked depth-first with
 ``os.scandir`` and only one directory's entries (sorted, for a stable order) are held at a
-time per level. Symlinked directories are followed, but a link back to one of its own
-ancestors (a loop) is skipped.
+time per level. Symlinked directories are followed, but each real directory is walked once:
+a link back to an ancestor (a loop), or a second link to a folder already walked, adds nothing
+(so links that branch cannot multiply one file into thousands of rows).
+
+No file is lost silently: a folder that cannot be listed (no permission, a path longer than the
+OS allows) is yielded itself, so it becomes an error row that names it and says why.
 """
 
 from __future__ import annotations
@@ -62,28 +66,40 @@ def _rel(path: str, root: str) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
-def _walk(directory: str, root: str, ancestors: frozenset[tuple[int, int]]) -> Iterator[InputFile]:
+def _walk(directory: str, root: str, visited: set[tuple[int, int]]) -> Iterator[InputFile]:
     try:
         with os.scandir(directory) as it:
             entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
     except OSError:
-        return  # an unreadable folder has no files we can report on
+        # Unreadable (permission, path too long, ...): the folder itself is the row, so the files
+        # in it are not lost without a word (its error says why).
+        yield InputFile(directory, _rel(directory, root))
+        return
     for entry in entries:
         try:
             st = entry.stat(follow_symlinks=True)
         except OSError:
-            # Dangling symlink or vanished file: report it if it claims to be an image.
-            if is_image_name(entry.name):
+            # A dangling symlink, a vanished file, or a path too long to stat: report it if it
+            # claims to be an image, or is a folder (whose files we cannot reach).
+            if is_image_name(entry.name) or _is_dir_entry(entry):
                 yield InputFile(entry.path, _rel(entry.path, root))
             continue
         if stat.S_ISDIR(st.st_mode):
             key = (st.st_dev, st.st_ino)
-            if key in ancestors:
-                continue  # symlink loop
-            yield from _walk(entry.path, root, ancestors | {key})
+            if key in visited:
+                continue  # a loop, or a folder already walked by another path
+            visited.add(key)
+            yield from _walk(entry.path, root, visited)
         elif stat.S_ISREG(st.st_mode):
             if is_image_name(entry.name) or looks_like_image(entry.path):
                 yield InputFile(entry.path, _rel(entry.path, root))
+
+
+def _is_dir_entry(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def _found_by_walk(path: str, dirs: Sequence[str]) -> bool:
@@ -108,20 +124,24 @@ def iter_images(inputs: Iterable[str | os.PathLike[str]], root: str | os.PathLik
 
     Order: inputs in the order given; inside a folder, depth-first with each folder's
     entries sorted by name. Hidden files and folders (leading dot) are skipped inside folders.
-    An input inside another folder input is not yielded twice (one row per file).
+    An input inside another folder input is not yielded twice (one row per file), nor is a
+    folder reached again through a symlink. A folder that cannot be listed is yielded itself.
     """
     inputs = list(inputs)
     root_s = os.fspath(root) if root is not None else os.fspath(common_root(inputs))
     abs_inputs = [os.path.abspath(p) for p in inputs]
     dirs = [ap for ap in dict.fromkeys(abs_inputs) if os.path.isdir(ap)]
     seen_inputs: set[str] = set()
+    visited: set[tuple[int, int]] = set()  # (device, inode) of every folder walked, across the inputs
     for ap in abs_inputs:
         if ap in seen_inputs or _found_by_walk(ap, dirs):
             continue
         seen_inputs.add(ap)
         if os.path.isdir(ap):
             st = os.stat(ap)
-            yield from _walk(ap, root_s, frozenset({(st.st_dev, st.st_ino)}))
+            if (st.st_dev, st.st_ino) not in visited:
+                visited.add((st.st_dev, st.st_ino))
+                yield from _walk(ap, root_s, visited)
         else:
             # An explicitly named file is always an input (a missing one becomes an error row).
             yield InputFile(ap, _rel(ap, root_s))

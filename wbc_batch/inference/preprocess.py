@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .discover import IMAGE_MAGIC
 
@@ -73,6 +73,31 @@ class PreprocessSpec:
         return cls(**known)
 
 
+def _float_to_8bit_range(a: np.ndarray) -> np.ndarray:
+    """A float image onto 0..255 by the range its values use: 0..1 (the usual float convention) is
+    scaled by 255, 0..255 is kept, anything else is stretched from its minimum to its maximum.
+    Not-a-number pixels become 0. (Without this a 0..1 image decoded all black.)
+    """
+    finite = np.isfinite(a)
+    if not finite.all():
+        a = np.where(finite, a, 0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if lo >= 0.0 and hi <= 1.0:
+        return a * 255.0
+    if lo >= 0.0 and hi <= 255.0:
+        return a
+    return (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: the EXIF orientation tag applied (cameras store turned shots sideways)."""
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF must not cost the image; it is shown as stored
+        return im
+    return ImageOps.exif_transpose(im) if orientation in (2, 3, 4, 5, 6, 7, 8) else im
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB; alpha is composited on white (a slide's background)."""
     mode = im.mode
@@ -80,7 +105,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return im
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
-        if mode.startswith("I;16") or (mode == "I" and a.max(initial=0) > 255):
+        if mode == "F":
+            a = _float_to_8bit_range(a)
+        elif mode.startswith("I;16") or (mode == "I" and a.max(initial=0) > 255):
             a = a / 257.0  # 16-bit range onto 8-bit
         a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
         return Image.fromarray(a, mode="L").convert("RGB")
@@ -107,8 +134,7 @@ def load_image(src: PathOrFile, spec: PreprocessSpec) -> np.ndarray:
     try:
         st = os.stat(src)
         if not stat.S_ISREG(st.st_mode):
-            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-            raise ImageError(f"unreadable: {kind}")
+            raise ImageError(_not_a_file(src, st))
         if st.st_size == 0:
             raise ImageError("empty file")
         f = open(src, "rb")
@@ -116,6 +142,18 @@ def load_image(src: PathOrFile, spec: PreprocessSpec) -> np.ndarray:
         raise ImageError(f"unreadable: {e.strerror or e}") from e
     with f:
         return _decode(f, spec)
+
+
+def _not_a_file(path: str | os.PathLike[str], st: os.stat_result) -> str:
+    """Why a path that is not a regular file has no image; a folder the walk could not list says so (its files have no rows)."""
+    if not stat.S_ISDIR(st.st_mode):
+        return "unreadable: not a regular file"
+    try:
+        with os.scandir(path):
+            pass
+    except OSError as e:
+        return f"unreadable folder: {e.strerror or e}; the files in it are not classified"
+    return "unreadable: a directory"
 
 
 def _sniff_format(f: BinaryIO) -> str | None:
@@ -146,7 +184,7 @@ def _decode(f: BinaryIO, spec: PreprocessSpec) -> np.ndarray:
                 if spec.jpeg_draft and im.format == "JPEG":
                     im.draft("RGB", (spec.width, spec.height))
                 im.load()
-                rgb = _resized(_to_rgb(im), spec)
+                rgb = _resized(_to_rgb(_upright(im)), spec)
                 arr = np.asarray(rgb, dtype=np.uint8)
     except ImageError:
         raise
