@@ -2,9 +2,9 @@
 
 Builds a synthetic predictions CSV (default 100,000 rows) whose paths point at real
 sample images: an input root of slide folders (slide_000/, slide_001/, ...) each holding
-class folders of symlinks to sample_data/ images, so the gallery thumbnails are real
-reads. Labels and probabilities look like a real run: per-slide differentials close to
-blood (neutrophils most, eosinophils fewest), ~85% accuracy with the usual confusions,
+class folders of symlinks to sample_data/ images, so the pictures of the gallery and the
+review list (a zoom on the cell and the whole field) are real reads. Labels and
+probabilities look like a real run: per-slide differentials close to blood (neutrophils most, eosinophils fewest), ~85% accuracy with the usual confusions,
 softmax probabilities with a spread of confidences, and ~0.5% unreadable files.
 
 The report then runs in a fresh interpreter (``python -m wbc_batch report``), and its wall
@@ -167,8 +167,11 @@ def main() -> None:
         print(
             f"peak RSS of the report process: {rss:.0f} MiB (an interpreter importing numpy, PIL, matplotlib and the report module: {base_rss:.0f} MiB)"
         )
+        page = html.read_text(encoding="utf-8")
         print(
-            f"report.html: {html.stat().st_size / 2**20:.2f} MiB; files: {', '.join(sorted(p.name for p in (work / 'report').iterdir()))}"
+            f"report.html: {html.stat().st_size / 2**20:.2f} MiB, {page.count('<img ')} <img> "
+            f"({page.count('<figure class=cell')} gallery cells and the review rows with pictures, two each; the confusion matrices); "
+            f"files: {', '.join(sorted(p.name for p in (work / 'report').iterdir()))}"
         )
         m = json.loads((work / "report" / "metrics.json").read_text())
         print(f"accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}  counts {m['counts']}")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
+import shutil
+import signal
 import time
-from collections import deque
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
@@ -12,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import LABELS, color_model_reference
+from conftest import LABELS, build_color_model, color_model_reference
+from crashing_task import die_on_poison
+from test_orchestrator import JPEG, read_rows
 
 import wbc_batch
 from wbc_batch.inference import local_engine as runner
@@ -20,7 +25,9 @@ from wbc_batch.inference.discover import InputFile
 from wbc_batch.inference.engine import RunnerOptions, run_batch
 from wbc_batch.inference.local_engine import LocalEngine
 from wbc_batch.inference.model import load_model
-from wbc_batch.inference.orchestrator import classify
+from wbc_batch.inference.orchestrator import ClassifyConfig, classify, run_classify
+from wbc_batch.inference.pool import WorkerError
+from wbc_batch.inference.predictions import sidecar_path
 from wbc_batch.inference.preprocess import load_image
 from wbc_batch.inference.rows import Prediction, to_predictions
 from wbc_batch.inference.truth import truth_function
@@ -92,18 +99,49 @@ class _FakePool:
 def test_dead_worker_costs_only_the_culprit_row(model, sample_copy):
     files = _files(sample_copy)[:6]
     pool = _FakePool(model, culprit=files[1].path)
+    truth = lambda rel: ""  # noqa: E731
+    sched = runner._Scheduler(pool, LABELS, truth)
     dead: Future = Future()
     dead.set_exception(BrokenProcessPool("worker died"))
     queued: Future = Future()  # died with the old pool: must be sent again
     queued.set_exception(BrokenProcessPool("worker died"))
-    pending = deque([(files[:3], dead), (files[3:], queued)])
-    truth = lambda rel: ""  # noqa: E731
-    preds = runner._finish(pending, pool, LABELS, truth)
+    sched.pending.extend([(files[:3], dead), (files[3:], queued)])
+    preds = sched.finish()
     assert [p.status for p in preds] == ["ok", "error", "ok"]
     assert preds[1].error == "the decoding worker crashed on this file"
-    assert pool.restarts == 2  # once for the batch, once for the culprit
-    (batch, fut), = pending
+    # once for the batch, once when it died again alone, twice for the culprit alone (a second chance)
+    assert pool.restarts == 4
+    assert pool.submitted[:5] == [[f.path for f in files[:3]], [files[0].path], [files[1].path], [files[1].path], [files[2].path]]
+    (batch, fut), = sched.pending
     assert batch == files[3:] and [p.status for p in to_predictions(batch, fut.result(), LABELS, truth)] == ["ok"] * 3
+
+
+def test_an_innocent_batch_is_rerun_whole_not_file_by_file(model, sample_copy):
+    files = _files(sample_copy)[:3]
+    pool = _FakePool(model, culprit="nothing")
+    sched = runner._Scheduler(pool, LABELS, lambda rel: "")
+    dead: Future = Future()
+    dead.set_exception(BrokenProcessPool("another batch killed the worker"))
+    sched.pending.append((files, dead))
+    assert [p.status for p in sched.finish()] == ["ok"] * 3
+    assert pool.submitted == [[f.path for f in files]] and pool.restarts == 1
+
+
+def test_workers_that_die_on_every_file_stop_the_run(model, sample_copy):
+    files = _files(sample_copy)[:8]
+
+    class _AllDie(_FakePool):
+        def submit(self, paths):
+            fut: Future = Future()
+            fut.set_exception(BrokenProcessPool("worker died"))
+            return fut
+
+    sched = runner._Scheduler(_AllDie(model, culprit=""), LABELS, lambda rel: "")
+    dead: Future = Future()
+    dead.set_exception(BrokenProcessPool("worker died"))
+    sched.pending.append((files, dead))
+    with pytest.raises(WorkerError, match=r"worker processes died on 5 files in a row, each on its own \(last: EOSINOPHIL/"):
+        sched.finish()
 
 
 def test_classify_api_yields_one_prediction_per_file(color_model, sample_copy):
@@ -134,3 +172,80 @@ def test_package_exposes_classify_lazily():
     assert "classify" in dir(wbc_batch)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         wbc_batch.nope  # noqa: B018
+
+
+# -- real worker processes that die ----------------------------------------------------------------------
+def _run(tmp_path, inputs, color_model, engine, on_batch=None, **kw):
+    cfg = ClassifyConfig(inputs=[str(inputs)], output=str(tmp_path / "p.csv"), model=str(color_model),
+                         runner=RunnerOptions(workers=2, batch_size=4), progress="none", **kw)
+    return run_classify(cfg, engine=engine, on_batch=on_batch), read_rows(tmp_path / "p.csv")
+
+
+@pytest.mark.slow
+def test_a_worker_killed_between_batches_costs_no_row(tmp_path, color_model, sample_copy):
+    killed = []
+
+    def kill_a_worker(preds):
+        if len(killed) < 2:  # twice: the replacement pool must be as replaceable as the first
+            victim = multiprocessing.active_children()[0]
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.join(5)
+            killed.append(victim.pid)
+            time.sleep(0.3)  # the pool notices while the main process is between batches
+
+    s, rows = _run(tmp_path, sample_copy, color_model, LocalEngine(), kill_a_worker)
+    assert len(killed) == 2
+    assert (s.files, s.ok, s.errors) == (40, 40, 0)
+    assert [r["path"] for r in rows] == [f.rel for f in _files(sample_copy)]
+    assert json.loads(sidecar_path(tmp_path / "p.csv").read_text())["state"] == "finished"
+
+
+@pytest.mark.slow
+def test_only_the_poison_files_become_error_rows(tmp_path, color_model, sample_copy):
+    for name in ("EOSINOPHIL/_0_poison.jpeg", "MONOCYTE/poison2.jpeg"):
+        shutil.copy(JPEG, sample_copy / name)
+    s, rows = _run(tmp_path, sample_copy, color_model, LocalEngine(task=die_on_poison))
+    assert [(r["path"], r["error"]) for r in rows if r["status"] == "error"] == [
+        ("EOSINOPHIL/_0_poison.jpeg", "the decoding worker crashed on this file"),
+        ("MONOCYTE/poison2.jpeg", "the decoding worker crashed on this file"),
+    ]
+    assert (s.files, s.ok, s.errors) == (42, 40, 2)
+    m = load_model(color_model, threads=1)
+    for r in rows[:6]:
+        if r["status"] == "ok":
+            np.testing.assert_allclose([float(r[f"prob_{lb}"]) for lb in LABELS], _expected(sample_copy / r["path"], m), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_workers_dying_on_most_files_fail_the_run_loudly(tmp_path, color_model):
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(12):
+        shutil.copy(JPEG, d / f"poison{i:02d}.jpeg")
+    with pytest.raises(WorkerError, match="died on 5 files in a row") as e:
+        _run(tmp_path, d, color_model, LocalEngine(task=die_on_poison))
+    assert e.value.exit_code == 1
+    assert json.loads(sidecar_path(tmp_path / "p.csv").read_text())["state"] == "failed"
+
+
+@pytest.mark.slow
+def test_a_model_file_replaced_mid_run_does_not_change_the_rows(tmp_path, color_model, sample_copy):
+    model_file = tmp_path / "model.onnx"
+    shutil.copy(color_model, model_file)
+    original = load_model(model_file, threads=1)
+    replaced = []
+
+    def replace_and_kill(preds):
+        if not replaced:
+            build_color_model(tmp_path / "other.onnx", labels=LABELS[::-1], height=16, width=16)
+            os.replace(tmp_path / "other.onnx", model_file)
+            for p in multiprocessing.active_children():  # the replacement workers must not read the new file
+                os.kill(p.pid, signal.SIGKILL)
+            replaced.append(1)
+            time.sleep(0.3)
+
+    s, rows = _run(tmp_path, sample_copy, model_file, LocalEngine(), replace_and_kill)
+    assert replaced and (s.files, s.ok) == (40, 40)
+    for r in rows:
+        np.testing.assert_allclose([float(r[f"prob_{lb}"]) for lb in LABELS], _expected(sample_copy / r["path"], original), atol=1e-5)
+    assert json.loads(sidecar_path(tmp_path / "p.csv").read_text())["model"]["sha256"] == original.sha256 == s.model_sha256

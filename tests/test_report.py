@@ -435,7 +435,7 @@ def test_file_names_are_escaped(tmp_path):
                 )
             ]
         )
-    write_sidecar(csv_path, {"model": {"name": "<i>m</i>", "labels": list(LABELS)}, "root": str(root)})
+    write_sidecar(csv_path, {"model": {"name": "<i>m</i>", "sha256": "ab" * 32, "labels": list(LABELS)}, "root": str(root)})
     page = write_report(csv_path, tmp_path / "r", on_warning=None)["html"].read_text()
     assert "a<b>" not in page and "<i>m" not in page
     assert "a&lt;b&gt;&amp;&#34;x.jpeg" in page and "&lt;i&gt;m&lt;/i&gt;" in page
@@ -551,7 +551,7 @@ def test_non_utf8_file_name(tmp_path):
                 ),
             ]
         )
-    write_sidecar(csv_path, {"model": {"name": "x", "labels": list(LABELS)}, "root": str(root)})
+    write_sidecar(csv_path, {"model": {"name": "x", "sha256": "ab" * 32, "labels": list(LABELS)}, "root": str(root)})
     paths = write_report(csv_path, tmp_path / "r", group_by=1, on_warning=None)
     page = paths["html"].read_text(encoding="utf-8")
     gallery = page[page.index('id="gallery"') : page.index('id="distribution"')]

@@ -9,13 +9,15 @@ import csv
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE
+from conftest import SAMPLE, SHARED_DATA, needs_shared_data
 
-from wbc_batch.evaluation.report import GALLERY_PER_PAIR, REVIEW_IMAGES, write_report
+from wbc_batch.evaluation.report import GALLERY_MAX, GALLERY_PER_PAIR, REVIEW_IMAGES, write_report
 from wbc_batch.inference.local_engine import RunnerOptions
+from wbc_batch.inference.model import default_model_path
 from wbc_batch.inference.orchestrator import ClassifyConfig, run_classify
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -87,3 +89,23 @@ def test_unlabelled_report_pictures_in_chromium(color_model, tmp_path):
     assert 'id="gallery"' not in dom and 'id="confusion-matrix"' not in dom
     assert _imgs(dom, "review", "failed") == 2 * low
     assert len(re.findall(r"<img\b", dom)) == 2 * low
+
+
+@pytest.mark.slow
+@needs_shared_data()
+@pytest.mark.skipif(not default_model_path().is_file(), reason="shipped model export/wbc-default.onnx missing")
+def test_test_set_report_is_small_and_renders_fast(tmp_path):
+    """The shipped model on the 2,487-image TEST set: report.html under 15 MB, in chromium's DOM in under 5 s."""
+    csv_path = tmp_path / "pred.csv"
+    cfg = ClassifyConfig(inputs=[str(SHARED_DATA / "TEST")], output=str(csv_path), model=str(default_model_path()), progress="none")
+    assert run_classify(cfg).ok == 2487
+    html = write_report(csv_path, tmp_path / "report", on_warning=None)["html"]
+    assert html.stat().st_size < 15 * 2**20
+    t0 = time.perf_counter()
+    dom = dump_dom(html, tmp_path / "profile")
+    assert time.perf_counter() - t0 < 5.0
+    with open(csv_path, encoding="utf-8", newline="") as f:
+        low = sum(float(r["confidence"]) < 0.5 for r in csv.DictReader(f))
+    cells = html.read_text(encoding="utf-8").count("<figure class=cell")
+    assert 0 < cells <= GALLERY_MAX
+    assert len(re.findall(r"<img\b", dom)) == 2 + 2 * cells + 2 * min(low, REVIEW_IMAGES)

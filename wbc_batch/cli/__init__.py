@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 import click
@@ -59,12 +60,13 @@ def _ray_engine(address: str | None):
 @click.option("--threads", type=click.IntRange(min=0), default=None, help=f"onnxruntime threads per session; 0 = cores / workers.  [default: {RunnerOptions.threads}]")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run: skip files already in OUTPUT (refused if another model wrote it).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT instead of refusing.")
+@click.option("--retry-errors", is_flag=True, help="With --resume: classify again the files whose rows are errors (e.g. after a crash or a fixed permission).")
 @click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False), default=None, help="CSV with path,label columns giving the true label of inputs.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None, help="Also write an evaluation report to this folder at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, log lines or summary.")
 @click.option("--engine", "engine_name", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="local: processes on this machine; ray: Ray actors (--workers of them; needs the ray extra).")
 @click.option("--address", default=None, help="With --engine ray: the Ray cluster to join (host:port or auto).  [default: a private Ray on 127.0.0.1]")
-def classify(inputs, model, output, workers, batch_size, provider, threads, resume, overwrite, labels_csv, report_dir, quiet, engine_name, address) -> None:
+def classify(inputs, model, output, workers, batch_size, provider, threads, resume, overwrite, retry_errors, labels_csv, report_dir, quiet, engine_name, address) -> None:
     """Classify every image under INPUTS (folders, recursively, or files) into a predictions CSV.
 
     One row per input file, always: unreadable or corrupt files get status=error and the
@@ -73,7 +75,7 @@ def classify(inputs, model, output, workers, batch_size, provider, threads, resu
 
     Exit codes: 0 done (bad images are rows, not failures); 2 bad usage; 3 no image found
     or none could be read; 4 model unusable; 5 output unusable or resume refused;
-    130 interrupted (rerun with --resume).
+    130 interrupted by Ctrl-C, 143 by SIGTERM (rerun with --resume).
     """
     runner = RunnerOptions(**_given(workers=workers, batch_size=batch_size, provider=provider, threads=threads))
     cfg = ClassifyConfig(
@@ -81,6 +83,7 @@ def classify(inputs, model, output, workers, batch_size, provider, threads, resu
         **_given(output=output, model=model, labels_csv=labels_csv),
         runner=runner,
         resume=resume,
+        retry_errors=retry_errors,
         overwrite=overwrite,
         progress="none" if quiet else "auto",
     )
@@ -91,12 +94,19 @@ def classify(inputs, model, output, workers, batch_size, provider, threads, resu
     if not quiet and summary.files:  # a run that found no image wrote nothing: the error below says so
         click.echo(f"wbc-batch: {summary.line(_scores(summary))}", err=True)
     if summary.interrupted:
-        click.echo("wbc-batch: interrupted; rerun the same command with --resume to finish", err=True)
-        sys.exit(int(ExitCode.INTERRUPTED))
+        _exit_interrupted(summary)
     require_images(summary)
     if report_dir:
         _report_after_classify(cfg.output, report_dir, quiet)
     sys.exit(int(ExitCode.OK))
+
+
+def _exit_interrupted(summary: RunSummary) -> None:
+    """130 after SIGINT, 143 after SIGTERM (128 + the signal, as a shell reports it), with the resume hint; further signals are ignored."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)  # a late Ctrl-C must not turn a clean stop into a traceback
+    click.echo("wbc-batch: interrupted; rerun the same command with --resume to finish", err=True)
+    sys.exit(128 + summary.signal if summary.signal else int(ExitCode.INTERRUPTED))
 
 
 def _scores(summary: RunSummary) -> str:

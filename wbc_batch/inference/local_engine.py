@@ -4,19 +4,24 @@ Parallelism is by process: each worker decodes its batch *and* runs its own sing
 onnxruntime session on it, so only paths go in and a few floats per image come back (no
 pixels cross a process boundary), and N workers keep N cores busy with no oversubscription.
 At most ``2 * workers`` batches are in flight, so memory stays flat however many files
-there are. A worker that dies (a decoder crash, the OOM killer) is replaced, and the batch
-it held is rerun file by file so only the culprit becomes an error row.
+there are. The workers themselves (start, replace, end) are :mod:`wbc_batch.inference.pool`'s.
+
+What a worker death means for the rows: when the pool breaks (a decoder crash, the OOM
+killer; in flight or while idle between batches) every batch it held fails alike, so none of
+them is blamed outright. The pool is replaced, the oldest failed batch is rerun *alone* (the
+only task in the pool): if it passes, it was innocent; if it kills its worker again, it is rerun
+file by file, and a file that kills a worker twice on its own is the culprit, the one error row.
+The other batches are sent again. Workers that keep dying file after file are not a bad file
+but a broken setup: the run stops with :class:`~wbc_batch.inference.pool.WorkerError`.
 
 This module executes; :mod:`wbc_batch.inference.orchestrator` decides what a run does.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import signal
 from collections import deque
-from collections.abc import Generator, Iterable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Generator, Iterable, Sequence
+from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -24,60 +29,34 @@ import numpy as np
 
 from .discover import InputFile
 from .engine import RunnerOptions, available_cores, chunks, run_batch
-from .model import Model, load_model
+from .model import Model
+from .pool import WorkerError, WorkerPool, is_spawned_worker_bootstrapping, work
 from .rows import BatchResult, Prediction, TruthFn, to_predictions
 
 __all__ = ["LocalEngine", "RunnerOptions", "available_cores"]  # the last two: their long-standing import path
 
-# -- worker processes -------------------------------------------------------------------
-_worker_model: Model | None = None  # one per worker process, set by its initializer
-
-
-def _init_worker(model_path: str, provider: str, threads: int) -> None:
-    global _worker_model
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _worker_model = load_model(model_path, provider=provider, threads=threads, spinning=False)
-
-
-def _work(paths: Sequence[str]) -> BatchResult:
-    assert _worker_model is not None
-    return run_batch(_worker_model, paths)
-
-
-class _Pool:
-    """A process pool that can be replaced when a worker dies."""
-
-    def __init__(self, n: int, init_args: tuple) -> None:
-        self.n, self.init_args = n, init_args
-        self.ctx = multiprocessing.get_context("spawn")
-        self.pool = self._new()
-
-    def _new(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.n, mp_context=self.ctx, initializer=_init_worker, initargs=self.init_args)
-
-    def submit(self, paths: Sequence[str]) -> Future:
-        return self.pool.submit(_work, list(paths))
-
-    def restart(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        self.pool = self._new()
-
-    def close(self, cancel: bool = False) -> None:
-        self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
+CRASHED = "the decoding worker crashed on this file"
+#: Files in a row that kill their worker on their own before the run is declared broken (not the files).
+MAX_CRASHES_IN_A_ROW = 5
 
 
 class LocalEngine:
-    """Runs batches in this process (``workers=1``) or in a pool of worker processes."""
+    """Runs batches in this process (``workers=1``) or in a pool of worker processes.
 
-    def __init__(self) -> None:
-        self._pool: _Pool | None = None
+    ``task`` is what a worker runs on a batch (tests pass one that dies on a chosen file).
+    """
+
+    def __init__(self, task: Callable[[Sequence[str]], BatchResult] = work) -> None:
+        self._pool: WorkerPool | None = None
+        self._task = task
 
     def info(self) -> dict[str, Any]:
         return {"name": "local"}
 
     def close(self) -> None:
+        """End the workers now (an interrupted or failed run does not wait on their batches)."""
         if self._pool is not None:
-            self._pool.close(cancel=True)
+            self._pool.close(kill=True)
             self._pool = None
 
     def batches(self, files: Iterable[InputFile], model: Model, options: RunnerOptions, truth: TruthFn) -> Generator[list[Prediction], None, None]:
@@ -89,17 +68,20 @@ class LocalEngine:
             for batch in batches:
                 yield to_predictions(batch, run_batch(model, [f.path for f in batch]), labels, truth)
             return
-
-        pool = self._pool = _Pool(workers, (str(model.path), options.provider, options.session_threads()))
-        pending: deque[tuple[list[InputFile], Future]] = deque()
-        window = 2 * workers
+        if is_spawned_worker_bootstrapping():
+            # This is a worker re-running a script without a __main__ guard: it must not start
+            # workers of its own. Exit quietly; the main process names the cause.
+            raise SystemExit(1)
+        pool = self._pool = WorkerPool(workers, model, options.provider, options.session_threads(), self._task)
         try:
+            pool.start()
+            sched = _Scheduler(pool, labels, truth)
             for batch in batches:
-                pending.append((batch, pool.submit([f.path for f in batch])))
-                while len(pending) >= window:
-                    yield _finish(pending, pool, labels, truth)
-            while pending:
-                yield _finish(pending, pool, labels, truth)
+                sched.submit(batch)
+                while len(sched.pending) >= 2 * workers:
+                    yield sched.finish()
+            while sched.pending:
+                yield sched.finish()
         except BaseException:
             self.close()
             raise
@@ -107,26 +89,62 @@ class LocalEngine:
         self._pool = None
 
 
-def _finish(pending: deque, pool: _Pool, labels: Sequence[str], truth: TruthFn) -> list[Prediction]:
-    batch, fut = pending.popleft()
-    try:
-        return to_predictions(batch, fut.result(), labels, truth)
-    except BrokenProcessPool:
-        pass
-    # A worker died while the pool held this batch: find the file that kills it, one at a time.
-    pool.restart()
-    preds: list[Prediction] = []
-    for f in batch:
+class _Scheduler:
+    """The batches in flight, in input order, and what a broken pool means for each of them."""
+
+    def __init__(self, pool: WorkerPool, labels: Sequence[str], truth: TruthFn) -> None:
+        self.pool, self.labels, self.truth = pool, labels, truth
+        self.pending: deque[tuple[list[InputFile], Future]] = deque()
+        self.crashes_in_a_row = 0
+
+    def submit(self, batch: list[InputFile]) -> None:
+        self.pending.append((batch, self.pool.submit([f.path for f in batch])))
+
+    def finish(self) -> list[Prediction]:
+        """The rows of the oldest batch; after a crash, found by rerunning it in isolation."""
+        batch, fut = self.pending.popleft()
         try:
-            res = pool.submit([f.path]).result()
+            return self._rows(batch, fut.result())
         except BrokenProcessPool:
-            pool.restart()
-            res = BatchResult(np.zeros((0, len(labels)), np.float32), ["the decoding worker crashed on this file"])
-        preds.extend(to_predictions([f], res, labels, truth))
-    # Batches queued behind it died with the old pool: send them again.
-    for i, (b, _) in enumerate(pending):
-        pending[i] = (b, pool.submit([f.path for f in b]))
-    return preds
+            pass
+        self.pool.restart()  # every batch still pending died with the old workers
+        preds = self._isolate(batch)
+        for i, (b, _) in enumerate(self.pending):
+            self.pending[i] = (b, self.pool.submit([f.path for f in b]))
+        return preds
+
+    def _rows(self, batch: Sequence[InputFile], result: BatchResult) -> list[Prediction]:
+        self.crashes_in_a_row = 0
+        return to_predictions(batch, result, self.labels, self.truth)
+
+    def _alone(self, paths: list[str]) -> BatchResult | None:
+        """``paths`` as the only task in the pool; None (and a fresh pool) when a worker died on it."""
+        try:
+            return self.pool.submit(paths).result()
+        except BrokenProcessPool:
+            self.pool.restart()
+            return None
+
+    def _isolate(self, batch: list[InputFile]) -> list[Prediction]:
+        res = self._alone([f.path for f in batch])
+        if res is not None:
+            return self._rows(batch, res)  # innocent: another batch (or something outside) killed the worker
+        preds: list[Prediction] = []
+        for f in batch:
+            # Twice: a worker killed from outside (the OOM killer) while it held a healthy file is not that file's fault.
+            res = self._alone([f.path]) or self._alone([f.path])
+            if res is not None:
+                preds.extend(self._rows([f], res))
+                continue
+            self.crashes_in_a_row += 1
+            if self.crashes_in_a_row >= MAX_CRASHES_IN_A_ROW:
+                raise WorkerError(
+                    f"worker processes died on {self.crashes_in_a_row} files in a row, each on its own (last: {f.rel}): "
+                    "that is a broken setup (out of memory?), not bad files; rows written so far are kept, "
+                    "fix the cause and rerun with --resume --retry-errors"
+                )
+            preds.extend(to_predictions([f], BatchResult(np.zeros((0, len(self.labels)), np.float32), [CRASHED]), self.labels, self.truth))
+        return preds
 
 
 def __getattr__(name: str) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -71,6 +71,9 @@ class Model:
     providers: tuple[str, ...]
     #: The graph's batch dimension when it is a fixed number (exported with a static batch), else None.
     fixed_batch: int | None = None
+    #: The file's bytes as read once: worker processes build their sessions from these, never from
+    #: the path again, so a file replaced mid-run cannot change the model (or its sha256) under a run.
+    data: bytes = field(default=b"", repr=False)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -147,13 +150,31 @@ def load_model(
 
     ``threads`` is onnxruntime's intra-op thread count (0: its default, all cores). Turn
     ``spinning`` off when several processes share the cores, so idle threads do not burn them.
+    The file is read once: the session and the sha256 come from the same bytes.
     """
-    import onnxruntime as ort
-
     p = Path(path) if path is not None else default_model_path()
     if not p.is_file():
         hint = " (the default model is missing from this installation)" if path is None else ""
         raise ModelError(f"model file not found: {p}{hint}")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ModelError(f"cannot read {p}: {e.strerror or e}") from e
+    return model_from_bytes(data, p, provider=provider, threads=threads, spinning=spinning)
+
+
+def model_from_bytes(
+    data: bytes,
+    path: str | os.PathLike[str],
+    *,
+    provider: str = "cpu",
+    threads: int = 0,
+    spinning: bool = True,
+) -> Model:
+    """A :class:`Model` from a model file's bytes (``path`` only names it in messages and the sidecar)."""
+    import onnxruntime as ort
+
+    p = Path(path)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = max(0, threads)
@@ -164,12 +185,12 @@ def load_model(
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = resolve_providers(provider)
     try:
-        session = ort.InferenceSession(str(p), sess_options=so, providers=providers)
+        session = ort.InferenceSession(data, sess_options=so, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
         raise ModelError(f"{p} is not a loadable ONNX model: {str(e).splitlines()[0][:300]}") from e
     md = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
     fixed_batch = _check_io(session, md)
-    return Model(p, md, session, file_sha256(p), tuple(session.get_providers()), fixed_batch)
+    return Model(p, md, session, hashlib.sha256(data).hexdigest(), tuple(session.get_providers()), fixed_batch, data)
 
 
 def network_rate(model: Model, images: np.ndarray, batch: int = 32, repeat: int = 1) -> float:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import signal
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,10 +25,12 @@ from .discover import InputFile, common_root, iter_images
 from .engine import Engine, RunnerOptions
 from .local_engine import LocalEngine
 from .model import Model, load_model
+from .output_guard import output_lock, refuse_input_as_output
 from .predictions import (
     ExistingRun,
     OutputError,
     PredictionWriter,
+    drop_rows,
     read_sidecar,
     scan_existing,
     sidecar_path,
@@ -35,6 +38,7 @@ from .predictions import (
     write_sidecar,
 )
 from .rows import STATUS_OK, Prediction, TruthFn
+from .signals import stop_on_signals
 from .truth import read_labels_csv, truth_function
 
 
@@ -52,6 +56,7 @@ class ClassifyConfig:
     runner: RunnerOptions = field(default_factory=RunnerOptions)
     resume: bool = False
     overwrite: bool = False
+    retry_errors: bool = False  # with resume: redo the files whose rows are errors (their rows are replaced)
     labels_csv: str | None = None
     progress: str = "auto"  # auto | bar | log | none
     log_every_s: float = 10.0
@@ -59,6 +64,8 @@ class ClassifyConfig:
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite contradict each other: --resume continues OUTPUT, --overwrite replaces it; give one")
+        if self.retry_errors and not self.resume:
+            raise UsageError("--retry-errors only applies with --resume (it redoes the error rows of OUTPUT)")
 
 
 @dataclass
@@ -72,6 +79,8 @@ class RunSummary:
     wall_s: float = 0.0
     images_per_s: float = 0.0
     interrupted: bool = False
+    signal: int = 0  # the signal that interrupted the run (SIGINT, SIGTERM), 0 if none
+    stale: int = 0  # rows dropped on resume because their files are no longer under the inputs
     model_sha256: str = ""
     labels: list[str] = field(default_factory=list)  # the model's, in its order
     #: Rows with a true label, whole CSV (resumed rows too): rows true, columns predicted; empty without truth.
@@ -159,11 +168,12 @@ def _count_in_background(inputs: Sequence[str], root: Path, skip: set[str], prog
     return t
 
 
-def _prepare_output(cfg: ClassifyConfig, model: Model, root: Path) -> ExistingRun:
+def _prepare_output(cfg: ClassifyConfig, model: Model, root: Path, inputs: Sequence[str]) -> ExistingRun:
     """Check the output for --resume/--overwrite; returns what is already there (nothing for a fresh run)."""
     out = Path(cfg.output)
     if out.is_dir():
         raise OutputError(f"output {out} is a directory; give a CSV file path")
+    refuse_input_as_output(out, inputs)  # not even --overwrite may replace an input image
     if not out.exists() or cfg.overwrite:
         return ExistingRun(set(), 0, 0, 0, 0)
     if not cfg.resume:
@@ -179,10 +189,24 @@ def _prepare_output(cfg: ClassifyConfig, model: Model, root: Path) -> ExistingRu
         )
     if side.get("root") and os.path.abspath(side["root"]) != str(root):
         raise OutputError(f"cannot resume: {out} was written for input root {side['root']}, not {root}")
-    existing = scan_existing(out, model.labels)
+    existing = _scan(out, model)
     if existing.torn_bytes:
         truncate_torn_tail(out, existing.good_bytes)
+    if cfg.retry_errors and existing.errors:
+        drop_rows(out, lambda rec: rec[-2] != STATUS_OK)  # --retry-errors: their files are classified again
+        existing = _scan(out, model)
     return existing
+
+
+def _scan(out: Path, model: Model) -> ExistingRun:
+    return scan_existing(out, model.labels)
+
+
+def _recount(summary: RunSummary, truth_pairs: Counter[tuple[str, str]], existing: ExistingRun) -> None:
+    """The summary's whole-CSV counts from a scan of the CSV (after rows were dropped from it)."""
+    summary.ok, summary.errors = existing.ok, existing.errors
+    truth_pairs.clear()
+    truth_pairs.update(existing.truth_pairs)
 
 
 def _load_model(cfg: ClassifyConfig) -> Model:
@@ -255,38 +279,116 @@ def run_classify(
     summary = RunSummary(output=str(cfg.output), model_sha256=model.sha256, labels=list(model.labels))
     if not any(True for _ in iter_images(inputs, root)):
         return summary  # no image at all: no CSV, no sidecar (and an existing output stays as it was)
-    existing = _prepare_output(cfg, model, root)
-    done, truth_pairs = existing.done, existing.truth_pairs
-    summary.resumed, summary.ok, summary.errors = len(done), existing.ok, existing.errors
+    with output_lock(cfg.output):  # one run per output; the kernel drops it when this process ends
+        existing = _prepare_output(cfg, model, root, inputs)
+        done, truth_pairs = existing.done, existing.truth_pairs
+        summary.resumed, summary.ok, summary.errors = len(done), existing.ok, existing.errors
+        info = _run_info(cfg, model, root, inputs, engine)
+        write_sidecar(cfg.output, info)
+        progress = _Progress(cfg.progress, 0, cfg.log_every_s)
+        _count_in_background(inputs, root, done, progress)
+        seen: set[str] = set()  # the rows already there whose files the walk still finds
+        files: Iterator[InputFile] = (f for f in iter_images(inputs, root) if not _already_done(f.rel, done, seen))
+        writer = _open_writer(cfg, model, info)
+        run = _Run(cfg, engine, writer, progress, summary, truth_pairs, info, t0)
+        run.execute(engine.batches(files, model, cfg.runner, truth), on_batch)
+        if run.state == "finished" and len(seen) < len(done):
+            _drop_stale_rows(run, model, done - seen)
+    return summary
 
-    info = _run_info(cfg, model, root, inputs, engine)
-    write_sidecar(cfg.output, info)
-    progress = _Progress(cfg.progress, 0, cfg.log_every_s)
-    _count_in_background(inputs, root, done, progress)
-    files: Iterator[InputFile] = (f for f in iter_images(inputs, root) if f.rel not in done)
-    writer = PredictionWriter(cfg.output, model.labels, append=cfg.resume and not cfg.overwrite and Path(cfg.output).exists())
-    batches = engine.batches(files, model, cfg.runner, truth)
+
+def _open_writer(cfg: ClassifyConfig, model: Model, info: dict) -> PredictionWriter:
+    """The CSV writer; if the CSV cannot even be opened (a full disk, no permission) the sidecar says the run failed."""
     try:
-        for preds in batches:
-            writer.write(preds)
-            progress.update(len(preds), _count_rows(summary, truth_pairs, preds))
-            if on_batch is not None:
-                on_batch(preds)
-    except KeyboardInterrupt:
-        summary.interrupted = True
-    finally:
-        batches.close()  # stop the engine's workers now, not when the generator is collected
-        engine.close()
-        progress.close()
-        writer.close()
-        _close_summary(summary, t0, truth_pairs)
-        state = "interrupted" if summary.interrupted else "finished"
-        info.update(engine=engine.info(), state=state, finished=_now(), summary=asdict(summary))
+        append = cfg.resume and not cfg.overwrite and Path(cfg.output).exists()
+        return PredictionWriter(cfg.output, model.labels, append=append)
+    except OutputError as e:
+        info.update(state="failed", finished=_now(), error=str(e))
         try:
             write_sidecar(cfg.output, info)
         except OutputError:
-            pass
-    return summary
+            pass  # the CSV's own error is the one to report
+        raise
+
+
+def _already_done(rel: str, done: set[str], seen: set[str]) -> bool:
+    if rel in done:
+        seen.add(rel)
+        return True
+    return False
+
+
+def _drop_stale_rows(run: _Run, model: Model, stale: set[str]) -> None:
+    """Rows for files no longer under the inputs (deleted since that run) leave the CSV; the summary says how many."""
+    out = Path(run.cfg.output)
+    drop_rows(out, lambda rec: rec[0] in stale)
+    _recount(run.summary, run.truth_pairs, _scan(out, model))
+    run.summary.stale = len(stale)
+    run.summary.resumed -= len(stale)
+    _close_summary(run.summary, run.t0, run.truth_pairs)
+    run.info.update(summary=asdict(run.summary))
+    write_sidecar(out, run.info)
+
+
+@dataclass
+class _Run:
+    """The writing part of a run: batches to the CSV under one signal policy, and the sidecar's last word in every case."""
+
+    cfg: ClassifyConfig
+    engine: Engine
+    writer: PredictionWriter
+    progress: _Progress
+    summary: RunSummary
+    truth_pairs: Counter[tuple[str, str]]
+    info: dict
+    t0: float
+    state: str = "running"
+
+    def execute(self, batches: Generator[list[Prediction], None, None], on_batch: Callable[[list[Prediction]], None] | None) -> None:
+        """Write every batch; the first SIGINT/SIGTERM stops (workers ended, whole rows kept), later ones are ignored."""
+        error: BaseException | None = None
+        with stop_on_signals() as stop:
+            try:
+                for preds in batches:
+                    with stop.critical():  # a batch is written and counted, or neither
+                        self.writer.write(preds)
+                        self.progress.update(len(preds), _count_rows(self.summary, self.truth_pairs, preds))
+                    if on_batch is not None:
+                        on_batch(preds)
+            except KeyboardInterrupt as e:
+                self.summary.interrupted = True
+                self.summary.signal = getattr(e, "signum", 0) or int(signal.SIGINT)
+            except BaseException as e:
+                error = e
+            stop.stopping()  # from here on a signal is only counted: the cleanup runs to its end
+            self._finish(batches, error)
+        if error is not None:
+            raise error
+
+    def _finish(self, batches: Generator, error: BaseException | None) -> None:
+        """End the workers, flush, and record how the run ended. A failure here is raised only when the run had none."""
+        late: OutputError | None = None
+        try:
+            batches.close()  # stop the engine's workers now, not when the generator is collected
+        finally:
+            self.engine.close()
+            self.progress.close()
+        try:
+            self.writer.close()
+        except OutputError as e:
+            late = e
+        failure = error or late
+        _close_summary(self.summary, self.t0, self.truth_pairs)
+        self.state = "interrupted" if self.summary.interrupted else ("failed" if failure is not None else "finished")
+        self.info.update(engine=self.engine.info(), state=self.state, finished=_now(), summary=asdict(self.summary))
+        if failure is not None:
+            self.info["error"] = str(failure) or type(failure).__name__
+        try:
+            write_sidecar(self.cfg.output, self.info)
+        except OutputError as e:
+            late = late or e
+        if error is None and late is not None:
+            raise late
 
 
 def classify(

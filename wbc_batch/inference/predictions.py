@@ -17,7 +17,7 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,19 +87,37 @@ class PredictionWriter:
             raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from e
 
     def close(self) -> None:
+        """Flush, sync and close; OutputError when the last rows cannot reach the disk (full, I/O error).
+
+        The file is closed in every case. What reached the disk before stays (whole rows, and at
+        most one torn line that --resume cuts off).
+        """
+        if self._f.closed:
+            return
         try:
             self._f.flush()
             os.fsync(self._f.fileno())
-        except OSError:
-            pass
-        finally:
-            self._f.close()
+        except OSError as e:
+            _close_quietly(self._f)
+            raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from e
+        self._f.close()
 
     def __enter__(self) -> PredictionWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_quietly(f: io.TextIOWrapper) -> None:
+    """Close ``f`` although its buffer cannot be written (a full disk): the unwritten tail is dropped."""
+    try:
+        f.close()
+    except OSError:
+        try:
+            os.close(f.fileno())
+        except (OSError, ValueError):
+            pass
 
 
 def format_header(labels: Sequence[str]) -> str:
@@ -193,10 +211,45 @@ def write_sidecar(csv_path: str | os.PathLike[str], info: dict) -> None:
 
 
 def read_sidecar(csv_path: str | os.PathLike[str]) -> dict | None:
+    """The run description beside ``csv_path`` (None when there is none); OutputError when it is unreadable or not one."""
     p = sidecar_path(csv_path)
     if not p.exists():
         return None
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        side = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise OutputError(f"{p} is unreadable ({e}); remove it or write to a new CSV") from e
+    if not _is_run_description(side):
+        raise OutputError(f"{p} is not a wbc-batch run description (valid JSON of another shape); remove it or write to a new CSV")
+    return side
+
+
+def _is_run_description(side: object) -> bool:
+    """The shape its readers rely on: an object whose ``model`` is an object (its sha256 a string), and a string (or no) root."""
+    if not isinstance(side, dict) or not isinstance(side.get("model"), dict):
+        return False
+    return isinstance(side["model"].get("sha256", ""), str) and isinstance(side.get("root", ""), (str, type(None)))
+
+
+def drop_rows(path: str | os.PathLike[str], drop: Callable[[list[str]], bool]) -> list[list[str]]:
+    """Rewrite ``path`` without the records ``drop`` picks (header and every other row byte for byte); returns those dropped.
+
+    For ``--retry-errors`` (error rows go, to be redone) and for rows of files that are gone. The
+    new file replaces the old one atomically, so a kill mid-way leaves one or the other.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".rewrite.tmp")
+    dropped: list[list[str]] = []
+    with open(path, "rb") as f, open(path, "rb") as raw, open(tmp, "wb") as out:
+        at = 0
+        for i, (rec, end) in enumerate(_records_with_offsets(f)):
+            chunk = raw.read(end - at)
+            at = end
+            if i and drop(rec):
+                dropped.append(rec)
+            else:
+                out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    return dropped

@@ -240,8 +240,7 @@ class RayEngine:
 
     def _map_kwargs(self, model: Model, options: RunnerOptions) -> dict[str, Any]:
         """``map_batches`` arguments: the actor pool, its resources, the model (sent once), bounded retries."""
-        with open(model.path, "rb") as f:
-            model_ref = ray.put(f.read())  # the model travels by Ray, once per run
+        model_ref = ray.put(model.data)  # the bytes the run loaded (not the file again): travels by Ray, once per run
         cpa = _cpus_per_actor(options)
         kwargs: dict[str, Any] = dict(
             fn_constructor_args=([model_ref], model.sha256, options.provider, cpa),
