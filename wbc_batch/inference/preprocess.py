@@ -91,6 +91,8 @@ def _float_to_8bit_range(a: np.ndarray) -> np.ndarray:
 
 def _upright(im: Image.Image) -> Image.Image:
     """The image as it is meant to be seen: the EXIF orientation tag applied (cameras store turned shots sideways)."""
+    if "exif" not in im.info and im.format != "TIFF":
+        return im  # no EXIF block at all (most microscope images): nothing to parse
     try:
         orientation = im.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001 - unreadable EXIF must not cost the image; it is shown as stored
