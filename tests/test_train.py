@@ -130,6 +130,33 @@ def test_cell_crop_finds_the_nucleus_not_the_platelet():
     assert torch.all((c - torch.tensor([[200.0, 90.0], [60.0, 200.0]])).abs() <= CellCrop.stride)
 
 
+def _disk_field(r: int, cx: int = 160, cy: int = 120, dark_corner: bool = False) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(240.0), torch.arange(320.0), indexing="ij")
+    img = torch.tensor([230.0, 200.0, 205.0]).view(3, 1, 1).expand(3, 240, 320).clone()
+    img[:, (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r] = torch.tensor([90.0, 60.0, 190.0]).view(3, 1)
+    if dark_corner:  # a rotation border with JPEG-like ringing: near black, never stain
+        img[:, :80, :100] = torch.randint(0, 18, (3, 80, 100)).float()
+    return img[None]
+
+
+def test_follow_crop_window_follows_the_nucleus_size():
+    crop = CellCrop(160, 128, follow=True)
+    c, w = crop.locate(torch.cat([_disk_field(20), _disk_field(40), _disk_field(40, dark_corner=True)]))
+    # inside the nucleus (a disk wider than the 36-px smoothing box has a plateau of equal scores)
+    assert torch.all((c - torch.tensor([160.0, 120.0])).norm(dim=1) <= torch.tensor([CellCrop.stride * 1.5, 20, 20]))
+    # equivalent-disc diameter 40 and 80 px -> windows 160 * 40 / 80 and 160 * 80 / 80, up to the 4-px pooling
+    assert abs(w[0].item() - 80) <= 10 and abs(w[1].item() - 160) <= 10 and w[2].item() == w[1].item()
+    fixed = CellCrop(160, 128).locate(_disk_field(20))[1]
+    assert fixed.tolist() == [160.0]
+
+
+def test_follow_crop_samples_a_window_of_the_given_side():
+    x = torch.randint(0, 256, (1, 3, 240, 320)).float()
+    crop = CellCrop(64, 64, follow=True)
+    out = crop.sample(x, torch.tensor([[202.0, 90.0]]), torch.tensor([64.0]))
+    assert torch.allclose(out[0], x[0, :, 58:122, 170:234], atol=0.02)  # side 64 sampled to 64: a copy
+
+
 def test_cell_crop_at_native_scale_copies_pixels_and_pads_with_zeros():
     x = torch.randint(0, 256, (2, 3, 240, 320)).float()
     crop = CellCrop(64, 64)

@@ -134,8 +134,9 @@ class CellCrop(nn.Module):
         """(N, 1, H/4, W/4) stride-pooled nucleus signal (one strided conv: pooling is linear)."""
         score = nn.functional.conv2d(x, self.score_kernel, stride=self.stride)
         if self.follow:
-            # + 0.5 * 255 completes "0.5 * (255 - G)"; padding pixels (all channels 0) score 0.
-            valid = nn.functional.avg_pool2d((x.sum(1, keepdim=True) > 0).to(x.dtype), self.stride)
+            # + 0.5 * 255 completes "0.5 * (255 - G)". Near-black pixels (padding, rotation borders,
+            # their JPEG ringing: R+G+B <= 60, far darker than any stained nucleus) score 0.
+            valid = nn.functional.avg_pool2d((x.sum(1, keepdim=True) > 60).to(x.dtype), self.stride)
             score = (score + 127.5) * valid
         return score
 
