@@ -227,13 +227,35 @@ def _always_crash_predictor(name: str):
 @requires_ray
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
-def test_ray_file_that_always_kills_its_worker_fails_the_run_not_hangs(tmp_path, color_model, mixed_input):
-    """Retries are bounded: a batch that kills every actor it meets ends the run with a clear error."""
-    from wbc_batch.inference.ray_engine import RayEngine, RayEngineError
+def test_ray_file_that_always_kills_its_worker_is_one_error_row(tmp_path, color_model, mixed_input):
+    """Retries are bounded, and then the batch is narrowed down: only the culprit is an error row, as locally."""
+    from wbc_batch.inference.ray_engine import RayEngine
 
+    local = tmp_path / "local.csv"
+    _classify([mixed_input], local, color_model)
     engine = RayEngine(predictor_cls=_always_crash_predictor("notes.jpg"), max_restarts=1, max_task_retries=1)
     out = tmp_path / "ray.csv"
-    with pytest.raises(RayEngineError, match="retries"):
+    s = _classify([mixed_input], out, color_model, engine=engine, workers=2, batch_size=4)
+    want = _rows(local)
+    for r in want:
+        if r["path"] == "bad/notes.jpg":
+            r["error"] = "the decoding worker crashed on this file"
+    assert _rows(out) == want
+    assert (s.files, s.errors) == (len(want), 3)
+    assert json.loads(Path(str(out) + ".run.json").read_text())["state"] == "finished"
+
+
+@pytest.mark.ray
+@requires_ray
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_ray_actors_dying_on_every_file_fail_the_run_not_hang(tmp_path, color_model, mixed_input):
+    """A cluster on which every batch dies is not a folder of bad files: the run stops with a clear error."""
+    from wbc_batch.inference.ray_engine import RayEngine, RayEngineError
+
+    engine = RayEngine(predictor_cls=_always_crash_predictor(""), max_restarts=0, max_task_retries=0)
+    out = tmp_path / "ray.csv"
+    with pytest.raises(RayEngineError, match=r"retries, on 5 files in a row, each on its own \(last: "):
         _classify([mixed_input], out, color_model, engine=engine, workers=2, batch_size=4)
     rows = _rows(out)
-    assert rows and all(r["path"] < "bad/notes.jpg" for r in rows)  # in order, up to the culprit's batch
+    assert len(rows) == 4 and all(r["error"] == "the decoding worker crashed on this file" for r in rows)

@@ -42,6 +42,7 @@ import numpy as np
 from ..errors import ExitCode, WbcBatchError
 from .discover import InputFile
 from .engine import RunnerOptions, available_cores, run_batch
+from .local_engine import CRASHED, MAX_CRASHES_IN_A_ROW
 from .metadata import ModelError
 from .model import Model, load_model
 from .rows import BatchResult, Prediction, TruthFn, to_predictions
@@ -266,7 +267,7 @@ class RayEngine:
         # into a hang). Ray marks these pass-through arguments deprecated; without them, its default holds.
         retry_kwargs = dict(max_restarts=self.max_restarts, max_task_retries=self.max_task_retries)
 
-        while window := list(islice(files, max(1, self.window))):
+        def run(window: Sequence[InputFile]) -> Iterator[list[Prediction]]:
             # Paths travel as bytes: POSIX names need not be UTF-8 (Arrow strings must be).
             items = [{"idx": i, "path": os.fsencode(f.path)} for i, f in enumerate(window)]
             ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / batch_size))
@@ -277,6 +278,50 @@ class RayEngine:
                 except TypeError:  # a Ray that no longer takes them
                     ds = ds.map_batches(self.predictor_cls, **map_kwargs)
             yield from _collect(ds, window, labels=model.labels, truth=truth, batch_size=batch_size)
+
+        while window := list(islice(files, max(1, self.window))):
+            yield from _isolating(run, window, model.labels, truth)
+
+
+class _BatchFailed(Exception):
+    """A batch failed after its retries; ``done`` files of the dataset (the first ones) have their rows."""
+
+    def __init__(self, done: int, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.done, self.cause = done, cause
+
+
+def _isolating(run, files: Sequence[InputFile], labels: Sequence[str], truth: TruthFn) -> Iterator[list[Prediction]]:
+    """Rows of ``files`` by ``run``; a batch that fails after its retries is narrowed down, by halves of the
+    files still without a row, to the file that kills its actor every time: that file is one error row,
+    as with the local engine. Actors dying on file after file, each alone, are a broken cluster: RayEngineError.
+    """
+    todo, crashes = [files], 0
+    while todo:
+        part = todo.pop()
+        try:
+            for rows in run(part):
+                crashes = 0
+                yield rows
+            continue
+        except _BatchFailed as e:
+            rest, cause = part[e.done :], e.cause
+        if len(rest) > 1:
+            todo += [rest[len(rest) // 2 :], rest[: len(rest) // 2]]
+            continue
+        crashes += 1
+        if crashes >= MAX_CRASHES_IN_A_ROW:
+            raise _give_up(rest[0], crashes, cause) from cause
+        yield to_predictions(rest, BatchResult(np.zeros((0, len(labels)), np.float32), [CRASHED]), labels, truth)
+
+
+def _give_up(f: InputFile, crashes: int, e: BaseException) -> RayEngineError:
+    msg = str(e).strip().splitlines()
+    return RayEngineError(
+        f"Ray could not finish a batch after its retries, on {crashes} files in a row, each on its own (last: {f.rel}): "
+        f"{type(e).__name__}: {msg[0][:300] if msg else ''}; that is a broken cluster, not bad files; rows before "
+        "are in the CSV, rerun with --resume --retry-errors"
+    )
 
 
 def _collect(ds, window: Sequence[InputFile], *, labels: Sequence[str], truth: TruthFn, batch_size: int) -> Iterator[list[Prediction]]:
@@ -289,13 +334,7 @@ def _collect(ds, window: Sequence[InputFile], *, labels: Sequence[str], truth: T
             out = next(batches, None)
         except ray.exceptions.RayError as e:
             # Retries are spent (an actor died on the same batch every time, or the cluster is gone).
-            first = window[nxt].rel if nxt < len(window) else "?"
-            msg = str(e).strip().splitlines()
-            raise RayEngineError(
-                f"Ray could not finish a batch after its retries (the first file without a row is {first}): "
-                f"{type(e).__name__}: {msg[0][:300] if msg else ''}; rows before it are in the CSV, "
-                "rerun with --resume (a file that kills its decoder every time must be moved away first)"
-            ) from e
+            raise _BatchFailed(nxt, e) from e
         if out is None:
             break
         for i, ok, p, e in zip(out["idx"], out["ok"], out["probs"], out["error"], strict=True):
