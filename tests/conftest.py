@@ -91,6 +91,31 @@ def color_model(tmp_path_factory) -> Path:
     return build_color_model(tmp_path_factory.mktemp("models") / "color.onnx")
 
 
+#: The trust model's domain threshold: the 0.9 quantile of sample_data's 40 scores, so 4 of them lie above it.
+TRUST_OUT_OF_DOMAIN = 4
+
+
+@pytest.fixture(scope="session")
+def trust_model(tmp_path_factory) -> Path:
+    """The colour model with calibration (temperature) and a domain check (ood_score) fitted on sample_data/."""
+    from wbc_batch.training.calibrate import calibrate_model
+
+    d = tmp_path_factory.mktemp("trust")
+    calibrate_model(build_color_model(d / "color.onnx"), SAMPLE, d / "trust.onnx", calibration_dir=SAMPLE, quantile=0.9)
+    return d / "trust.onnx"
+
+
+def trust_reference(model_path: Path, paths) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and ood scores of ``paths`` straight from onnxruntime (no wbc-batch inference code)."""
+    import onnxruntime as ort
+
+    from wbc_batch.inference.preprocess import PreprocessSpec, load_image
+
+    x = np.stack([load_image(p, PreprocessSpec(24, 32)) for p in paths])
+    probs, score = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(["probabilities", "ood_score"], {"image": x})
+    return probs, score
+
+
 @pytest.fixture
 def sample_copy(tmp_path) -> Path:
     """A private copy of sample_data/ (40 real images in class folders)."""

@@ -83,3 +83,21 @@ def test_engines_import_neither_truth_nor_the_csv_writer():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_run_batch_gives_the_domain_check_of_a_model_that_has_one(trust_model, tmp_path):
+    from conftest import TRUST_OUT_OF_DOMAIN, trust_reference
+
+    m = load_model(trust_model, threads=1)
+    good = sample_images()
+    (tmp_path / "bad.jpg").write_text("nope")
+    res = run_batch(m, [str(good[0]), str(tmp_path / "bad.jpg"), *map(str, good[1:])])
+    probs, scores = trust_reference(trust_model, good)
+    np.testing.assert_array_equal(res.probabilities, probs)
+    np.testing.assert_array_equal(res.ood_scores, scores)
+    assert res.in_domain.tolist() == (scores <= m.metadata.domain.threshold).tolist() and int((~res.in_domain).sum()) == TRUST_OUT_OF_DOMAIN
+
+
+def test_run_batch_of_an_older_model_has_no_scores(model):
+    res = run_batch(model, [str(sample_images()[0])])
+    assert res.ood_scores is None and res.in_domain is None

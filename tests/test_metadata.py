@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import LABELS
@@ -133,3 +134,31 @@ def test_keep_aspect_round_trips_and_reaches_the_spec():
     assert back == md and back.preprocess.keep_aspect is True
     old = ModelMetadata(labels=("A", "B"), height=240, width=320).to_json_dict()
     assert old["preprocess"]["keep_aspect"] is False and "pad" not in old["preprocess"]
+
+
+def test_domain_section_is_read_into_typed_fields():
+    from wbc_batch.inference.metadata import DomainCheck
+
+    md = ModelMetadata(labels=LABELS, height=8, width=8, extra={"domain": {"output": "ood_score", "threshold": 1.5, "method": "m"}})
+    assert md.domain == DomainCheck("ood_score", 1.5)
+    assert ModelMetadata(labels=LABELS, height=8, width=8).domain is None  # an older model: no check
+    again = ModelMetadata.from_json_dict(json.loads(json.dumps(md.to_json_dict())))
+    assert again.domain == md.domain and again.to_json_dict()["domain"]["method"] == "m"
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ([], "the 'domain' section is not a JSON object"),
+        ({"threshold": 1.0}, "domain.output must name a graph output, got None"),
+        ({"output": "", "threshold": 1.0}, "domain.output must name a graph output, got ''"),
+        ({"output": "ood_score"}, "domain.threshold must be a finite number, got None"),
+        ({"output": "ood_score", "threshold": "2"}, "domain.threshold must be a finite number, got '2'"),
+        ({"output": "ood_score", "threshold": float("nan")}, "domain.threshold must be a finite number, got nan"),
+        ({"output": "ood_score", "threshold": True}, "domain.threshold must be a finite number, got True"),
+        ({"output": "probabilities", "threshold": 1.0}, "domain.output 'probabilities' is the probabilities output"),
+    ],
+)
+def test_malformed_domain_section_is_a_model_error(section, message):
+    with pytest.raises(ModelError, match=re.escape(message)):
+        ModelMetadata(labels=LABELS, height=8, width=8, extra={"domain": section})

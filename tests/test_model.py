@@ -127,3 +127,66 @@ def test_providers():
             resolve_providers("cuda")
     with pytest.raises(ModelError, match="'NoSuchProvider' is not available"):
         resolve_providers("NoSuchProvider")
+
+
+def test_infer_returns_the_domain_score_next_to_the_probabilities(trust_model, color_model):
+    from conftest import sample_images, trust_reference
+
+    from wbc_batch.inference.preprocess import PreprocessSpec, load_image
+
+    paths = sample_images()[:7]
+    x = np.stack([load_image(p, PreprocessSpec(24, 32)) for p in paths])
+    m = load_model(trust_model)
+    probs, ood = m.infer(x)
+    ref_probs, ref_ood = trust_reference(trust_model, paths)
+    np.testing.assert_array_equal(probs, ref_probs)
+    np.testing.assert_array_equal(ood, ref_ood)
+    assert ood.shape == (7,) and np.array_equal(m.predict(x), probs)
+    old_probs, old_ood = load_model(color_model).infer(x)  # a model without a domain check
+    assert old_ood is None and np.allclose(old_probs, color_model_reference(x), atol=1e-6)
+
+
+def test_a_static_batch_graph_with_a_domain_check_is_fed_in_slices(trust_model, tmp_path):
+    import onnx
+    from conftest import sample_images, trust_reference
+
+    from wbc_batch.inference.preprocess import PreprocessSpec, load_image
+
+    proto = onnx.load(str(trust_model))
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4  # the same graph, exported with batch 4
+    onnx.save(proto, str(tmp_path / "fixed.onnx"))
+    m = load_model(tmp_path / "fixed.onnx")
+    paths = sample_images()[:6]
+    probs, ood = m.infer(np.stack([load_image(p, PreprocessSpec(24, 32)) for p in paths]))
+    ref_probs, ref_ood = trust_reference(trust_model, paths)
+    assert m.fixed_batch == 4 and ood.shape == (6,)
+    np.testing.assert_allclose(ood, ref_ood, rtol=1e-6)
+    np.testing.assert_allclose(probs, ref_probs, atol=1e-7)
+
+
+def _with_domain(src, dst, section, extra_output: str | None = None):
+    import onnx
+    from onnx import TensorProto, helper
+
+    proto = onnx.load(str(src))
+    props = {p.key: p.value for p in proto.metadata_props}
+    doc = json.loads(props["wbc_batch"])
+    doc["domain"] = section
+    if extra_output:
+        proto.graph.output.append(helper.make_tensor_value_info(extra_output, TensorProto.FLOAT, None))
+    del proto.metadata_props[:]
+    helper.set_model_props(proto, {**props, "wbc_batch": json.dumps(doc)})
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def test_a_domain_section_without_its_graph_output_is_refused(color_model, tmp_path):
+    bad = _with_domain(color_model, tmp_path / "m.onnx", {"output": "ood_score", "threshold": 2.0})
+    with pytest.raises(ModelError, match=r"metadata names a domain-check output 'ood_score' but the graph's outputs are \['probabilities'\]"):
+        load_model(bad)
+
+
+def test_a_domain_output_must_be_one_score_per_image(color_model, tmp_path):
+    bad = _with_domain(color_model, tmp_path / "m.onnx", {"output": "logits", "threshold": 2.0}, extra_output="logits")
+    with pytest.raises(ModelError, match=r"domain-check output 'logits' has shape .*; expected \[N\]"):
+        load_model(bad)

@@ -321,3 +321,76 @@ def test_summary_without_truth_has_no_confusion(tmp_path, color_model):
     assert (s.files, s.confusion) == (1, [])
     assert s.line().startswith("files 1  ok 1  errors 0  ") and "accuracy" not in s.line()
     assert s.line("accuracy 1.000").startswith("files 1  ok 1  errors 0  accuracy 1.000  ")
+
+
+def _non_cells(d: Path) -> list[Path]:
+    """Flat-colour fields: nothing like a blood smear."""
+    d.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, rgb in enumerate([(0, 0, 255), (255, 255, 0), (0, 255, 0), (20, 20, 20), (255, 0, 0)]):
+        Image.new("RGB", (320, 240), rgb).save(d / f"flat_{i}.png")
+        paths.append(d / f"flat_{i}.png")
+    return paths
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_model_with_a_domain_check_writes_its_columns(tmp_path, trust_model, sample_copy, workers):
+    """ood_score and in_domain are the graph's, risk is 1 - confidence; through worker processes too."""
+    from conftest import TRUST_OUT_OF_DOMAIN, trust_reference
+
+    out = tmp_path / "p.csv"
+    s = run_classify(_cfg([sample_copy], out, trust_model, runner=RunnerOptions(workers=workers, batch_size=4)))
+    rows = read_rows(out)
+    assert list(rows[0])[:7] == ["path", "label", "confidence", "risk", "ood_score", "in_domain", "prob_EOSINOPHIL"]
+    probs, scores = trust_reference(trust_model, [sample_copy / r["path"] for r in rows])
+    threshold = load_model(trust_model).metadata.domain.threshold
+    for r, p, sc in zip(rows, probs, scores, strict=True):
+        assert float(r["ood_score"]) == pytest.approx(float(sc), abs=5e-7)
+        assert r["in_domain"] == ("true" if sc <= threshold else "false")
+        assert r["confidence"] == f"{p.max():.6f}" and float(r["risk"]) == pytest.approx(1 - p.max(), abs=1e-6)
+    assert s.domain_checked and s.out_of_domain == TRUST_OUT_OF_DOMAIN == sum(r["in_domain"] == "false" for r in rows)
+    assert "out of domain 4" in s.line() and s.domain_warning() is None  # 4 of 40: not above 10%
+    assert json.loads(sidecar_path(out).read_text())["model"]["trust"]["domain"]["threshold"] == threshold
+
+
+def test_an_older_model_writes_no_domain_columns(tmp_path, color_model, sample_copy):
+    out = tmp_path / "p.csv"
+    s = run_classify(_cfg([sample_copy], out, color_model))
+    assert not {"risk", "ood_score", "in_domain"} & set(read_rows(out)[0])
+    assert not s.domain_checked and "out of domain" not in s.line() and s.domain_warning() is None
+    assert "trust" not in json.loads(sidecar_path(out).read_text())["model"]
+
+
+def test_many_out_of_domain_images_warn_and_resume_keeps_the_count(tmp_path, trust_model, sample_copy):
+    from conftest import TRUST_OUT_OF_DOMAIN, trust_reference
+
+    flats = _non_cells(sample_copy / "zz_flat")
+    _, scores = trust_reference(trust_model, flats)
+    assert (scores > load_model(trust_model).metadata.domain.threshold).all()  # every flat field is flagged
+    full = tmp_path / "full.csv"
+    s = run_classify(_cfg([sample_copy], full, trust_model))
+    assert (s.ok, s.out_of_domain) == (45, TRUST_OUT_OF_DOMAIN + 5)
+    assert s.domain_warning().startswith("9 of 45 images (20%) are out of domain")
+    out = _first_rows(tmp_path, trust_model, sample_copy, 3)
+    s = run_classify(_cfg([sample_copy], out, trust_model, resume=True))
+    assert (s.resumed, s.out_of_domain) == (12, 9) and out.read_text() == full.read_text()
+
+
+def test_resume_refuses_a_csv_of_the_same_labels_without_the_domain_columns(tmp_path, color_model, trust_model, sample_copy):
+    out = tmp_path / "p.csv"
+    run_classify(_cfg([sample_copy], out, color_model))
+    side = json.loads(sidecar_path(out).read_text())
+    side["model"]["sha256"] = load_model(trust_model).sha256  # even with the sidecar's blessing
+    sidecar_path(out).write_text(json.dumps(side))
+    with pytest.raises(OutputError, match="written by a different model"):
+        run_classify(_cfg([sample_copy], out, trust_model, resume=True))
+
+
+def test_python_api_yields_the_domain_check(trust_model):
+    from conftest import SAMPLE, TRUST_OUT_OF_DOMAIN
+
+    from wbc_batch import classify
+
+    preds = list(classify(SAMPLE, trust_model, options=ONE))
+    assert len(preds) == 40 and sum(p.in_domain is False for p in preds) == TRUST_OUT_OF_DOMAIN
+    assert all(p.ood_score is not None and p.risk == pytest.approx(1 - p.confidence) for p in preds)

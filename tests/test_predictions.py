@@ -175,3 +175,28 @@ def test_sidecar(tmp_path):
     sidecar_path(out).write_text("{torn")
     with pytest.raises(OutputError, match=r"p\.csv\.run\.json is unreadable"):
         read_sidecar(out)
+
+
+TRUSTED = Prediction("a/x.jpg", "MONOCYTE", 0.7, [0.1, 0.05, 0.7, 0.15], "MONOCYTE", ood_score=12.5, in_domain=False)
+
+
+def test_columns_of_a_model_with_a_domain_check():
+    assert columns(LABELS) == HEADER.strip().split(",")  # an older model: exactly the columns it always had
+    assert columns(LABELS, domain=True)[:7] == ["path", "label", "confidence", "risk", "ood_score", "in_domain", "prob_EOSINOPHIL"]
+    assert format_rows([TRUSTED, ERR], 4, domain=True) == (
+        "a/x.jpg,MONOCYTE,0.700000,0.300000,12.500000,false,0.100000,0.050000,0.700000,0.150000,MONOCYTE,ok,\n"
+        "b.jpg,,,,,,,,,,,error,truncated image: cut short\n"
+    )
+
+
+def test_resume_scan_of_a_domain_csv_counts_the_out_of_domain_rows(tmp_path):
+    out = tmp_path / "p.csv"
+    inside = Prediction("c.jpg", "MONOCYTE", 0.9, [0.0, 0.1, 0.9, 0.0], ood_score=0.5, in_domain=True)
+    with PredictionWriter(out, LABELS, domain=True) as w:
+        w.write([TRUSTED, ERR, inside])
+    run = scan_existing(out, LABELS, domain=True)
+    assert (run.ok, run.errors, run.out_of_domain, run.torn_bytes) == (2, 1, 1, 0)
+    with pytest.raises(OutputError, match="written by a different model"):
+        scan_existing(out, LABELS)  # the same labels without the check: another model
+    with pytest.raises(OutputError, match="written by a different model"):
+        scan_existing(_intact(tmp_path), LABELS, domain=True)  # an older model's CSV (rewrites p.csv)

@@ -259,3 +259,40 @@ def test_ray_actors_dying_on_every_file_fail_the_run_not_hang(tmp_path, color_mo
         _classify([mixed_input], out, color_model, engine=engine, workers=2, batch_size=4)
     rows = _rows(out)
     assert len(rows) == 4 and all(r["error"] == "the decoding worker crashed on this file" for r in rows)
+
+
+@pytest.mark.ray
+@requires_ray
+@pytest.mark.usefixtures("ray_cluster")
+def test_ray_matches_local_with_a_domain_check(tmp_path, trust_model, mixed_input):
+    from wbc_batch.inference.ray_engine import RayEngine
+
+    local, viaray = tmp_path / "local.csv", tmp_path / "ray.csv"
+    s_local = _classify([mixed_input], local, trust_model)
+    s_ray = _classify([mixed_input], viaray, trust_model, engine=RayEngine(), workers=2)
+    _assert_same_rows(local, viaray)
+    assert s_ray.out_of_domain == s_local.out_of_domain > 0
+    assert {"risk", "ood_score", "in_domain"} <= set(_rows(viaray)[0])
+
+
+def test_ray_actor_answer_carries_the_domain_check_to_the_rows(tmp_path, trust_model, color_model):
+    """What a Predictor actor returns, re-sequenced into rows, equals the local rows (no Ray needed to check)."""
+    import numpy as np
+
+    from wbc_batch.inference.discover import InputFile
+    from wbc_batch.inference.engine import run_batch
+    from wbc_batch.inference.model import load_model
+    from wbc_batch.inference.ray_engine import Predictor, _rows
+    from wbc_batch.inference.rows import to_predictions
+
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    files = [InputFile(str(p), p.name) for p in [*sorted(SAMPLE.rglob("*.jpeg"))[:5], tmp_path / "bad.jpg"]]
+    for path, domain in ((trust_model, True), (color_model, False)):
+        model = load_model(path)
+        actor = Predictor([model.data], model.sha256, "cpu", 1)
+        out = actor({"idx": np.arange(6), "path": np.array([os.fsencode(f.path) for f in files], dtype=object)})
+        pending = {int(i): (bool(ok), p, bytes(e).decode(), float(s), bool(ins))
+                   for i, ok, p, e, s, ins in zip(out["idx"], out["ok"], out["probs"], out["error"], out["ood"], out["inside"], strict=True)}
+        (rows,) = list(_rows(files, 0, 6, pending, model.labels, lambda rel: "", 32, domain))
+        assert rows == to_predictions(files, run_batch(model, [f.path for f in files]), model.labels, lambda rel: "")
+        assert (rows[0].ood_score is not None) == domain and rows[5].status == "error"

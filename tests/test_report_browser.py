@@ -104,8 +104,9 @@ def test_test_set_report_is_small_and_renders_fast(tmp_path):
     t0 = time.perf_counter()
     dom = dump_dom(html, tmp_path / "profile")
     assert time.perf_counter() - t0 < 5.0
-    with open(csv_path, encoding="utf-8", newline="") as f:
-        low = sum(float(r["confidence"]) < 0.5 for r in csv.DictReader(f))
+    with open(html.parent / "review.csv", encoding="utf-8", newline="") as f:
+        queued = len(list(csv.DictReader(f)))
+    assert queued == 249  # the default review queue: the 10% riskiest of 2,487, rounded up
     cells = html.read_text(encoding="utf-8").count("<figure class=cell")
     assert 0 < cells <= GALLERY_MAX
-    assert len(re.findall(r"<img\b", dom)) == 2 + 2 * cells + 2 * min(low, REVIEW_IMAGES)
+    assert len(re.findall(r"<img\b", dom)) == 2 + 2 * cells + 2 * min(queued, REVIEW_IMAGES)

@@ -50,6 +50,25 @@ def _ray_engine(address: str | None):
     return RayEngine(address=address)
 
 
+def _review_options(f):
+    """--review-share and --target-accuracy: how many of the riskiest predictions the report's review queue holds."""
+    f = click.option("--target-accuracy", type=click.FloatRange(0, 1), default=None,
+                     help="Review queue: the smallest share of the riskiest predictions whose removal leaves the accepted ones at this "
+                          "accuracy (needs true labels).")(f)
+    return click.option("--review-share", type=click.FloatRange(0, 1), default=None,
+                        help="Review queue: this share of the predictions, riskiest first (the share the lab will check).  [default: 0.10]")(f)
+
+
+def _write_report(predictions: str, out_dir: str, **kw):
+    """write_report, with a contradictory review choice reported as bad usage."""
+    from ..evaluation.report import write_report
+
+    try:
+        return write_report(predictions, out_dir, **kw)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("-m", "--model", type=click.Path(exists=True, dir_okay=False), default=None, help="ONNX model file.  [default: the shipped model]")
@@ -66,7 +85,9 @@ def _ray_engine(address: str | None):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, log lines or summary.")
 @click.option("--engine", "engine_name", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="local: processes on this machine; ray: Ray actors (--workers of them; needs the ray extra).")
 @click.option("--address", default=None, help="With --engine ray: the Ray cluster to join (host:port or auto).  [default: a private Ray on 127.0.0.1]")
-def classify(inputs, model, output, workers, batch_size, provider, threads, resume, overwrite, retry_errors, labels_csv, report_dir, quiet, engine_name, address) -> None:
+@_review_options
+def classify(inputs, model, output, workers, batch_size, provider, threads, resume, overwrite, retry_errors, labels_csv, report_dir, quiet, engine_name, address,
+             review_share, target_accuracy) -> None:
     """Classify every image under INPUTS (folders, recursively, or files) into a predictions CSV.
 
     One row per input file, always: unreadable or corrupt files get status=error and the
@@ -77,6 +98,16 @@ def classify(inputs, model, output, workers, batch_size, provider, threads, resu
     or none could be read; 4 model unusable; 5 output unusable or resume refused;
     130 interrupted by Ctrl-C, 143 by SIGTERM (rerun with --resume).
     """
+    review = _given(review_share=review_share, target_accuracy=target_accuracy)
+    if review and not report_dir:
+        raise UsageError("--review-share and --target-accuracy choose the report's review queue: give --report DIR too")
+    if review:
+        from ..evaluation.report_trust import ReviewPolicy
+
+        try:
+            ReviewPolicy(review_share, target_accuracy)  # contradictory choices fail before the run, not after it
+        except ValueError as e:
+            raise UsageError(str(e)) from e
     runner = RunnerOptions(**_given(workers=workers, batch_size=batch_size, provider=provider, threads=threads))
     cfg = ClassifyConfig(
         inputs=list(inputs),
@@ -93,11 +124,13 @@ def classify(inputs, model, output, workers, batch_size, provider, threads, resu
     summary = run_classify(cfg, engine=engine)
     if not quiet and summary.files:  # a run that found no image wrote nothing: the error below says so
         click.echo(f"wbc-batch: {summary.line(_scores(summary))}", err=True)
+        if warning := summary.domain_warning():
+            click.echo(f"wbc-batch: warning: {warning}", err=True)
     if summary.interrupted:
         _exit_interrupted(summary)
     require_images(summary)
     if report_dir:
-        _report_after_classify(cfg.output, report_dir, quiet)
+        _report_after_classify(cfg.output, report_dir, quiet, review)
     sys.exit(int(ExitCode.OK))
 
 
@@ -122,11 +155,9 @@ def _scores(summary: RunSummary) -> str:
     return f"accuracy {m.accuracy:.3f}  macro-F1 {m.macro_f1:.3f}{share}"
 
 
-def _report_after_classify(predictions: str, report_dir: str, quiet: bool) -> None:
-    from ..evaluation.report import write_report
-
+def _report_after_classify(predictions: str, report_dir: str, quiet: bool, review: dict) -> None:
     try:
-        paths = write_report(predictions, report_dir)
+        paths = _write_report(predictions, report_dir, **review)
     except WbcBatchError as e:
         raise WbcBatchError(f"the predictions are written ({predictions}), but the report failed: {e}", exit_code=ExitCode.OUTPUT) from e
     if not quiet:
@@ -154,32 +185,36 @@ def info(model, as_json) -> None:
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder to write the report to.  [default: PREDICTIONS without .csv, plus -report]")
 @click.option("--group-by", "group_by", type=click.IntRange(min=0), default=None, metavar="LEVEL",
               help="Per-group differential, one group per folder at this depth under the input root (1 = first level, e.g. one folder per slide); 0 = none.  [default: 1 when the first-level folders are not class names]")
-@click.option("--review-threshold", type=click.FloatRange(0, 1), default=None, help="List predictions with a lower confidence for human review.  [default: 0.5]")
+@click.option("--review-threshold", type=click.FloatRange(0, 1), default=None,
+              help="Review queue: every prediction with a lower confidence (instead of --review-share).  [default: a share; 0.5 marks low confidence]")
+@_review_options
 @click.option("--run-dir", type=click.Path(exists=True, file_okay=False), default=None, help="Training run dir: show its curves.png (or history.csv) in the report.")
-def report(predictions, out_dir, group_by, review_threshold, run_dir) -> None:
+def report(predictions, out_dir, group_by, review_threshold, review_share, target_accuracy, run_dir) -> None:
     """Evaluation report for a PREDICTIONS CSV written by `classify`.
 
     Writes report.html (self-contained: open it offline, or mail it), metrics.json,
     per_class.csv, confusion_matrix.png, confusion_matrix_normalized.png, review.csv
-    (low-confidence files) and, with groups, differential.csv. Accuracy, F1 and the
+    (the review queue: the riskiest predictions first) and, with
+    groups, differential.csv. Accuracy, F1 and the
     confusion matrices need true labels (class-named folders or classify --labels);
     without them the report shows the predicted distribution and confidences.
     The figures need matplotlib (pip install 'wbc-batch[report]'); without it the
     report is written without them and a warning says so.
     """
-    from ..evaluation.report import write_report
-
     if out_dir is None:
         out_dir = (predictions[:-4] if predictions.lower().endswith(".csv") else predictions) + "-report"
-    paths = write_report(predictions, out_dir, group_by=group_by, run_dir=run_dir, **_given(review_threshold=review_threshold))
+    paths = _write_report(predictions, out_dir, group_by=group_by, run_dir=run_dir,
+                          **_given(review_threshold=review_threshold, review_share=review_share, target_accuracy=target_accuracy))
     click.echo(f"wbc-batch: report -> {paths['html']}", err=True)
 
 
 
+from .calibrate import calibrate_cmd  # noqa: E402  (onnx loads only when it runs)
 from .train import export_cmd, train_cmd  # noqa: E402  (click commands; torch loads only when they run)
 
 main.add_command(train_cmd)
 main.add_command(export_cmd)
+main.add_command(calibrate_cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover

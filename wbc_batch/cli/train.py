@@ -84,11 +84,16 @@ def train_cmd(data_dir, run_dir, quiet, group_regex, crop_window, crop_size, **k
 @click.option("--check-dir", type=click.Path(exists=True, file_okay=False), default=None, help="Real images for the parity check.  [default: the run's training data]")
 @click.option("--eval-dir", type=click.Path(exists=True, file_okay=False), default=None, help="Labelled class folders (e.g. a TEST set) to evaluate the exported model on; metrics go into its metadata.")
 @click.option("--int8", "int8_dir", type=click.Path(exists=True, file_okay=False), default=None, help="Also write MODEL.int8.onnx, statically quantised with images from this folder.")
-def export_cmd(run_dir, output, checkpoint, name, check_dir, eval_dir, int8_dir) -> None:
+@click.option("--calibration-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Held-out labelled images (CLASS/ folders; never the test set) to fit the temperature and the domain threshold.  "
+                   "[default: the run's validation split when it is held out, else none (temperature 1)]")
+def export_cmd(run_dir, output, checkpoint, name, check_dir, eval_dir, int8_dir, calibration_dir) -> None:
     """Export RUN_DIR to one ONNX file (uint8 NHWC in, probabilities out, metadata inside).
 
     Before writing: onnx.checker full check; onnxruntime vs torch within 1e-4 at batch 1,
-    batch 7 and on 256 real images; argmax agreement 100%.
+    batch 7 and on 256 real images; argmax agreement 100%. Then calibrated probabilities and
+    an ood_score output (the domain check) are fitted on the run's data and added to the graph
+    (as wbc-batch calibrate does).
     """
     _need_torch()
     from ..evaluation.evaluate import evaluate_model
@@ -96,6 +101,9 @@ def export_cmd(run_dir, output, checkpoint, name, check_dir, eval_dir, int8_dir)
 
     rep = export_run(run_dir, output, checkpoint=checkpoint, name=name, check_dir=check_dir)
     click.echo(json.dumps({"parity": asdict(rep)}, indent=2))
+    from ..training.calibrate import calibrate_export
+
+    click.echo(json.dumps({"trust": calibrate_export(run_dir, output, calibration_dir)}, indent=2))
     if eval_dir:
         m = evaluate_model(output, eval_dir)
         embed_metrics(output, m)

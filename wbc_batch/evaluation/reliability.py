@@ -59,11 +59,16 @@ def review_order(risk: Sequence[float]) -> np.ndarray:
     return np.argsort(-np.asarray(risk, dtype=np.float64), kind="stable")
 
 
+def review_count(n: int, share: float) -> int:
+    """How many of ``n`` images "the ``share`` riskiest" is: rounded up, so a small run with a share above 0 reviews at least one."""
+    return min(n, int(np.ceil(share * n - 1e-9))) if share > 0 else 0
+
+
 def coverage_point(risk: Sequence[float], correct: Sequence[bool], share: float) -> CoveragePoint:
     """What sending the ``share`` riskiest images to review buys: errors caught, accuracy of the rest."""
     ok = np.asarray(correct, dtype=bool)
     order = review_order(risk)
-    k = int(round(share * len(ok)))
+    k = review_count(len(ok), share)
     errors = int((~ok).sum())
     caught = int((~ok[order[:k]]).sum())
     rest = ok[order[k:]]

@@ -31,7 +31,11 @@ from .report_files import (
 )
 from .report_images import CellImages, cell_images
 from .report_render import MATPLOTLIB_HINT, render_html
-from .report_scan import HIST_BINS, Group, ReportError, ReportLimits, group_key, scan
+from .report_scan import HIST_BINS, Group, ReportError, ReportLimits, group_key, scan, write_review
+from .report_trust import DEFAULT_REVIEW_SHARE, ReviewPolicy, build_trust
+
+#: Predictions below this confidence are counted (and coloured in the histogram) as low confidence.
+LOW_CONFIDENCE = 0.5
 
 #: The default caps on what the HTML shows (the CSVs hold everything); see :class:`ReportLimits`.
 GALLERY_PER_PAIR = ReportLimits.gallery_per_pair
@@ -50,7 +54,9 @@ __all__ = [
     "REVIEW_IMAGES",
     "REVIEW_MAX",
     "TOP_CONFUSIONS",
+    "DEFAULT_REVIEW_SHARE",
     "ReportData",
+    "ReviewPolicy",
     "ReportError",
     "ReportLimits",
     "group_key",
@@ -95,7 +101,9 @@ def write_report(
     out_dir: str | os.PathLike[str],
     *,
     group_by: int | None = None,
-    review_threshold: float = 0.5,
+    review_threshold: float | None = None,
+    review_share: float | None = None,
+    target_accuracy: float | None = None,
     run_dir: str | os.PathLike[str] | None = None,
     on_warning: Callable[[str], None] | None = _stderr_warning,
     limits: ReportLimits | None = None,
@@ -104,13 +112,17 @@ def write_report(
 
     ``group_by``: folder depth under the input root that makes one group (slide) of the
     differential; ``None`` = 1 when those first-level folders are not class names, else no
-    differential; 0 = no differential. ``review_threshold``: predictions with a lower
-    confidence are listed for human review. ``run_dir``: a training run dir whose curves.png
+    differential; 0 = no differential. The review queue (review.csv and the HTML list, riskiest
+    first) is one of: the ``review_share`` riskiest predictions (default 10%); the smallest share
+    whose accepted predictions reach ``target_accuracy`` (needs true labels); or every prediction
+    with a confidence below ``review_threshold``. ``run_dir``: a training run dir whose curves.png
     (or history.csv) is shown. ``limits``: how much the HTML shows and embeds.
     """
     csv_path, out, limits = Path(predictions_csv), Path(out_dir), limits or ReportLimits()
     if group_by is not None and group_by < 0:
         raise ValueError("group_by must be >= 0")
+    policy = ReviewPolicy(review_share, target_accuracy, review_threshold)
+    threshold = LOW_CONFIDENCE if review_threshold is None else review_threshold
     warnings: list[str] = []
 
     def warn(msg: str) -> None:
@@ -124,7 +136,7 @@ def write_report(
         raise OutputError(f"cannot create report folder {out}: {e.strerror or e}") from e
     side = _read_side(csv_path, warn)
     paths: dict[str, Path] = {"review": out / "review.csv"}
-    s = scan(csv_path, group_by or 1, review_threshold, paths["review"], limits)
+    s = scan(csv_path, group_by or 1, threshold, limits)
     model_labels = (side.get("model") or {}).get("labels")
     if model_labels and list(model_labels) != s.labels:
         warn(f"the sidecar's model labels {model_labels} differ from the CSV's {s.labels}; the CSV's are used")
@@ -134,7 +146,9 @@ def write_report(
     plots = matplotlib_available()
     if not plots:
         warn(MATPLOTLIB_HINT)
-    d = build_report_data(s, side, csv_path, review_threshold, (group_by or 1) if grouped else None, limits, warnings)
+    trust = build_trust(s, policy, ((side.get("model") or {}).get("trust") or {}).get("calibration"), warn)
+    review = write_review(csv_path, s, trust.queue, group_by or 1, paths["review"], limits.review_max)
+    d = build_report_data(s, side, csv_path, threshold, (group_by or 1) if grouped else None, limits, warnings, review=review, trust=trust)
     _write_files(d, paths, out, plots, None if run_dir is None else Path(run_dir), warn)
     root = side.get("root")
     attach_images(d, Path(root) if root else csv_path.resolve().parent)

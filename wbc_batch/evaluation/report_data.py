@@ -17,6 +17,7 @@ import numpy as np
 from .metrics import metrics_from_confusion
 from .report_images import CellImages
 from .report_scan import Group, ReportLimits, Scan
+from .report_trust import TrustData
 
 _NO_SCORES = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_precision", "weighted_recall", "weighted_f1")
 
@@ -49,6 +50,8 @@ class Cell:
     true_label: str = ""
     group: str = ""
     images: CellImages | None = None
+    risk: float | None = None
+    in_domain: str = ""  # 'true'/'false' with a domain check, else ''
 
     @property
     def name(self) -> str:
@@ -112,6 +115,7 @@ class ReportData:
     limits: ReportLimits
     figures: dict[str, str] = field(default_factory=dict)  # kind -> PNG data URI
     curves: tuple[str, str] | None = None  # (PNG data URI, where it came from)
+    trust: TrustData | None = None
 
     @property
     def counts(self) -> dict:
@@ -219,15 +223,18 @@ def _group_rows(groups: dict[str, Group]) -> list[GroupRow]:
 
 
 def build_report_data(
-    s: Scan, side: dict, csv_path: Path, threshold: float, group_level: int | None, limits: ReportLimits, warnings: list[str]
+    s: Scan, side: dict, csv_path: Path, threshold: float, group_level: int | None, limits: ReportLimits, warnings: list[str],
+    *, review: list[dict[str, str]], trust: TrustData,
 ) -> ReportData:
-    """The report of one scan; ``group_level`` None: no differential."""
+    """The report of one scan; ``group_level`` None: no differential. ``review``: the first rows of review.csv."""
     k = len(s.labels)
     cm = np.asarray(s.cm, dtype=np.int64).reshape(k, k)
     m = _metrics(s, cm, side, csv_path, threshold, group_level, warnings, limits)
+    m["trust"] = trust.to_json()
     has_truth = m["has_truth"]
     gallery, hidden = _gallery(s, cm, limits) if has_truth else ([], 0)
-    review = [Cell(r[2], s.labels[r[3]], -r[0], r[4], r[5]) for r in sorted(s.review, key=lambda x: (-x[0], x[1]))]
+    cells = [Cell(r["path"], r["label"], float(r["confidence"]), r["true_label"], r["group"], risk=float(r["risk"]),
+                  in_domain=r.get("in_domain", "")) for r in review]
     return ReportData(
         title=f"wbc-batch report: {csv_path.name}",
         labels=s.labels,
@@ -241,7 +248,8 @@ def build_report_data(
         gallery_hidden=hidden,
         groups=_group_rows(s.groups) if group_level else None,
         group_level=group_level or 0,
-        review=review,
+        review=cells,
         failed=list(s.failed),
         limits=limits,
+        trust=trust,
     )

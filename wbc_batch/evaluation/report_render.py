@@ -68,7 +68,7 @@ def _environment():
 
 
 def _nav(d: ReportData) -> list[tuple[str, str]]:
-    nav = [("summary", "Summary"), ("per-class", "Per class")]
+    nav = [("summary", "Summary"), ("trust", "Trust"), ("per-class", "Per class")]
     if d.has_truth:
         nav += [("confusion-matrix", "Confusion matrix"), ("top-confusions", "Top confusions"), ("gallery", "Misclassified")]
     nav.append(("distribution", "Predictions"))

@@ -1,16 +1,18 @@
-"""One streaming pass over a predictions CSV: the counts and the capped lists a report needs.
+"""Two streaming passes over a predictions CSV: the counts and the capped lists a report needs, then review.csv.
 
 Counts, the confusion matrix, the confidence histogram and the per-group (slide) tallies are
 accumulated row by row; only a capped number of rows is kept (the most confident mistakes of
-each true/predicted pair, the least confident predictions, the first failed files), so memory
-does not grow with the number of rows. Every low-confidence row goes straight to review.csv
-as it is read, which is why the scan, not the report data, writes that one file.
+each true/predicted pair, the first failed files) plus a few numbers per classified row (risk,
+confidence, correct, in domain: what the review queue, the calibration and the risk-coverage
+curve need; about 20 bytes a row). The review queue is the riskiest rows, which are known only at
+the end, so a second pass (:func:`write_review`) copies them to review.csv, riskiest first.
 """
 
 from __future__ import annotations
 
 import csv
 import heapq
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -18,9 +20,12 @@ from typing import Any
 
 from ..errors import ExitCode, WbcBatchError
 from ..inference.predictions import ENCODING_ERRORS, PROB_PREFIX, STATUS_OK
+from ..inference.rows import risk as risk_of
 
 HIST_BINS = 20
-REVIEW_COLUMNS = ["path", "label", "confidence", "true_label", "group"]
+REVIEW_COLUMNS = ["path", "label", "confidence", "risk", "true_label", "group"]
+#: Appended to review.csv's columns for a CSV written by a model with a domain check.
+REVIEW_DOMAIN_COLUMNS = ["ood_score", "in_domain"]
 _REQUIRED = ("path", "label", "confidence", "true_label", "status", "error")
 
 
@@ -72,8 +77,14 @@ class Scan:
     hist: list[int] = field(default_factory=lambda: [0] * HIST_BINS)
     groups: dict[str, Group] = field(default_factory=dict)
     gallery: dict[tuple[int, int], list] = field(default_factory=dict)  # min-heaps of (conf, seq, path)
-    review: list = field(default_factory=list)  # heap (by -conf) of (-conf, seq, path, pred, truth, group)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    domain: bool = False  # the CSV has the domain check's columns (risk, ood_score, in_domain)
+    # One entry per classified row, in CSV order:
+    risk: array = field(default_factory=lambda: array("d"))  # the CSV's risk column, else rows.risk(confidence)
+    confidence: array = field(default_factory=lambda: array("d"))
+    correct: array = field(default_factory=lambda: array("b"))  # 1 right, 0 wrong, -1 no true label
+    in_domain: array = field(default_factory=lambda: array("b"))  # 1, 0, or -1 without a domain check
+    record: array = field(default_factory=lambda: array("q"))  # the row's record number in the CSV (header = 0)
 
 
 def group_key(rel: str, level: int) -> str:
@@ -103,7 +114,7 @@ def _push_capped(heap: list, item: Any, cap: int) -> None:
 class _Scanner:
     """Folds rows into a :class:`Scan`; one method per kind of row keeps each step short."""
 
-    def __init__(self, header: Sequence[str], path: Path, level: int, threshold: float, limits: ReportLimits, review: Any) -> None:
+    def __init__(self, header: Sequence[str], path: Path, level: int, threshold: float, limits: ReportLimits) -> None:
         labels = labels_from_header(header, path)
         k = len(labels)
         self.s = Scan(labels=labels, cm=[[0] * k for _ in range(k)], predicted=[0] * k, conf_sum=[0.0] * k)
@@ -111,10 +122,14 @@ class _Scanner:
         self.cols = tuple(col[c] for c in _REQUIRED)
         self.ncols = len(header)
         self.index = {lb: i for i, lb in enumerate(labels)}
-        self.level, self.threshold, self.limits, self.review = level, threshold, limits, review
+        self.level, self.threshold, self.limits = level, threshold, limits
+        self.s.domain = all(c in col for c in ("risk", "in_domain"))
+        self.i_risk, self.i_in = (col["risk"], col["in_domain"]) if self.s.domain else (-1, -1)
         self.seq = 0
+        self.n_records = 0
 
     def row(self, rec: list[str]) -> None:
+        self.n_records += 1
         s = self.s
         if len(rec) != self.ncols:
             s.malformed += 1  # e.g. a torn last line of an interrupted run
@@ -142,9 +157,11 @@ class _Scanner:
         if pi is None or not (0.0 <= conf <= 1.0):
             s.malformed += 1
             return
-        self._ok(rel, rec[i_label], rec[i_conf], pi, conf, rec[i_true], gk, g)
+        inside = -1 if not s.domain else {"true": 1, "false": 0}.get(rec[self.i_in], -1)
+        risk = _float(rec[self.i_risk]) if s.domain else None
+        self._ok(rel, pi, conf, rec[i_true], g, inside, risk_of(conf) if risk is None else risk)
 
-    def _ok(self, rel: str, label: str, conf_text: str, pi: int, conf: float, truth: str, gk: str, g: Group) -> None:
+    def _ok(self, rel: str, pi: int, conf: float, truth: str, g: Group, inside: int, risk: float) -> None:
         s = self.s
         s.files += 1
         g.n += 1
@@ -157,9 +174,12 @@ class _Scanner:
         if conf < self.threshold:
             s.low_confidence += 1
             g.low += 1
-            self.review.writerow([rel, label, conf_text, truth, gk])
-            _push_capped(s.review, (-conf, self.seq, rel, pi, truth, gk), self.limits.review_max)
         ti = self.index.get(truth) if truth else None
+        s.risk.append(risk)
+        s.confidence.append(conf)
+        s.correct.append(-1 if ti is None else int(ti == pi))
+        s.in_domain.append(inside)
+        s.record.append(self.n_records)
         if ti is None:
             s.without_truth += 1
             return
@@ -172,20 +192,54 @@ class _Scanner:
             _push_capped(s.gallery.setdefault((ti, pi), []), (conf, self.seq, rel), self.limits.gallery_per_pair)
 
 
-def scan(csv_path: Path, level: int, threshold: float, review_csv: Path, limits: ReportLimits) -> Scan:
-    """Read ``csv_path`` once; write every prediction below ``threshold`` to ``review_csv``."""
+def _float(text: str) -> float | None:
     try:
-        f = open(csv_path, encoding="utf-8", errors=ENCODING_ERRORS, newline="")
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _open(csv_path: Path):
+    try:
+        return open(csv_path, encoding="utf-8", errors=ENCODING_ERRORS, newline="")
     except OSError as e:
         raise ReportError(f"cannot read {csv_path}: {e.strerror or e}") from e
-    with f, open(review_csv, "w", encoding="utf-8", errors=ENCODING_ERRORS, newline="") as rf:
+
+
+def scan(csv_path: Path, level: int, threshold: float, limits: ReportLimits) -> Scan:
+    """Read ``csv_path`` once: the counts, the capped lists and the per-row numbers."""
+    with _open(csv_path) as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
             raise ReportError(f"{csv_path} is empty")
-        review = csv.writer(rf, lineterminator="\n")
-        scanner = _Scanner(header, csv_path, level, threshold, limits, review)
-        review.writerow(REVIEW_COLUMNS)
+        scanner = _Scanner(header, csv_path, level, threshold, limits)
         for rec in reader:
             scanner.row(rec)
     return scanner.s
+
+
+def write_review(csv_path: Path, s: Scan, queue: Sequence[int], level: int, review_csv: Path, keep: int) -> list[dict[str, str]]:
+    """Copy the rows ``queue`` names (indices into the scan's per-row arrays, riskiest first) to ``review_csv``, in that order.
+
+    Returns the first ``keep`` of them as dicts of review.csv's columns, for the HTML.
+    """
+    rank = {s.record[i]: r for r, i in enumerate(queue)}
+    picked: list[list[str] | None] = [None] * len(queue)
+    with _open(csv_path) as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        col = {c: i for i, c in enumerate(header)}
+        fields = ["path", "label", "confidence", "true_label"]
+        extra = REVIEW_DOMAIN_COLUMNS if s.domain else []
+        for n, rec in enumerate(reader, start=1):
+            r = rank.get(n)
+            if r is not None:
+                path, label, conf, truth = (rec[col[c]] for c in fields)
+                picked[r] = [path, label, conf, f"{s.risk[queue[r]]:.6f}", truth, group_key(path, level), *(rec[col[c]] for c in extra)]
+    names = REVIEW_COLUMNS + (REVIEW_DOMAIN_COLUMNS if s.domain else [])
+    with open(review_csv, "w", encoding="utf-8", errors=ENCODING_ERRORS, newline="") as rf:
+        w = csv.writer(rf, lineterminator="\n")
+        w.writerow(names)
+        w.writerows(row for row in picked if row is not None)
+    return [dict(zip(names, row, strict=True)) for row in picked[:keep] if row is not None]

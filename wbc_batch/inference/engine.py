@@ -85,8 +85,13 @@ def run_batch(model: Model, paths: Sequence[str]) -> BatchResult:
             errors.append(str(e))
         except Exception as e:  # noqa: BLE001 - a decoder bug must cost one row, not the run
             errors.append(f"decoder failed: {type(e).__name__}: {e}")
-    probs = model.predict(buf[:n]) if n else np.zeros((0, len(model.labels)), np.float32)
-    return BatchResult(probs, errors)
+    if not n:
+        return BatchResult(np.zeros((0, len(model.labels)), np.float32), errors)
+    probs, scores = model.infer(buf[:n])
+    domain = model.metadata.domain
+    if scores is None or domain is None:
+        return BatchResult(probs, errors)
+    return BatchResult(probs, errors, scores, scores <= domain.threshold)
 
 
 def chunks(files: Iterable[InputFile], size: int) -> Iterator[list[InputFile]]:

@@ -8,6 +8,7 @@ call and no consumer has to guess. Reading a model without it is an error, not a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,6 +26,30 @@ class ModelError(WbcBatchError):
     """A model file that cannot be used: the message says what is wrong with it."""
 
     exit_code = ExitCode.MODEL
+
+
+@dataclass(frozen=True)
+class DomainCheck:
+    """The optional ``domain`` section: a second graph output scoring how unlike the training data an image is.
+
+    ``in_domain`` is ``score <= threshold`` (see :mod:`wbc_batch.training.trust`). A model without
+    the section has no domain check, and its predictions carry no score.
+    """
+
+    output: str
+    threshold: float
+
+    @classmethod
+    def from_section(cls, d: object) -> DomainCheck:
+        """Read the section; a malformed one is a :class:`ModelError` naming the field."""
+        if not isinstance(d, dict):
+            raise ModelError("invalid model metadata: the 'domain' section is not a JSON object")
+        out, thr = d.get("output"), d.get("threshold")
+        if not isinstance(out, str) or not out:
+            raise ModelError(f"invalid model metadata: domain.output must name a graph output, got {out!r}")
+        if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not math.isfinite(thr):
+            raise ModelError(f"invalid model metadata: domain.threshold must be a finite number, got {thr!r}")
+        return cls(out, float(thr))
 
 
 @dataclass(frozen=True)
@@ -71,6 +96,14 @@ class ModelMetadata:
             problems.append(f"input size {self.height}x{self.width} is not positive integers")
         if problems:
             raise ModelError("invalid model metadata: " + "; ".join(problems))
+        if self.domain is not None and self.domain.output == self.output_name:
+            raise ModelError(f"invalid model metadata: domain.output {self.domain.output!r} is the probabilities output")
+
+    @property
+    def domain(self) -> DomainCheck | None:
+        """The domain check the model carries (its ``domain`` section), or None for a model without one."""
+        section = self.extra.get("domain")
+        return None if section is None else DomainCheck.from_section(section)
 
     @property
     def preprocess(self) -> PreprocessSpec:

@@ -81,6 +81,13 @@ class Model:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities ``(N, C)`` float32 for a ``(N, H, W, 3)`` uint8 batch."""
+        return self.infer(batch)[0]
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities ``(N, C)`` and, for a model with a domain check, its out-of-domain scores ``(N,)`` (else None).
+
+        One ``session.run`` gives both: the score is a second output of the same graph.
+        """
         md = self.metadata
         x = batch
         if md.layout == "NCHW":
@@ -89,27 +96,32 @@ class Model:
             x = x.astype(np.float32)
         fb = self.fixed_batch
         if fb is None or len(x) == fb:
-            out = self._run(x)
+            out, ood = self._run(x)
         else:
             # A static-batch graph refuses any other N: feed it slices, the last one zero-padded.
-            parts = [np.zeros((0, len(md.labels)), np.float32)]
+            parts = [(np.zeros((0, len(md.labels)), np.float32), np.zeros(0, np.float32))]
             for i in range(0, len(x), fb):
                 part = x[i : i + fb]
                 n = len(part)
                 if n < fb:
                     part = np.concatenate([part, np.zeros((fb - n, *part.shape[1:]), part.dtype)])
-                parts.append(self._run(part)[:n])
-            out = np.concatenate(parts)
+                p, s = self._run(part)
+                parts.append((p[:n], None if s is None else s[:n]))
+            out = np.concatenate([p for p, _ in parts])
+            ood = None if md.domain is None else np.concatenate([s for _, s in parts])
         if md.output_kind == "logits":
             out = out - out.max(axis=1, keepdims=True)
             np.exp(out, out=out)
             out /= out.sum(axis=1, keepdims=True)
-        return out
+        return out, ood
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
+    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         md = self.metadata
-        (out,) = self.session.run([md.output_name], {md.input_name: x})  # type: ignore[attr-defined]
-        return np.array(out, dtype=np.float32)  # a copy: the softmax below writes in place
+        domain = md.domain
+        names = [md.output_name] if domain is None else [md.output_name, domain.output]
+        outs = self.session.run(names, {md.input_name: x})  # type: ignore[attr-defined]
+        probs = np.array(outs[0], dtype=np.float32)  # a copy: the softmax in infer writes in place
+        return probs, None if domain is None else np.asarray(outs[1], dtype=np.float32).reshape(len(x))
 
 
 def _check_io(session, md: ModelMetadata) -> int | None:
@@ -136,7 +148,20 @@ def _check_io(session, md: ModelMetadata) -> int | None:
     oshape = outs[md.output_name].shape
     if len(oshape) != 2 or (isinstance(oshape[1], int) and oshape[1] != len(md.labels)):
         raise ModelError(f"output {md.output_name!r} has shape {oshape}; expected [N, {len(md.labels)}] for {len(md.labels)} labels")
+    _check_domain_output(outs, md)
     return shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+
+
+def _check_domain_output(outs: dict, md: ModelMetadata) -> None:
+    """A domain section must name a graph output of one score per image."""
+    domain = md.domain
+    if domain is None:
+        return
+    if domain.output not in outs:
+        raise ModelError(f"metadata names a domain-check output {domain.output!r} but the graph's outputs are {sorted(outs)}")
+    shape = outs[domain.output].shape
+    if len(shape) != 1:
+        raise ModelError(f"domain-check output {domain.output!r} has shape {shape}; expected [N] (one score per image)")
 
 
 def load_model(

@@ -37,7 +37,7 @@ from .predictions import (
     truncate_torn_tail,
     write_sidecar,
 )
-from .rows import STATUS_OK, Prediction, TruthFn
+from .rows import STATUS_OK, Prediction, TruthFn, domain_warning
 from .signals import stop_on_signals
 from .truth import read_labels_csv, truth_function
 
@@ -85,6 +85,12 @@ class RunSummary:
     labels: list[str] = field(default_factory=list)  # the model's, in its order
     #: Rows with a true label, whole CSV (resumed rows too): rows true, columns predicted; empty without truth.
     confusion: list[list[int]] = field(default_factory=list)
+    domain_checked: bool = False  # the model carries a domain check (the CSV has ood_score and in_domain)
+    out_of_domain: int = 0  # classified rows flagged out of domain, whole CSV
+
+    def domain_warning(self) -> str | None:
+        """The warning for a run with many out-of-domain images (see rows.OUT_OF_DOMAIN_WARN_SHARE), else None."""
+        return domain_warning(self.out_of_domain, self.ok) if self.domain_checked else None
 
     def line(self, scores: str = "") -> str:
         """One line for the terminal; ``scores`` (e.g. accuracy and macro-F1, worked out by the caller) goes after the counts."""
@@ -92,6 +98,8 @@ class RunSummary:
             f"files {self.files}  ok {self.ok}  errors {self.errors}  {scores + '  ' if scores else ''}"
             f"{self.images_per_s:.1f} images/s  wall {self.wall_s:.1f}s"
         )
+        if self.domain_checked:
+            s += f"  out of domain {self.out_of_domain}"
         if self.resumed:
             s += f"  (resumed: {self.resumed} already done)"
         return s + f"  -> {self.output}"
@@ -106,12 +114,15 @@ def require_images(summary: RunSummary) -> None:
 
 
 def model_identity(model: Model) -> dict:
+    """The sidecar's ``model``: what --resume checks (sha256) and what a report shows (with the calibration and domain sections)."""
+    trust = {k: model.metadata.extra[k] for k in ("calibration", "domain") if k in model.metadata.extra}
     return {
         "name": model.metadata.name,
         "path": str(model.path),
         "sha256": model.sha256,
         "labels": list(model.labels),
         "arch": model.metadata.arch,
+        **({"trust": trust} if trust else {}),
     }
 
 
@@ -199,12 +210,12 @@ def _prepare_output(cfg: ClassifyConfig, model: Model, root: Path, inputs: Seque
 
 
 def _scan(out: Path, model: Model) -> ExistingRun:
-    return scan_existing(out, model.labels)
+    return scan_existing(out, model.labels, model.metadata.domain is not None)
 
 
 def _recount(summary: RunSummary, truth_pairs: Counter[tuple[str, str]], existing: ExistingRun) -> None:
     """The summary's whole-CSV counts from a scan of the CSV (after rows were dropped from it)."""
-    summary.ok, summary.errors = existing.ok, existing.errors
+    summary.ok, summary.errors, summary.out_of_domain = existing.ok, existing.errors, existing.out_of_domain
     truth_pairs.clear()
     truth_pairs.update(existing.truth_pairs)
 
@@ -240,6 +251,7 @@ def _count_rows(summary: RunSummary, truth_pairs: Counter[tuple[str, str]], pred
     for p in preds:
         if p.status == STATUS_OK:
             n_ok += 1
+            summary.out_of_domain += p.in_domain is False
             if p.true_label:
                 truth_pairs[p.true_label, p.label] += 1
     summary.ok += n_ok
@@ -276,13 +288,14 @@ def run_classify(
     # The labels file is checked before the output is touched: a bad one changes nothing.
     table = read_labels_csv(cfg.labels_csv, root, model.labels) if cfg.labels_csv else None
     truth = truth_function(model.labels, table)
-    summary = RunSummary(output=str(cfg.output), model_sha256=model.sha256, labels=list(model.labels))
+    summary = RunSummary(output=str(cfg.output), model_sha256=model.sha256, labels=list(model.labels), domain_checked=model.metadata.domain is not None)
     if not any(True for _ in iter_images(inputs, root)):
         return summary  # no image at all: no CSV, no sidecar (and an existing output stays as it was)
     with output_lock(cfg.output):  # one run per output; the kernel drops it when this process ends
         existing = _prepare_output(cfg, model, root, inputs)
         done, truth_pairs = existing.done, existing.truth_pairs
         summary.resumed, summary.ok, summary.errors = len(done), existing.ok, existing.errors
+        summary.out_of_domain = existing.out_of_domain
         info = _run_info(cfg, model, root, inputs, engine)
         write_sidecar(cfg.output, info)
         progress = _Progress(cfg.progress, 0, cfg.log_every_s)
@@ -301,7 +314,7 @@ def _open_writer(cfg: ClassifyConfig, model: Model, info: dict) -> PredictionWri
     """The CSV writer; if the CSV cannot even be opened (a full disk, no permission) the sidecar says the run failed."""
     try:
         append = cfg.resume and not cfg.overwrite and Path(cfg.output).exists()
-        return PredictionWriter(cfg.output, model.labels, append=append)
+        return PredictionWriter(cfg.output, model.labels, append=append, domain=model.metadata.domain is not None)
     except OutputError as e:
         info.update(state="failed", finished=_now(), error=str(e))
         try:

@@ -35,15 +35,28 @@ class OutputError(WbcBatchError):
     exit_code = ExitCode.OUTPUT
 
 
-def columns(labels: Sequence[str]) -> list[str]:
-    return ["path", "label", "confidence", *[PROB_PREFIX + lb for lb in labels], "true_label", "status", "error"]
+#: Columns written only for a model with a domain check (its metadata's ``domain`` section), after ``confidence``:
+#: the review rank (rows.risk), the out-of-domain score and the verdict (``true``/``false``). Older models
+#: write exactly the columns they always did.
+TRUST_COLUMNS = ["risk", "ood_score", "in_domain"]
+
+
+def columns(labels: Sequence[str], domain: bool = False) -> list[str]:
+    trust = TRUST_COLUMNS if domain else []
+    return ["path", "label", "confidence", *trust, *[PROB_PREFIX + lb for lb in labels], "true_label", "status", "error"]
 
 
 def sidecar_path(csv_path: str | os.PathLike[str]) -> Path:
     return Path(os.fspath(csv_path) + ".run.json")
 
 
-def format_rows(preds: Sequence[Prediction], n_labels: int) -> str:
+def _trust_fields(p: Prediction) -> list[str]:
+    if p.ood_score is None or p.risk is None:
+        return ["", "", ""]
+    return [f"{p.risk:.6f}", f"{p.ood_score:.6f}", "true" if p.in_domain else "false"]
+
+
+def format_rows(preds: Sequence[Prediction], n_labels: int, domain: bool = False) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     # csv quotes a field only for the characters of its own line terminator, so a lone "\r"
@@ -53,7 +66,8 @@ def format_rows(preds: Sequence[Prediction], n_labels: int) -> str:
     for p in preds:
         probs = [f"{v:.6f}" for v in p.probabilities] if p.probabilities is not None else empty
         conf = f"{p.confidence:.6f}" if p.confidence is not None else ""
-        (w_cr if "\r" in p.path else w).writerow([p.path, p.label, conf, *probs, p.true_label, p.status, _one_line(p.error)])
+        trust = _trust_fields(p) if domain else []
+        (w_cr if "\r" in p.path else w).writerow([p.path, p.label, conf, *trust, *probs, p.true_label, p.status, _one_line(p.error)])
     return buf.getvalue()
 
 
@@ -64,15 +78,16 @@ def _one_line(msg: str) -> str:
 class PredictionWriter:
     """Appends rows; each :meth:`write` is one ``write`` call followed by a flush."""
 
-    def __init__(self, path: str | os.PathLike[str], labels: Sequence[str], *, append: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], labels: Sequence[str], *, append: bool = False, domain: bool = False) -> None:
         self.path = Path(path)
         self.labels = list(labels)
+        self.domain = domain
         try:
             if self.path.parent and not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(self.path, "a" if append else "w", encoding="utf-8", errors=ENCODING_ERRORS, newline="")
             if not append or self._f.tell() == 0:
-                self._f.write(format_header(self.labels))
+                self._f.write(format_header(self.labels, self.domain))
                 self._f.flush()
         except OSError as e:
             raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from e
@@ -81,7 +96,7 @@ class PredictionWriter:
         if not preds:
             return
         try:
-            self._f.write(format_rows(preds, len(self.labels)))
+            self._f.write(format_rows(preds, len(self.labels), self.domain))
             self._f.flush()
         except OSError as e:
             raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from e
@@ -120,9 +135,9 @@ def _close_quietly(f: io.TextIOWrapper) -> None:
             pass
 
 
-def format_header(labels: Sequence[str]) -> str:
+def format_header(labels: Sequence[str], domain: bool = False) -> str:
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(columns(labels))
+    csv.writer(buf, lineterminator="\n").writerow(columns(labels, domain))
     return buf.getvalue()
 
 
@@ -134,6 +149,7 @@ class ExistingRun:
     good_bytes: int  # length of the intact prefix (header + whole rows)
     torn_bytes: int  # bytes after it that a kill left behind
     truth_pairs: Counter[tuple[str, str]] = field(default_factory=Counter)  # (true, predicted) of ok rows with a true label
+    out_of_domain: int = 0  # ok rows with in_domain=false (a model with a domain check)
 
 
 def _records_with_offsets(f: io.BufferedReader) -> Iterator[tuple[list[str], int]]:
@@ -163,14 +179,19 @@ def _records_with_offsets(f: io.BufferedReader) -> Iterator[tuple[list[str], int
         yield rec, offset
 
 
-def scan_existing(path: str | os.PathLike[str], labels: Sequence[str]) -> ExistingRun:
-    """Read a predictions CSV for --resume: the finished paths and where the intact part ends."""
-    expected = columns(labels)
+def scan_existing(path: str | os.PathLike[str], labels: Sequence[str], domain: bool = False) -> ExistingRun:
+    """Read a predictions CSV for --resume: the finished paths and where the intact part ends.
+
+    ``domain``: the model has a domain check, so the CSV must have its columns (and an old CSV without
+    them is refused, like any other header that is not this model's).
+    """
+    expected = columns(labels, domain)
+    i_in = expected.index("in_domain") if domain else -1
     n, st, ti = len(expected), expected.index("status"), expected.index("true_label")
     size = os.path.getsize(path)
     done: set[str] = set()
     pairs: Counter[tuple[str, str]] = Counter()
-    ok = errors = good = 0
+    ok = errors = good = outside = 0
     with open(path, "rb") as f:
         records = _records_with_offsets(f)
         first = next(records, None)
@@ -190,8 +211,9 @@ def scan_existing(path: str | os.PathLike[str], labels: Sequence[str]) -> Existi
             errors += rec[st] == STATUS_ERROR
             if rec[st] == STATUS_OK and rec[ti]:
                 pairs[rec[ti], rec[1]] += 1
+            outside += domain and rec[st] == STATUS_OK and rec[i_in] == "false"
             good = end
-    return ExistingRun(done, ok, errors, good, size - good, pairs)
+    return ExistingRun(done, ok, errors, good, size - good, pairs, outside)
 
 
 def truncate_torn_tail(path: str | os.PathLike[str], good_bytes: int) -> None:

@@ -149,8 +149,9 @@ class Predictor:
     """A Ray Data actor: one onnxruntime session, built from model bytes that came through Ray.
 
     ``__call__`` takes a batch ``{"idx", "path"}`` (paths as ``os.fsencode`` bytes) and returns per
-    file: ``idx``, ``ok``, ``probs`` (zeros where the file failed) and ``error`` (UTF-8 bytes, empty
-    where it decoded).
+    file: ``idx``, ``ok``, ``probs`` (zeros where the file failed), ``error`` (UTF-8 bytes, empty
+    where it decoded), and ``ood`` and ``inside`` (the domain check's score and verdict; NaN and
+    False for a model without one).
     """
 
     def __init__(self, model_ref: list, sha256: str, provider: str, threads: int) -> None:
@@ -175,18 +176,22 @@ class Predictor:
         n, c = len(paths), len(self.model.labels)
         probs = np.zeros((n, c), dtype=np.float32)
         ok = np.zeros(n, dtype=bool)
+        ood = np.full(n, np.nan, dtype=np.float32)
+        inside = np.zeros(n, dtype=bool)
         errors: list[str] = []
         k = 0
         for i, err in enumerate(res.errors):
             if err is None:
                 probs[i] = res.probabilities[k]
+                if res.ood_scores is not None and res.in_domain is not None:
+                    ood[i], inside[i] = res.ood_scores[k], res.in_domain[k]
                 ok[i] = True
                 k += 1
                 errors.append("")
             else:
                 errors.append(err)
         err_bytes = np.array([e.encode("utf-8", "surrogateescape") for e in errors], dtype=object)
-        return {"idx": np.asarray(batch["idx"], dtype=np.int64), "ok": ok, "probs": probs, "error": err_bytes}
+        return {"idx": np.asarray(batch["idx"], dtype=np.int64), "ok": ok, "probs": probs, "error": err_bytes, "ood": ood, "inside": inside}
 
 
 @dataclass
@@ -277,7 +282,7 @@ class RayEngine:
                     ds = ds.map_batches(self.predictor_cls, **map_kwargs, **retry_kwargs)
                 except TypeError:  # a Ray that no longer takes them
                     ds = ds.map_batches(self.predictor_cls, **map_kwargs)
-            yield from _collect(ds, window, labels=model.labels, truth=truth, batch_size=batch_size)
+            yield from _collect(ds, window, labels=model.labels, truth=truth, batch_size=batch_size, domain=model.metadata.domain is not None)
 
         while window := list(islice(files, max(1, self.window))):
             yield from _isolating(run, window, model.labels, truth)
@@ -324,9 +329,9 @@ def _give_up(f: InputFile, crashes: int, e: BaseException) -> RayEngineError:
     )
 
 
-def _collect(ds, window: Sequence[InputFile], *, labels: Sequence[str], truth: TruthFn, batch_size: int) -> Iterator[list[Prediction]]:
+def _collect(ds, window: Sequence[InputFile], *, labels: Sequence[str], truth: TruthFn, batch_size: int, domain: bool = False) -> Iterator[list[Prediction]]:
     """Rows of one window, in input order (results are re-sequenced by index, whatever Ray returns)."""
-    pending: dict[int, tuple[bool, np.ndarray, str]] = {}
+    pending: dict[int, tuple[bool, np.ndarray, str, float, bool]] = {}
     nxt = 0
     batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
     while True:
@@ -337,26 +342,28 @@ def _collect(ds, window: Sequence[InputFile], *, labels: Sequence[str], truth: T
             raise _BatchFailed(nxt, e) from e
         if out is None:
             break
-        for i, ok, p, e in zip(out["idx"], out["ok"], out["probs"], out["error"], strict=True):
-            pending[int(i)] = (bool(ok), p, bytes(e).decode("utf-8", "surrogateescape"))
+        for i, ok, p, e, s, ins in zip(out["idx"], out["ok"], out["probs"], out["error"], out["ood"], out["inside"], strict=True):
+            pending[int(i)] = (bool(ok), p, bytes(e).decode("utf-8", "surrogateescape"), float(s), bool(ins))
         start = nxt
         while nxt in pending:
             nxt += 1
         if nxt > start:
-            yield from _rows(window, start, nxt, pending, labels, truth, batch_size)
+            yield from _rows(window, start, nxt, pending, labels, truth, batch_size, domain)
     if nxt != len(window):  # cannot happen unless Ray dropped a block: never lose a row silently
         raise RuntimeError(f"Ray returned {nxt} of {len(window)} results in order; missing index {nxt}")
 
 
-def _rows(window, start: int, stop: int, pending: dict, labels: Sequence[str], truth: TruthFn, batch_size: int) -> Iterator[list[Prediction]]:
+def _rows(window, start: int, stop: int, pending: dict, labels: Sequence[str], truth: TruthFn, batch_size: int, domain: bool) -> Iterator[list[Prediction]]:
     for b0 in range(start, stop, batch_size):
         b1 = min(stop, b0 + batch_size)
-        oks, probs, errors = [], [], []
+        probs, errors, scores, inside = [], [], [], []
         for i in range(b0, b1):
-            ok, p, e = pending.pop(i)
-            oks.append(ok)
+            ok, p, e, s, ins = pending.pop(i)
             errors.append(None if ok else e)
             if ok:
                 probs.append(p)
+                scores.append(s)
+                inside.append(ins)
         arr = np.stack(probs).astype(np.float32, copy=False) if probs else np.zeros((0, len(labels)), np.float32)
-        yield to_predictions(window[b0:b1], BatchResult(arr, errors), labels, truth)
+        res = BatchResult(arr, errors, np.array(scores, np.float32), np.array(inside, bool)) if domain else BatchResult(arr, errors)
+        yield to_predictions(window[b0:b1], res, labels, truth)

@@ -1,0 +1,85 @@
+"""wbc_batch.training.calibrate at export: the run's training files as reference, its validation split (or a folder) held out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import SAMPLE
+
+pytestmark = pytest.mark.torch
+
+torch = pytest.importorskip("torch")
+
+
+def _train(run, **kw):
+    from wbc_batch.training.loop import TrainConfig, train
+
+    base = dict(arch="wbc-net", size=(48, 64), crop=(0, 0), epochs=2, batch_size=8, val_fraction=0.3, patience=0, workers=1, threads=2)
+    train(TrainConfig(str(SAMPLE), str(run), **{**base, **kw}), progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("run"))
+
+
+def _export(run, out):
+    from wbc_batch.training.export import export_run
+
+    export_run(run, out, check_dir=SAMPLE, check_images=40)
+    return out
+
+
+def test_run_split_is_the_runs_own(tiny_run):
+    from wbc_batch.training.calibrate import run_split
+    from wbc_batch.training.record import RunRecord
+
+    rec = RunRecord.read(tiny_run)
+    train, val, _ = run_split(tiny_run, rec.classes)
+    assert (len(train.paths), len(val.paths)) == (rec.n_train, rec.n_val)
+    assert not set(train.paths) & set(val.paths) and sorted(set(val.labels)) == [0, 1, 2, 3]
+
+
+def test_export_fits_on_the_validation_split_when_it_is_held_out(tiny_run, tmp_path):
+    from wbc_batch.inference.model import load_model
+    from wbc_batch.training.calibrate import calibrate_export
+    from wbc_batch.training.record import RunRecord
+
+    out = _export(tiny_run, tmp_path / "m.onnx")
+    rec = RunRecord.read(tiny_run)
+    sections = calibrate_export(tiny_run, out)
+    md = load_model(out).metadata
+    assert md.extra["calibration"] == sections["calibration"] and sections["calibration"]["method"] == "temperature"
+    assert sections["calibration"]["data"]["files"] == rec.n_val
+    assert sections["domain"]["reference"]["files"] == rec.n_train
+    assert sections["domain"]["threshold_from"]["held_out"] is True and md.domain.output == "ood_score"
+
+
+@pytest.mark.slow
+def test_export_without_a_held_out_split_keeps_temperature_one_and_says_why(tmp_path):
+    from wbc_batch.training.calibrate import calibrate_export
+    from wbc_batch.training.record import RunRecord
+
+    run = _train(tmp_path / "run", val_fraction=0.0)
+    assert RunRecord.read(run).val_is_train
+    sections = calibrate_export(run, _export(run, tmp_path / "m.onnx"))
+    assert sections["calibration"] == {
+        "method": "none", "temperature": 1.0,
+        "why": "the run validated on its training data (too few groups to hold any out) and no --calibration-dir was given",
+    }
+    assert sections["domain"]["threshold_from"]["held_out"] is False and sections["domain"]["reference"]["files"] == 40
+
+
+def test_cli_export_calibration_dir(tiny_run, tmp_path):
+    from wbc_batch.cli import main
+    from wbc_batch.inference.model import load_model
+
+    out = tmp_path / "m.onnx"
+    res = CliRunner().invoke(main, ["export", str(tiny_run), "-o", str(out), "--check-dir", str(SAMPLE), "--calibration-dir", str(SAMPLE)])
+    assert res.exit_code == 0, res.output
+    md = load_model(out).metadata
+    assert md.extra["calibration"]["data"] == {"path": str(SAMPLE), "files": 40}
+    assert json.loads(res.output[res.output.index('{\n  "trust"'):])["trust"]["domain"]["threshold"] == md.domain.threshold

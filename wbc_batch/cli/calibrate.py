@@ -1,0 +1,47 @@
+"""``wbc-batch calibrate``: add calibrated probabilities and a domain check to any exported model.
+
+Needs onnx (the ``train`` or ``test`` extra), not torch: a lab can upgrade a model file it was given
+without the run folder it came from.
+"""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import ExitCode, WbcBatchError
+
+
+@click.command("calibrate")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--reference-dir", type=click.Path(exists=True, file_okay=False), required=True,
+              help="The model's training images (CLASS/ folders): what 'in domain' means.")
+@click.option("--calibration-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Held-out labelled images from the same labs (CLASS/ folders; never the test set): fits the temperature "
+                   "and places the domain threshold.  [default: none: temperature 1, threshold from the reference]")
+@click.option("--in-domain-quantile", type=click.FloatRange(0.5, 1.0), default=None,
+              help="Share of held-out in-domain images the domain check must pass.  [default: 0.995]")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="The new model file.")
+def calibrate_cmd(model, reference_dir, calibration_dir, in_domain_quantile, output) -> None:
+    """Write OUTPUT: MODEL with calibrated probabilities and an ood_score output, fitted from class folders.
+
+    classify then writes ood_score and in_domain columns and warns when a run holds many images unlike
+    the training data. The graph must end in Softmax(Gemm(features)), as every wbc-batch export does.
+    """
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise WbcBatchError("calibrate needs onnx: pip install 'wbc-batch[train]'", exit_code=ExitCode.USAGE) from None
+    from ..training.calibrate import DEFAULT_IN_DOMAIN_QUANTILE, calibrate_model
+
+    try:
+        sections = calibrate_model(model, reference_dir, output, calibration_dir=calibration_dir,
+                                   quantile=in_domain_quantile or DEFAULT_IN_DOMAIN_QUANTILE)
+    except ValueError as e:
+        raise WbcBatchError(str(e), exit_code=ExitCode.USAGE) from e
+    cal, dom = sections["calibration"], sections["domain"]
+    click.echo(f"calibration: {cal['method']}, temperature {cal['temperature']:.3f}"
+               + (f", ECE on {cal['data']['files']} held-out images {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}" if "ece_after" in cal else ""))
+    click.echo(f"domain check: ood_score <= {dom['threshold']:.3f} is in domain "
+               f"(reference {dom['reference']['files']} images; threshold = {dom['threshold_from']['quantile']} quantile of "
+               f"{'held-out' if dom['threshold_from']['held_out'] else 'reference'} scores)")
+    click.echo(f"wrote {output}")
