@@ -124,6 +124,9 @@ def test_what_does_not_map_is_a_clear_error(source, tmp_path):
 def test_balanced_class_weights():
     w = class_weights(np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 3]), 4, "balanced")
     assert torch.allclose(w, torch.tensor([10 / 12, 10 / 24, 0.0, 10 / 4]))
+    # A class of 1 image among 200 and 40: capped at 10x the most common class's weight.
+    w = class_weights(np.array([0] * 200 + [1] * 40 + [2]), 3, "balanced")
+    assert torch.allclose(w, torch.tensor([241 / 600, 241 / 120, 10 * 241 / 600]))
     assert class_weights(np.array([0, 1]), 2, "none") is None
     with pytest.raises(ValueError, match="choose balanced or none"):
         class_weights(np.array([0, 1]), 2, "sqrt")

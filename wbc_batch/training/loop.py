@@ -193,11 +193,17 @@ def _trainer(cfg: TrainConfig, model: Deployable, data: TrainData, device: torch
     return Trainer(model, opt, sched, scaler, device, centres, windows, cfg.label_smoothing, cfg.augment, None if weights is None else weights.to(device))
 
 
+#: The largest weight ratio between two classes (see :func:`class_weights`).
+MAX_CLASS_WEIGHT_RATIO = 10.0
+
+
 def class_weights(targets: np.ndarray, n_classes: int, mode: str) -> torch.Tensor | None:
     """Loss weight per class so that each class counts as much as the others: n / (classes * n_c).
 
     Why weights rather than re-sampling: the epoch and its random order stay as they are, and a
     class of 22 images is not shown ten times over per epoch. A class absent from training gets 0.
+    Imbalance up to :data:`MAX_CLASS_WEIGHT_RATIO`:1 is evened out fully; a rarer class gets that
+    many times the most common class's weight (one image of a class must not outweigh the rest).
     """
     if mode == "none":
         return None
@@ -205,6 +211,7 @@ def class_weights(targets: np.ndarray, n_classes: int, mode: str) -> torch.Tenso
         raise ValueError(f"unknown class_weights {mode!r}; choose balanced or none")
     counts = np.bincount(targets, minlength=n_classes).astype(np.float64)
     w = np.divide(len(targets), n_classes * counts, out=np.zeros(n_classes), where=counts > 0)
+    w = np.minimum(w, MAX_CLASS_WEIGHT_RATIO * w[counts > 0].min()) if (counts > 0).any() else w
     return torch.tensor(w, dtype=torch.float32)
 
 
