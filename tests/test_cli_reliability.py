@@ -93,7 +93,9 @@ def test_signals_stop_the_run_cleanly_and_promptly(tmp_path, color_model, many, 
     assert side["state"] == "interrupted"
     assert out.read_bytes().endswith(b"\n")  # whole rows only
     assert side["summary"]["files"] == len(read_rows(out))
-    r = subprocess.run(_cli(many, "-o", out, "-m", color_model, "--resume", "-q"), env=ENV, capture_output=True, text=True, timeout=120)
+    if signals != (signal.SIGTERM,):
+        return  # the resume after a stop is the same for every signal: checked once
+    r = subprocess.run(_cli(many, "-o", out, "-m", color_model, "--resume", "-q", "--workers", "1", "--batch-size", "64"), env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     rows = read_rows(out)
     assert len(rows) == len({r["path"] for r in rows}) == 400
