@@ -295,3 +295,35 @@ def test_cell_crop_run_exports_with_parity(tmp_path):
 def test_build_rejects_unknown_arch():
     with pytest.raises(ValueError, match="unknown architecture"):
         build("resnet-9000", 4, (60, 80))
+
+
+def test_keep_aspect_and_follow_crop_travel_in_the_model_and_classify_uses_them(tmp_path):
+    """A run with the v2 defaults (aspect-keeping decode, nucleus-following crop): the exported file
+    says so, the graph holds the follow crop, and classify decodes a square crop as training did."""
+    from PIL import Image
+
+    from wbc_batch.inference.local_engine import RunnerOptions, classify
+    from wbc_batch.inference.model import load_model
+    from wbc_batch.training.export import export_run, load_run
+    from wbc_batch.training.loop import train
+
+    run = tmp_path / "run"
+    train(_tiny_config(run, size=(120, 160), crop=(80, 40), epochs=1), progress=False)
+    out = tmp_path / "v2.onnx"
+    export_run(run, out, check_dir=SAMPLE, check_images=40)
+    md = load_model(out).metadata
+    assert md.keep_aspect and md.preprocess.keep_aspect
+    cfg = md.extra["training"]["config"]
+    assert cfg["keep_aspect"] is True and cfg["crop_follow"] is True and cfg["colour"] == "strong"
+    net, _, _ = load_run(run)
+    assert net.crop.follow
+    # A single-cell crop (square): padded, not stretched, by classify exactly as the torch model sees it.
+    sq = tmp_path / "in" / "cell.png"
+    sq.parent.mkdir()
+    Image.open(SAMPLE / "NEUTROPHIL" / "_0_1469.jpeg").crop((100, 60, 220, 180)).save(sq)
+    (pred,) = classify([sq.parent], out, options=RunnerOptions(workers=1))
+    x = load_image(sq, PreprocessSpec(120, 160, keep_aspect=True))
+    assert x[:, :20].max() == 0 and x[:, 140:].max() == 0  # 120x120 fitted into 160 wide: 20 px of black each side
+    with torch.inference_mode():
+        ref = net(torch.from_numpy(x[None])).numpy()[0]
+    assert np.abs(np.asarray(pred.probabilities) - ref).max() < 1e-5

@@ -54,3 +54,45 @@ def test_a_half_turn_with_a_flip_mirrors_vertically():
     x = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).view(2, 3, 4, 6)
     p = augment.GeometryParams(torch.full((2,), math.pi), torch.ones(2), -torch.ones(2), torch.zeros(2, 2))
     assert torch.allclose(augment.rotate_field(x, p), x.flip(2), atol=1e-3)
+
+
+def test_colour_draw_is_seeded_and_in_its_documented_ranges():
+    gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    a, b = augment.draw_colour(64, gen(5), torch.device("cpu")), augment.draw_colour(64, gen(5), torch.device("cpu"))
+    assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
+    assert ((a.hed_scale[:, :2] >= 0.65) & (a.hed_scale[:, :2] <= 1.35)).all() and (a.hed_shift.abs() <= 0.03).all()
+    assert ((a.gain[:, 2] >= 0.7) & (a.gain[:, 2] <= 1.1)).all() and (a.hue.abs() <= 0.08).all()
+    assert ((a.gamma >= 0.65 - 1e-6) & (a.gamma <= 1.5 + 1e-6)).all()
+    assert (a.blur == 0).sum() > 10 and ((a.blur == 0) | ((a.blur >= 0.3) & (a.blur <= 1.6))).all()
+    # The strong mode replaces the mild stain jitter; geometry is drawn first either way.
+    p, q = augment.draw(4, gen(1), torch.device("cpu"), colour="strong"), augment.draw(4, gen(1), torch.device("cpu"))
+    assert p.stain is None and p.colour is not None and q.colour is None and torch.equal(p.geometry.angle, q.geometry.angle)
+    with pytest.raises(ValueError, match="unknown colour"):
+        augment.draw(1, gen(0), torch.device("cpu"), colour="loud")
+
+
+def test_colour_apply_is_pure_and_identity_parameters_are_the_identity():
+    x = torch.rand(3, 3, 20, 24) * 250 + 3
+    before = x.clone()
+    assert torch.allclose(augment.apply_colour(x, augment.identity_colour(3)), x, atol=2e-3)
+    p = augment.draw_colour(3, torch.Generator().manual_seed(0), torch.device("cpu"))
+    y1, y2 = augment.apply_colour(x, p), augment.apply_colour(x, p)
+    assert torch.equal(y1, y2) and torch.equal(x, before) and y1.min() >= 0 and y1.max() <= 255
+
+
+def test_colour_keeps_black_padding_black_and_each_step_does_what_it_says():
+    x = torch.full((1, 3, 8, 8), 128.0)
+    x[..., :2] = 0  # padding of an aspect-kept decode
+    p = augment.draw_colour(1, torch.Generator().manual_seed(2), torch.device("cpu"))
+    assert augment.apply_colour(x, p)[..., :2].abs().max() == 0
+    ident = augment.identity_colour(1)
+    # Doubling haematoxylin darkens a blue-purple pixel most in red (H absorbs red); a grey stays grey under hue turns.
+    px = torch.tensor([120.0, 80.0, 170.0]).view(1, 3, 1, 1)
+    h2 = augment.jitter_hed(px, torch.tensor([[2.0, 1.0, 1.0]]), torch.zeros(1, 3)).flatten()
+    assert (h2 < px.flatten()).all() and int(torch.argmax(px.flatten() - h2)) == 0
+    grey = torch.full((1, 3, 2, 2), 100.0)
+    assert torch.allclose(augment._mix(grey, augment.hue_matrix(torch.tensor([0.25]))), grey, atol=1e-3)
+    from dataclasses import replace
+
+    blurred = augment.apply_colour(torch.rand(1, 3, 16, 16) * 200 + 20, replace(ident, blur=torch.tensor([1.5])))
+    assert blurred.std() < 60  # a uniform-noise image loses contrast when blurred

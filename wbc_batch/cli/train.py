@@ -29,8 +29,12 @@ def _need_torch() -> None:
         sys.exit(2)
 
 
+#: Options whose default lives only in TrainConfig (click passes None when they are not given).
+_TRAIN_DEFAULTS_IN_CONFIG = ("keep_aspect", "crop_follow", "colour", "source_balance")
+
+
 @click.command("train")
-@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("data_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--run-dir", type=click.Path(file_okay=False), default="runs/train", show_default=True, help="Where weights, history.csv, curves.png and config.json go.")
 @click.option("--arch", type=click.Choice(["wbc-net", "seed-cnn"]), default="wbc-net", show_default=True, help="Network: wbc-net (default) or seed-cnn (the study report's baseline).")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
@@ -55,18 +59,31 @@ def _need_torch() -> None:
 @click.option("--max-per-class", type=click.IntRange(min=0), default=0, show_default=True, help="Use at most N images per class (quick runs).")
 @click.option("--init", "init_from", type=click.Path(exists=True), default=None, help="Fine-tune from these weights: a run folder, or an ONNX model exported by wbc-batch (e.g. export/wbc-default.onnx). A different class set rebuilds the classifier (shared classes keep their rows).")
 @click.option("--class-weights", type=click.Choice(["balanced", "none"]), default="balanced", show_default=True, help="balanced: weight each class's loss by n / (classes x n_class) of the training split, so a rare class counts as much as a common one.")
+@click.option("--classes", default=None, help="Comma-separated class folders to train on (e.g. EOSINOPHIL,LYMPHOCYTE,MONOCYTE,NEUTROPHIL); the others are left out.  [default: every class folder found]")
+@click.option("--keep-aspect/--stretch", "keep_aspect", default=None, help="Decode: fit the image inside the frame and pad with black, or stretch it to the frame (recorded in the model).  [default: keep-aspect]")
+@click.option("--crop-follow/--no-crop-follow", "crop_follow", default=None, help="The cell crop's window follows the nucleus' size, so cells are seen at one scale whatever the magnification.  [default: follow]")
+@click.option("--colour", type=click.Choice(["strong", "mild", "none"]), default=None, help="Colour augmentation: strong (stain amounts in HED space, white balance, hue, saturation, brightness, contrast, gamma, blur), mild (channel gain, brightness, contrast, saturation) or none.  [default: strong]")
+@click.option("--source-balance/--no-source-balance", "source_balance", default=None, help="With several DATA_DIRs: each folder draws the same share of every epoch, classes balanced within it.  [default: on]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (a log file or pipe never gets one: one line per epoch).")
-def train_cmd(data_dir, run_dir, quiet, group_regex, crop_window, crop_size, **kw) -> None:
+def train_cmd(data_dirs, run_dir, quiet, group_regex, crop_window, crop_size, classes, **kw) -> None:
     """Train a classifier on DATA_DIR/CLASS/*.jpeg (any class names) and write a run dir.
 
-    Validation holds out whole source images (by --group-regex), stratified by class, so
-    augmented copies of one source never sit on both sides.
+    Several DATA_DIRs (e.g. two labs' images) train one model: classes are matched by folder
+    name, and each folder weighs the same per epoch. Validation holds out, within each folder,
+    whole source images (by --group-regex; a folder whose file names carry none: single files),
+    stratified by class, so augmented copies of one source never sit on both sides. The decode
+    size, unless --size, is derived from the images: their median size, scaled so the long side
+    is at most 320, rounded to multiples of 8 (240x320 for 320x240 fields).
     """
     _need_torch()
     from ..training.data import DEFAULT_GROUP_REGEX
     from ..training.loop import TrainConfig, train
 
     crop = None if crop_window is None else (crop_window, crop_size)
+    if classes is not None:
+        kw["class_subset"] = tuple(sorted({c.strip() for c in classes.split(",") if c.strip()}))
+    kw = {k: v for k, v in kw.items() if v is not None or k not in _TRAIN_DEFAULTS_IN_CONFIG}
+    data_dir = data_dirs[0] if len(data_dirs) == 1 else list(data_dirs)
     cfg = TrainConfig(data_dir=data_dir, run_dir=run_dir, group_regex=group_regex or DEFAULT_GROUP_REGEX, crop=crop, **kw)
     res = train(cfg, progress=not quiet)
     click.echo(

@@ -36,9 +36,28 @@ class StainParams:
 
 
 @dataclass(frozen=True)
+class ColourParams:
+    """Per image: HED stain scale and OD shift (N, 3), channel gain (N, 3: white balance), hue turn
+    (fraction of a full turn), saturation, brightness, contrast, gamma and blur sigma in pixels (N,)."""
+
+    hed_scale: torch.Tensor
+    hed_shift: torch.Tensor
+    gain: torch.Tensor
+    hue: torch.Tensor
+    saturation: torch.Tensor
+    brightness: torch.Tensor
+    contrast: torch.Tensor
+    gamma: torch.Tensor
+    blur: torch.Tensor
+
+
+@dataclass(frozen=True)
 class AugmentParams:
+    """Geometry, and either the mild stain jitter (``stain``) or the strong colour one (``colour``)."""
+
     geometry: GeometryParams
-    stain: StainParams
+    stain: StainParams | None
+    colour: ColourParams | None = None
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, dev: torch.device) -> torch.Tensor:
@@ -60,9 +79,24 @@ def draw_stain(n: int, gen: torch.Generator, dev: torch.device) -> StainParams:
     return StainParams(gain, _uniform(n, 0.85, 1.15, gen, dev), _uniform(n, 0.8, 1.2, gen, dev), _uniform(n, 0.75, 1.25, gen, dev))
 
 
-def draw(n: int, gen: torch.Generator, dev: torch.device) -> AugmentParams:
-    """Geometry, then stain: the order is part of what a seed reproduces."""
-    return AugmentParams(draw_geometry(n, gen, dev), draw_stain(n, gen, dev))
+def draw(n: int, gen: torch.Generator, dev: torch.device, colour: str = "mild") -> AugmentParams:
+    """Geometry, then colour (``mild``: :func:`draw_stain`; ``strong``: :func:`draw_colour`; ``none``):
+    the order is part of what a seed reproduces."""
+    geometry = draw_geometry(n, gen, dev)
+    if colour == "mild":
+        return AugmentParams(geometry, draw_stain(n, gen, dev))
+    if colour == "strong":
+        return AugmentParams(geometry, None, draw_colour(n, gen, dev))
+    if colour == "none":
+        return AugmentParams(geometry, None)
+    raise ValueError(f"unknown colour augmentation {colour!r}; choose strong, mild or none")
+
+
+def apply(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+    """The colour side of ``p`` on a float NCHW 0..255 batch (geometry is applied where the crop is sampled)."""
+    if p.stain is not None:
+        return jitter_stain(x, p.stain)
+    return apply_colour(x, p.colour) if p.colour is not None else x
 
 
 def field_theta(p: GeometryParams, h: int, w: int) -> torch.Tensor:
@@ -104,3 +138,110 @@ def jitter_stain(x: torch.Tensor, p: StainParams) -> torch.Tensor:
     gray = x.mean(dim=1, keepdim=True)
     x = (x - gray) * p.saturation.view(n, 1, 1, 1) + gray
     return x.clamp(0, 255)
+
+
+# --- Strong colour augmentation: another lab's stain, camera and optics -------------------------
+
+#: Stain vectors (rows: haematoxylin, eosin, DAB) in optical density, Ruifrok & Johnston's, normalised;
+#: the same basis as ``skimage.color.rgb2hed``. Jittering in this space changes how much of each
+#: stain a cell took up, which is how one lab's smear differs from another's.
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_RGB_FROM_HED = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+#: RGB <-> YIQ: a hue turn is a rotation of the (I, Q) plane, pure 3x3 arithmetic.
+_YIQ_FROM_RGB = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_RGB_FROM_YIQ = torch.linalg.inv(_YIQ_FROM_RGB)
+_BLUR_RADIUS = 3  # 7-tap kernels: enough for sigma <= 1.6
+
+
+def _uniform2(n: int, lo: tuple[float, ...], hi: tuple[float, ...], gen: torch.Generator, dev: torch.device) -> torch.Tensor:
+    lo_t, hi_t = torch.tensor(lo), torch.tensor(hi)
+    return (torch.rand(n, len(lo), generator=gen) * (hi_t - lo_t) + lo_t).to(dev)
+
+
+def draw_colour(n: int, gen: torch.Generator, dev: torch.device) -> ColourParams:
+    """Ranges wider than the robustness bench's shifts (H, E x0.7-1.3; hue +-0.05; a yellow white balance;
+    gamma 0.7-1.4; blur r 1-2), so those shifts lie inside what training has seen:
+    H and E x0.65-1.35, DAB x0.8-1.2, OD shift +-0.03; gains R 0.9-1.1, G 0.85-1.1, B 0.7-1.1;
+    hue +-0.08 turn; saturation 0.6-1.4; brightness 0.75-1.25; contrast 0.7-1.3; gamma 0.65-1.5
+    (log-uniform); blur sigma 0.3-1.6 px on half the images, none on the rest.
+    """
+    hed_scale = _uniform2(n, (0.65, 0.65, 0.8), (1.35, 1.35, 1.2), gen, dev)
+    hed_shift = _uniform2(n, (-0.03,) * 3, (0.03,) * 3, gen, dev)
+    gain = _uniform2(n, (0.9, 0.85, 0.7), (1.1, 1.1, 1.1), gen, dev)
+    hue = _uniform(n, -0.08, 0.08, gen, dev)
+    saturation, brightness, contrast = _uniform(n, 0.6, 1.4, gen, dev), _uniform(n, 0.75, 1.25, gen, dev), _uniform(n, 0.7, 1.3, gen, dev)
+    gamma = torch.exp(_uniform(n, math.log(0.65), math.log(1.5), gen, dev))
+    blur = _uniform(n, 0.3, 1.6, gen, dev) * (torch.rand(n, generator=gen) < 0.5).to(dev)
+    return ColourParams(hed_scale, hed_shift, gain, hue, saturation, brightness, contrast, gamma, blur)
+
+
+def identity_colour(n: int, dev: torch.device | None = None) -> ColourParams:
+    """Parameters under which :func:`apply_colour` returns its input (up to float rounding)."""
+    one, zero = torch.ones(n, device=dev), torch.zeros(n, device=dev)
+    return ColourParams(torch.ones(n, 3, device=dev), torch.zeros(n, 3, device=dev), torch.ones(n, 3, device=dev),
+                        zero, one, one, one, one, zero)
+
+
+def _mix(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Per-image 3x3 colour matrix ``m`` (N, 3, 3) on a NCHW batch (one batched matmul)."""
+    n, c, h, w = x.shape
+    return torch.bmm(m, x.reshape(n, c, h * w)).view(n, c, h, w)
+
+
+def hed_matrix(scale: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 3) map of optical densities that scales each image's H, E and DAB amounts."""
+    a, b = _HED_FROM_RGB.to(scale.device), _RGB_FROM_HED.to(scale.device)
+    return b.T @ torch.diag_embed(scale) @ a.T  # column-vector form of od @ A @ diag(s) @ B
+
+
+def jitter_hed(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Per-image stain amounts: RGB -> optical density -> HED, ``hed * scale + shift``, and back."""
+    od = _mix(-torch.log((x + 1.0) / 256.0), hed_matrix(scale))  # od: 0 for white, ~5.5 for black
+    od = od + (shift @ _RGB_FROM_HED.to(x.device))[:, :, None, None]
+    return 256.0 * torch.exp(-od) - 1.0
+
+
+def hue_matrix(turn: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 3) RGB maps turning the hue by ``turn`` of a full circle (a rotation of YIQ's (I, Q) plane)."""
+    a = turn * 2 * math.pi
+    rot = torch.zeros(len(a), 3, 3, device=turn.device)
+    rot[:, 0, 0] = 1.0
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = torch.cos(a), -torch.sin(a), torch.sin(a), torch.cos(a)
+    return _RGB_FROM_YIQ.to(turn.device) @ rot @ _YIQ_FROM_RGB.to(turn.device)
+
+
+def linear_matrix(p: ColourParams) -> torch.Tensor:
+    """White balance, then hue, saturation (towards the pixel's grey) and brightness as one (N, 3, 3) map."""
+    eye = torch.eye(3, device=p.gain.device)
+    s = p.saturation.view(-1, 1, 1)
+    sat = s * eye + (1 - s) / 3 * torch.ones(3, 3, device=eye.device)
+    return p.brightness.view(-1, 1, 1) * sat @ hue_matrix(p.hue) @ torch.diag_embed(p.gain)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-image separable Gaussian blur (7 taps, reflected borders); sigma 0 is the identity."""
+    n, c, h, w = x.shape
+    t = torch.arange(-_BLUR_RADIUS, _BLUR_RADIUS + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-(t[None] ** 2) / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (N*C, 7)
+    y = F.pad(x.reshape(1, n * c, h, w), (_BLUR_RADIUS,) * 4, mode="reflect")
+    y = F.conv2d(y, k.view(n * c, 1, 1, -1), groups=n * c)
+    y = F.conv2d(y, k.view(n * c, 1, -1, 1), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+def apply_colour(x: torch.Tensor, p: ColourParams) -> torch.Tensor:
+    """Strong colour augmentation of a float NCHW 0..255 batch: stain (HED), white balance, hue,
+    saturation, brightness, contrast, gamma, blur, in that order. Black padding (all channels 0:
+    the outside of the field, aspect-keeping decode) stays black, as it is at inference."""
+    n = x.shape[0]
+    valid = (x.sum(1, keepdim=True) > 0).to(x.dtype)
+    x = _mix(jitter_hed(x, p.hed_scale, p.hed_shift).clamp(0, 255), linear_matrix(p))
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * p.contrast.view(n, 1, 1, 1) + mean).clamp(0, 255)
+    x = 255.0 * (x / 255.0).clamp(min=1e-6) ** p.gamma.view(n, 1, 1, 1)
+    blurred = torch.nonzero(p.blur > 0).flatten()  # half the images: blur only those (the costly step)
+    if len(blurred):
+        x = x.index_copy(0, blurred, gaussian_blur(x[blurred], p.blur[blurred]))
+    return x.clamp(0, 255) * valid

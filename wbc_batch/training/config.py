@@ -13,7 +13,7 @@ FIELD_SIZE = (240, 320)
 
 @dataclass
 class TrainConfig:
-    data_dir: str
+    data_dir: str | list[str]  # one class-folder directory, or several (labs) trained on together
     run_dir: str
     arch: str = DEFAULT_ARCH
     size: tuple[int, int] | None = None  # (height, width) of the decoded field; None: see resolved_size
@@ -38,7 +38,15 @@ class TrainConfig:
     max_per_class: int = 0  # 0 = all; >0 subsamples (quick runs, tests)
     init_from: str | None = None  # run folder or exported .onnx to fine-tune from (see training.init_weights)
     class_weights: str = "balanced"  # balanced: loss weight n / (classes * n_c) per class (train split); none
+    class_subset: tuple[str, ...] | None = None  # train on only these classes (None: every class folder found)
+    keep_aspect: bool = True  # decode: fit inside the frame and pad with black (False: stretch, the pre-v2 runs)
+    crop_follow: bool = True  # the cell crop's window follows the nucleus' size (False: fixed window, pre-v2)
+    colour: str = "strong"  # with augment: strong (stain in HED space, white balance, hue, gamma, blur, ...) | mild (pre-v2)
+    source_balance: bool = True  # several data dirs: each draws the same share of an epoch, classes balanced within it
     extra: dict = field(default_factory=dict)
+
+    def data_dirs(self) -> list[str]:
+        return [self.data_dir] if isinstance(self.data_dir, str) else [str(d) for d in self.data_dir]
 
     def resolved_crop(self) -> tuple[int, int] | None:
         crop = tuple(self.crop) if self.crop is not None else default_crop(self.arch)
@@ -47,7 +55,8 @@ class TrainConfig:
     def resolved_size(self) -> tuple[int, int]:
         if self.size:
             return tuple(self.size)  # type: ignore[return-value]
-        # A cell crop works on the whole field at this data set's native 240x320.
+        # A cell crop works on the whole field; train() derives it from the images (data.derived_size)
+        # before it gets here, so this fallback is blood-cells' native 240x320.
         return FIELD_SIZE if self.resolved_crop() else default_size(self.arch)
 
     def net_input_size(self) -> tuple[int, int]:

@@ -15,10 +15,11 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from ..inference.discover import is_image_name
 from ..inference.preprocess import ImageError, PreprocessSpec, load_image
@@ -33,6 +34,12 @@ class LabelledFiles:
     targets: np.ndarray  # int64 class index per file
     groups: tuple[str, ...]  # split unit per file (class + source)
     classes: tuple[str, ...]
+    sources: np.ndarray | None = None  # int index of the data folder each file came from (None: one folder)
+    roots: tuple[str, ...] = ()  # the data folders, in source-index order
+
+    def source_of(self) -> np.ndarray:
+        """Source index per file (all 0 for one folder)."""
+        return self.sources if self.sources is not None else np.zeros(len(self.paths), dtype=np.int64)
 
 
 def read_group_file(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -94,6 +101,114 @@ def scan_class_folders(
     if missing:
         raise ValueError(f"{len(missing)} of {len(paths)} images have no group in the groups file, e.g. {missing[:3]}")
     return LabelledFiles(tuple(paths), np.asarray(targets, dtype=np.int64), tuple(groups), tuple(classes))
+
+
+def scan_sources(
+    roots: Sequence[str | os.PathLike[str]],
+    group_regex: str = DEFAULT_GROUP_REGEX,
+    group_map: Mapping[str, str] | None = None,
+    classes: Sequence[str] | None = None,
+) -> LabelledFiles:
+    """Several class-folder directories (labs, scanners) as one labelled set.
+
+    Classes are the union of the folders' class names (sorted), or ``classes`` when given: only
+    those are kept, and each must exist in some folder. Groups are made per folder by
+    :func:`scan_class_folders` (``group_map`` applies to the first folder only) and prefixed with
+    the folder's index when there are several, so two labs' ``_0_`` never merge. One folder and
+    no ``classes`` give exactly :func:`scan_class_folders`.
+    """
+    scans = [scan_class_folders(r, group_regex, group_map if i == 0 else None) for i, r in enumerate(roots)]
+    if len(scans) == 1 and classes is None:
+        return replace(scans[0], roots=(str(roots[0]),))
+    found = sorted(set().union(*(f.classes for f in scans)))
+    keep = tuple(sorted(classes)) if classes is not None else tuple(found)
+    missing = sorted(set(keep) - set(found))
+    if missing:
+        raise ValueError(f"class(es) {missing} found in none of the data folders (their classes: {found})")
+    if len(keep) < 2:
+        raise ValueError(f"training needs at least two classes, got {list(keep)}")
+    paths, targets, groups, sources = [], [], [], []
+    for si, f in enumerate(scans):
+        for p, t, g in zip(f.paths, f.targets, f.groups, strict=True):
+            if f.classes[t] in keep:
+                paths.append(p)
+                targets.append(keep.index(f.classes[t]))
+                groups.append(f"{si}:{g}" if len(scans) > 1 else g)
+                sources.append(si)
+    return LabelledFiles(tuple(paths), np.asarray(targets, dtype=np.int64), tuple(groups), keep,
+                         np.asarray(sources, dtype=np.int64), tuple(str(r) for r in roots))
+
+
+def source_split(files: LabelledFiles, idx: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`group_split` within each data folder, over the files ``idx``: every folder gives its
+    share of validation, by its own groups (a folder whose names carry no group: per file, stratified)."""
+    src = files.source_of()[idx]
+    targets = files.targets[idx]
+    groups = np.asarray([files.groups[i] for i in idx])
+    tr, va = [], []
+    for s in np.unique(src):
+        m = np.flatnonzero(src == s)
+        t, v = group_split(targets[m], groups[m].tolist(), val_fraction, seed)
+        tr.append(m[t])
+        va.append(m[v])
+    cat = (lambda a: np.sort(np.concatenate(a)) if a else np.zeros(0, np.int64))  # noqa: E731
+    return cat(tr), cat(va)
+
+
+def balance_weights(targets: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """Sampling probability per file: every source draws the same share of an epoch, and within a
+    source every class it has the same share: ``1 / (S * C_s * n_{s,c})``. Sums to 1.
+
+    Why: a big lab's folder would otherwise teach the network that lab (its stain, its scale),
+    and a lab's common class would crowd out its rare ones.
+    """
+    w = np.zeros(len(targets), dtype=np.float64)
+    srcs = np.unique(sources)
+    for s in srcs:
+        in_s = sources == s
+        cls = np.unique(targets[in_s])
+        for c in cls:
+            m = in_s & (targets == c)
+            w[m] = 1.0 / (len(srcs) * len(cls) * m.sum())
+    return w
+
+
+def subsample(files: LabelledFiles, per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices of at most ``per_class`` random files of each class in each folder (0: all)."""
+    if not per_class:
+        return np.arange(len(files.paths))
+    rng = np.random.default_rng(seed)
+    src = files.source_of()
+    picks = [rng.permutation(np.flatnonzero((files.targets == c) & (src == s)))[:per_class]
+             for s in np.unique(src) for c in range(len(files.classes))]
+    return np.sort(np.concatenate(picks))
+
+
+#: The decoded frame's long side is at most this (pixels): 320 is the blood-cells fields' native width.
+MAX_DECODE_SIDE = 320
+
+
+def derived_size(paths: Sequence[str], limit: int = MAX_DECODE_SIDE, sample: int = 512) -> tuple[int, int]:
+    """Decode size (height, width) from the training images: the median height and width of up to
+    ``sample`` files (evenly spaced, header only), scaled down (never up) so the long side is at most
+    ``limit``, each rounded to a multiple of 8. blood-cells' 240x320 fields give 240x320; pbc's
+    360x363 crops give 320x320; a mix gives the size most of its files have.
+    """
+    if not paths:
+        raise ValueError("no images to derive a decode size from")
+    pick = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, min(sample, len(paths))).astype(int))]
+    sizes = []
+    for p in pick:
+        try:
+            with Image.open(p) as im:
+                sizes.append(im.size)
+        except (OSError, UnidentifiedImageError):
+            continue
+    if not sizes:
+        raise ValueError("none of the training images could be read to derive a decode size")
+    w, h = (float(np.median([s[k] for s in sizes])) for k in (0, 1))
+    f = min(1.0, limit / max(h, w))
+    return max(8, int(round(h * f / 8)) * 8), max(8, int(round(w * f / 8)) * 8)
 
 
 def group_split(

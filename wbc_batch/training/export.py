@@ -58,6 +58,12 @@ def data_fingerprint(data_dir: str | os.PathLike[str]) -> dict:
     return {"path": str(root), "files": len(paths), "sha256_names_sizes": h.hexdigest()}
 
 
+def _fingerprints(dirs: Sequence[str]) -> dict | list[dict]:
+    """One data folder's fingerprint as before; several: one per folder, in training order."""
+    prints = [data_fingerprint(d) for d in dirs]
+    return prints[0] if len(prints) == 1 else prints
+
+
 def load_run(run_dir: str | os.PathLike[str], checkpoint: str = "best.pt"):
     """The trained network of a run dir (eval mode, wrapped to take uint8 NHWC), its record, and the weights' epoch.
 
@@ -67,7 +73,7 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str = "best.pt"):
     from .record import RunRecord, load_weights
 
     record = RunRecord.read(run_dir)
-    model = build_deployable(record.config.arch, len(record.classes), record.size, record.crop)
+    model = build_deployable(record.config.arch, len(record.classes), record.size, record.crop, follow=record.config.crop_follow)
     model.net.load_state_dict(load_weights(Path(run_dir) / checkpoint))
     return model.eval(), record, record.epoch_of(checkpoint)
 
@@ -148,7 +154,8 @@ def check_parity(model, data: bytes, images: np.ndarray, output: str | os.PathLi
 
 
 #: TrainConfig fields recorded in the model's metadata (``training.config``).
-_RECORDED = ("size", "crop", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "label_smoothing", "augment", "val_fraction", "group_regex", "groups_file", "seed", "class_weights")
+_RECORDED = ("size", "crop", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "label_smoothing", "augment", "val_fraction", "group_regex", "groups_file", "seed", "class_weights",
+             "class_subset", "keep_aspect", "crop_follow", "colour", "source_balance")
 
 
 def model_metadata(record, epoch: int | None, report: ExportReport, name: str) -> ModelMetadata:
@@ -163,7 +170,8 @@ def model_metadata(record, epoch: int | None, report: ExportReport, name: str) -
     cfg = record.to_dict()
     versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime_export_check": ort.__version__}
     training = {
-        "data": data_fingerprint(record.config.data_dir),
+        "data": _fingerprints(record.config.data_dirs()),
+        **({"sources": record.sources} if record.sources else {}),
         "epoch": epoch,
         # "crop": [window, out] of the in-graph cell crop ([0, 0]: whole field); informative only.
         "config": {k: cfg[k] for k in _RECORDED if k in cfg},
@@ -173,7 +181,7 @@ def model_metadata(record, epoch: int | None, report: ExportReport, name: str) -
     }
     return ModelMetadata(
         labels=tuple(record.classes), height=spec.height, width=spec.width, resize=spec.resize, jpeg_draft=spec.jpeg_draft,
-        max_pixels=spec.max_pixels, name=name, arch=record.config.arch,
+        max_pixels=spec.max_pixels, keep_aspect=spec.keep_aspect, name=name, arch=record.config.arch,
         extra={
             "training": training,
             "metrics": report.eval_metrics or {},
@@ -208,7 +216,7 @@ def export_run(
     model, record, epoch = load_run(run_dir, checkpoint)
     h, w = record.size
     data = _to_onnx_bytes(model, h, w)
-    check_src = check_dir or record.config.data_dir
+    check_src = check_dir or record.config.data_dirs()[0]
     images = _sample_images(parity_paths(check_src, check_images), record.spec) if check_src and Path(check_src).is_dir() else np.zeros((0, h, w, 3), np.uint8)
     if len(images) < 8:
         raise RuntimeError(f"export parity needs real images: found {len(images)} under {check_src!r} (give --check-dir)")

@@ -1,3 +1,10 @@
+# NOTE from helper B (07:47 UTC): this file was truncated to 0 bytes by helper B's mistake at 07:44,
+# losing uncommitted edits. It was rebuilt from HEAD plus the uncommitted hunks helper B had seen in
+# `git diff` at about 07:25 and 07:42 (imports, TrainData.sources/roots/source_of, Trainer.sample_weights
+# and colour, scan_data/load_data/source_summary, colour in _network_input, source-balanced sampling in
+# train_one_epoch, epoch_weights, class_weights(draws), _record(sources=...)). The train() part (derived
+# decode size, keep_aspect, follow) is helper B's guess from data.derived_size/config comments: please
+# check it against what you meant, then delete this note.
 """The training loop, split as timm's train.py is: data, :func:`train_one_epoch`, :func:`evaluate`, :func:`train`.
 
 Images are decoded once into memory as uint8 and augmented a batch at a time
@@ -26,7 +33,7 @@ from ..evaluation.metrics import Metrics, compute_metrics
 from ..inference.preprocess import PreprocessSpec
 from . import augment
 from .config import FIELD_SIZE, TrainConfig
-from .data import decode_all, group_split, read_group_file, scan_class_folders
+from .data import LabelledFiles, balance_weights, decode_all, derived_size, read_group_file, scan_sources, source_split, subsample
 from .models import CellCrop, Deployable, build_deployable
 from .optim import build_optimizer, build_scheduler
 from .record import BEST_WEIGHTS, LAST_WEIGHTS, RunRecord, save_weights
@@ -57,6 +64,11 @@ class TrainData:
     val_idx: np.ndarray
     unreadable: int
     decode_seconds: float
+    sources: np.ndarray | None = None  # data-folder index per image (None: one folder)
+    roots: tuple[str, ...] = ()
+
+    def source_of(self) -> np.ndarray:
+        return self.sources if self.sources is not None else np.zeros(len(self.targets), dtype=np.int64)
 
     @property
     def val_is_train(self) -> bool:
@@ -80,24 +92,41 @@ class Trainer:
     label_smoothing: float
     augment: bool
     loss_weights: torch.Tensor | None = None  # per class (imbalance), None: plain cross-entropy
+    sample_weights: torch.Tensor | None = None  # per train-split image (source balance), None: a plain shuffle
+    colour: str = "mild"  # strong | mild: which colour augmentation (with augment)
 
 
-def load_data(cfg: TrainConfig, spec: PreprocessSpec) -> TrainData:
-    """Scan the class folders, subsample if asked, decode once, and split by group."""
+def scan_data(cfg: TrainConfig) -> LabelledFiles:
+    """The run's labelled files: every data folder, the classes asked for."""
     group_map = read_group_file(cfg.groups_file) if cfg.groups_file else None
-    files = scan_class_folders(cfg.data_dir, cfg.group_regex, group_map)
-    idx = np.arange(len(files.paths))
-    if cfg.max_per_class:
-        rng = np.random.default_rng(cfg.seed)
-        idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(files.targets == c))[: cfg.max_per_class] for c in range(len(files.classes))]))
+    return scan_sources(cfg.data_dirs(), cfg.group_regex, group_map, cfg.class_subset)
+
+
+def load_data(cfg: TrainConfig, spec: PreprocessSpec, files: LabelledFiles | None = None) -> TrainData:
+    """Scan the class folders, subsample if asked, decode once, and split by group within each folder."""
+    files = files if files is not None else scan_data(cfg)
+    idx = subsample(files, cfg.max_per_class, cfg.seed)
     t0 = time.perf_counter()
     images, ok = decode_all([files.paths[i] for i in idx], spec, cfg.workers)
     decode_s = time.perf_counter() - t0
-    targets, groups = files.targets[idx][ok], [files.groups[i] for i, k in zip(idx, ok, strict=True) if k]
-    tr, va = group_split(targets, groups, cfg.val_fraction, cfg.seed)
+    idx = idx[ok]
+    tr, va = source_split(files, idx, cfg.val_fraction, cfg.seed)
     if len(va) == 0:
         va = tr  # too few groups to hold any out: validate on train (flagged in the record)
-    return TrainData(images[ok], targets, groups, files.classes, tr, va, int((~ok).sum()), decode_s)
+    sources = files.sources[idx] if files.sources is not None else None
+    return TrainData(images[ok], files.targets[idx], [files.groups[i] for i in idx], files.classes, tr, va,
+                     int((~ok).sum()), decode_s, sources, files.roots)
+
+
+def source_summary(data: TrainData) -> list[dict]:
+    """Per data folder: its path, the images used and how many of each class (the run record and model card)."""
+    src = data.source_of()
+    out = []
+    for si, root in enumerate(data.roots or ("",)):
+        t = data.targets[src == si]
+        counts = np.bincount(t, minlength=len(data.classes))
+        out.append({"path": root, "files": int(len(t)), "per_class": {c: int(n) for c, n in zip(data.classes, counts, strict=True) if n}})
+    return out
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -134,7 +163,7 @@ def predict_logits(model: Deployable, images: np.ndarray, device: torch.device, 
 
 def _network_input(t: Trainer, xb: torch.Tensor, bi: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """The (cropped, augmented) float NCHW batch the network sees, before normalisation."""
-    p = augment.draw(len(bi), gen, t.device) if t.augment else None
+    p = augment.draw(len(bi), gen, t.device, colour=t.colour) if t.augment else None
     crop = t.model.crop
     if crop is not None:
         i = bi.to(t.device)
@@ -142,7 +171,7 @@ def _network_input(t: Trainer, xb: torch.Tensor, bi: torch.Tensor, gen: torch.Ge
         xb = crop.sample(xb, t.centres[i], windows, augment.window_affine(p.geometry, windows) if p else None)
     elif p is not None:
         xb = augment.rotate_field(xb, p.geometry)
-    return augment.jitter_stain(xb, p.stain) if p is not None else xb
+    return augment.apply(xb, p) if p is not None else xb
 
 
 def train_one_epoch(t: Trainer, data: TrainData, batch_size: int, gen: torch.Generator, *, desc: str, bar: bool) -> tuple[float, float]:
@@ -152,7 +181,10 @@ def train_one_epoch(t: Trainer, data: TrainData, batch_size: int, gen: torch.Gen
     """
     t.model.train()
     tr = torch.from_numpy(data.train_idx)
-    perm = tr[torch.randperm(len(tr), generator=gen)]
+    if t.sample_weights is None:
+        perm = tr[torch.randperm(len(tr), generator=gen)]
+    else:  # several sources: an epoch of as many draws, each source (and class within it) its share
+        perm = tr[torch.multinomial(t.sample_weights, len(tr), replacement=True, generator=gen)]
     x_all, y_all = torch.from_numpy(data.images), torch.from_numpy(data.targets)
     loss_sum = correct = seen = 0
     steps = tqdm(range(math.ceil(len(tr) / batch_size)), desc=desc, unit="batch", disable=not bar, leave=False, file=sys.stderr)
@@ -189,27 +221,41 @@ def _trainer(cfg: TrainConfig, model: Deployable, data: TrainData, device: torch
     sched = build_scheduler(cfg.schedule, opt, cfg.lr, math.ceil(len(data.train_idx) / cfg.batch_size) * cfg.epochs)
     centres, windows = _locate(model.crop, data.images, device) if model.crop is not None else (None, None)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    weights = class_weights(data.targets[data.train_idx], len(data.classes), cfg.class_weights)
-    return Trainer(model, opt, sched, scaler, device, centres, windows, cfg.label_smoothing, cfg.augment, None if weights is None else weights.to(device))
+    sampling = epoch_weights(cfg, data)
+    tt = data.targets[data.train_idx]
+    weights = class_weights(tt, len(data.classes), cfg.class_weights, None if sampling is None else sampling * len(tt))
+    return Trainer(model, opt, sched, scaler, device, centres, windows, cfg.label_smoothing, cfg.augment,
+                   None if weights is None else weights.to(device), None if sampling is None else torch.from_numpy(sampling),
+                   cfg.colour)
+
+
+def epoch_weights(cfg: TrainConfig, data: TrainData) -> np.ndarray | None:
+    """Sampling weights over the train split when several data folders are balanced (data.balance_weights), else None."""
+    src = data.source_of()[data.train_idx]
+    if not cfg.source_balance or len(np.unique(src)) < 2:
+        return None
+    return balance_weights(data.targets[data.train_idx], src)
 
 
 #: The largest weight ratio between two classes (see :func:`class_weights`).
 MAX_CLASS_WEIGHT_RATIO = 10.0
 
 
-def class_weights(targets: np.ndarray, n_classes: int, mode: str) -> torch.Tensor | None:
+def class_weights(targets: np.ndarray, n_classes: int, mode: str, draws: np.ndarray | None = None) -> torch.Tensor | None:
     """Loss weight per class so that each class counts as much as the others: n / (classes * n_c).
 
     Why weights rather than re-sampling: the epoch and its random order stay as they are, and a
     class of 22 images is not shown ten times over per epoch. A class absent from training gets 0.
     Imbalance up to :data:`MAX_CLASS_WEIGHT_RATIO`:1 is evened out fully; a rarer class gets that
     many times the most common class's weight (one image of a class must not outweigh the rest).
+    ``draws``: expected draws per image in an epoch when sources are balanced by sampling; the
+    counts are then what an epoch shows (already balanced classes get weight 1).
     """
     if mode == "none":
         return None
     if mode != "balanced":
         raise ValueError(f"unknown class_weights {mode!r}; choose balanced or none")
-    counts = np.bincount(targets, minlength=n_classes).astype(np.float64)
+    counts = np.bincount(targets, weights=draws, minlength=n_classes).astype(np.float64)
     w = np.divide(len(targets), n_classes * counts, out=np.zeros(n_classes), where=counts > 0)
     w = np.minimum(w, MAX_CLASS_WEIGHT_RATIO * w[counts > 0].min()) if (counts > 0).any() else w
     return torch.tensor(w, dtype=torch.float32)
@@ -218,7 +264,8 @@ def class_weights(targets: np.ndarray, n_classes: int, mode: str) -> torch.Tenso
 def _record(cfg: TrainConfig, spec: PreprocessSpec, data: TrainData, device: torch.device) -> RunRecord:
     resolved = replace(cfg, size=cfg.resolved_size(), crop=cfg.resolved_crop() or (0, 0), device=str(device))
     return RunRecord(resolved, data.classes, spec.to_dict(), int(len(data.train_idx)), int(len(data.val_idx)),
-                     bool(len(data.val_idx) and data.val_is_train), data.val_sources(), str(device), str(torch.__version__))
+                     bool(len(data.val_idx) and data.val_is_train), data.val_sources(), str(device), str(torch.__version__),
+                     sources=source_summary(data))
 
 
 def _init(model: Deployable, cfg: TrainConfig, data: TrainData, device: torch.device) -> dict:
@@ -298,11 +345,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = _device(cfg)
+    files = scan_data(cfg)
+    if not cfg.size and cfg.resolved_crop():  # helper B's reconstruction: the decode size derived from the images
+        cfg = replace(cfg, size=derived_size(files.paths))
     h, w = cfg.resolved_size()
-    spec = PreprocessSpec(height=h, width=w, resize=cfg.resize)
-    data = load_data(cfg, spec)
+    spec = PreprocessSpec(height=h, width=w, resize=cfg.resize, keep_aspect=cfg.keep_aspect)
+    data = load_data(cfg, spec, files)
     _log_data(data)
-    model = build_deployable(cfg.arch, len(data.classes), (h, w), cfg.resolved_crop(), probabilities=False).to(device)
+    model = build_deployable(cfg.arch, len(data.classes), (h, w), cfg.resolved_crop(), probabilities=False, follow=cfg.crop_follow).to(device)
     record = _record(cfg, spec, data, device)
     if cfg.init_from:
         record.init = _init(model, cfg, data, device)

@@ -220,8 +220,8 @@ def net_input_size(size: tuple[int, int], crop: tuple[int, int] | None) -> tuple
 
 
 def build_deployable(
-    arch: str, num_classes: int, size: tuple[int, int], crop: tuple[int, int] | None, probabilities: bool = True
+    arch: str, num_classes: int, size: tuple[int, int], crop: tuple[int, int] | None, probabilities: bool = True, follow: bool = False
 ) -> Deployable:
-    """The network for a run's (decode size, cell crop), wrapped as exported: one rule for train and export."""
+    """The network for a run's (decode size, cell crop, whether the window follows the nucleus), wrapped as exported: one rule for train and export."""
     net = build(arch, num_classes, net_input_size(size, crop))
-    return Deployable(net, probabilities=probabilities, crop=CellCrop(*crop) if crop else None)
+    return Deployable(net, probabilities=probabilities, crop=CellCrop(*crop, follow=follow) if crop else None)

@@ -23,6 +23,8 @@ BEST_WEIGHTS = "best.pt"
 LAST_WEIGHTS = "last.pt"
 
 _CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
+#: What a run folder written before these settings existed was trained with (their defaults have changed).
+_LEGACY = {"keep_aspect": False, "crop_follow": False, "colour": "mild"}
 
 
 @dataclass
@@ -41,6 +43,7 @@ class RunRecord:
     best_epoch: int | None = None
     last_epoch: int | None = None
     init: dict | None = None  # what the weights started from (fine-tuning), else None
+    sources: list[dict] | None = None  # per data folder: path, files used, per-class counts (see loop.source_summary)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -68,8 +71,9 @@ class RunRecord:
     @classmethod
     def from_dict(cls, d: dict) -> RunRecord:
         """Also reads run folders written before the record (no epochs in them); unknown keys are ignored."""
-        cfg = TrainConfig(**{k: v for k, v in d.items() if k in _CONFIG_FIELDS})
-        cfg = replace(cfg, size=tuple(cfg.size) if cfg.size else None, crop=tuple(d.get("crop") or (0, 0)))
+        cfg = TrainConfig(**{**_LEGACY, **{k: v for k, v in d.items() if k in _CONFIG_FIELDS}})
+        cfg = replace(cfg, size=tuple(cfg.size) if cfg.size else None, crop=tuple(d.get("crop") or (0, 0)),
+                      class_subset=tuple(cfg.class_subset) if cfg.class_subset else None)
         own = {f.name for f in fields(cls)} - {"config"}
         rec = cls(config=cfg, **{k: v for k, v in d.items() if k in own})
         rec.classes = tuple(rec.classes)
