@@ -8,8 +8,11 @@ contract a model file carries), ``model`` (an onnxruntime session checked agains
 ``rows`` (the row type engines produce), ``predictions`` (the CSV writer, the sidecar),
 ``truth`` (labels from folders or a CSV), ``engine`` (the interface every engine implements and
 the batch they all execute), ``local_engine`` and ``ray_engine`` (execute batches: processes
-here, or Ray actors), ``orchestrator`` (decides what a run does: files, truth, output safety,
-resume, progress, summary; also the ``classify()`` API).
+here, or Ray actors), ``pool`` (the local worker processes: started from the model's bytes,
+replaced when one dies, never outliving the run), ``orchestrator`` (decides what a run does: files,
+truth, output safety, resume, progress, summary; also the ``classify()`` API), ``output_guard``
+(one run per output: its lock; never an input as the output) and ``signals`` (the first
+SIGINT/SIGTERM stops a run cleanly, later ones cannot cut its cleanup short).
 """
 
 from __future__ import annotations

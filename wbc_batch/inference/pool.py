@@ -99,7 +99,8 @@ class WorkerPool:
 
     def __init__(self, n: int, model: Model, provider: str, threads: int, task: Callable[[Sequence[str]], BatchResult] = work) -> None:
         self.n, self.task = n, task
-        self.initargs = (model.data, str(model.path), provider, threads, os.getpid())
+        data = model.data or model.path.read_bytes()  # a Model built by hand may not carry its bytes
+        self.initargs = (data, str(model.path), provider, threads, os.getpid())
         self.ctx = multiprocessing.get_context("spawn")
         self.restarts = 0
         self.executor = self._new()
