@@ -185,3 +185,34 @@ def test_the_api_in_a_plain_script_runs_or_says_why_not(tmp_path, color_model, g
         assert r.returncode != 0 and "rows" not in r.stdout
         assert 'if __name__ == "__main__":' in r.stderr
         assert r.stderr.count("Traceback") <= 2, r.stderr
+
+
+def test_resume_retry_errors_from_the_command_line(tmp_path, color_model, sample_copy):
+    late = sample_copy / "NEUTROPHIL" / "zz_late.jpeg"
+    late.write_bytes(b"")
+    out = tmp_path / "p.csv"
+    assert classify(sample_copy, out, color_model).exit_code == 0
+    late.write_bytes((sample_copy / "NEUTROPHIL").joinpath(sorted(os.listdir(sample_copy / "NEUTROPHIL"))[0]).read_bytes())
+    r = classify(sample_copy, out, color_model, "--retry-errors")
+    assert r.exit_code == 2 and "--retry-errors only applies with --resume" in r.output
+    r = classify(sample_copy, out, color_model, "--resume", "--retry-errors")
+    assert r.exit_code == 0, r.output
+    assert [row["status"] for row in read_rows(out)] == ["ok"] * 41
+
+
+@pytest.mark.parametrize("bad", ["folder", "shape"])
+def test_an_unusable_sidecar_is_exit_5_and_the_rows_stay(tmp_path, color_model, sample_copy, bad):
+    out = tmp_path / "p.csv"
+    assert classify(sample_copy, out, color_model).exit_code == 0
+    before = out.read_bytes()
+    side = sidecar_path(out)
+    side.unlink()
+    if bad == "folder":
+        side.mkdir()  # cannot be replaced by the new run's description
+        r = classify(sample_copy, out, color_model, "--overwrite")
+    else:
+        side.write_text('{"model": []}')
+        r = classify(sample_copy, out, color_model, "--resume")
+    assert r.exit_code == 5, r.output
+    assert out.read_bytes() == before
+    assert "Traceback" not in r.output and "run.json" in r.output
