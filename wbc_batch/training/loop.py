@@ -1,10 +1,3 @@
-# NOTE from helper B (07:47 UTC): this file was truncated to 0 bytes by helper B's mistake at 07:44,
-# losing uncommitted edits. It was rebuilt from HEAD plus the uncommitted hunks helper B had seen in
-# `git diff` at about 07:25 and 07:42 (imports, TrainData.sources/roots/source_of, Trainer.sample_weights
-# and colour, scan_data/load_data/source_summary, colour in _network_input, source-balanced sampling in
-# train_one_epoch, epoch_weights, class_weights(draws), _record(sources=...)). The train() part (derived
-# decode size, keep_aspect, follow) is helper B's guess from data.derived_size/config comments: please
-# check it against what you meant, then delete this note.
 """The training loop, split as timm's train.py is: data, :func:`train_one_epoch`, :func:`evaluate`, :func:`train`.
 
 Images are decoded once into memory as uint8 and augmented a batch at a time
