@@ -134,3 +134,21 @@ def needs_shared_data():
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def dump_dom(html: Path, profile: Path) -> str:
+    """The DOM of ``html`` after headless chromium loaded it offline (flags: no network, no first-run work)."""
+    import subprocess
+
+    cmd = [
+        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+        "--dump-dom", html.resolve().as_uri(),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import LABELS, ROOT, SAMPLE
+from conftest import CHROMIUM, LABELS, ROOT, SAMPLE, dump_dom
 
 from wbc_batch.cli import main
 from wbc_batch.evaluation import report as report_mod
@@ -25,7 +25,6 @@ from wbc_batch.inference.orchestrator import ClassifyConfig, run_classify
 from wbc_batch.inference.predictions import Prediction, PredictionWriter, read_sidecar, write_sidecar
 
 sk = pytest.importorskip("sklearn.metrics")
-CHROMIUM = Path("/usr/bin/chromium")
 CORRUPT = "EOSINOPHIL/broken.jpeg"
 
 
@@ -505,22 +504,7 @@ def test_classify_with_report(tmp_path, color_model):
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium not installed")
 def test_report_renders_offline_in_chromium(sample_report, tmp_path):
     paths, _ = sample_report
-    cmd = [
-        str(CHROMIUM),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--dump-dom",
-        paths["html"].resolve().as_uri(),
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    dom = res.stdout
+    dom = dump_dom(paths["html"], tmp_path / "profile")
     for sec in ("confusion-matrix", "per-class-table", "gallery", "failed"):
         assert f'id="{sec}"' in dom, sec
     assert dom.count('alt="confusion matrix') == 2

@@ -8,19 +8,17 @@ from __future__ import annotations
 import csv
 import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE, SHARED_DATA, needs_shared_data
+from conftest import CHROMIUM, SAMPLE, SHARED_DATA, dump_dom, needs_shared_data
 
 from wbc_batch.evaluation.report import GALLERY_MAX, GALLERY_PER_PAIR, REVIEW_IMAGES, write_report
 from wbc_batch.inference.local_engine import RunnerOptions
 from wbc_batch.inference.model import default_model_path
 from wbc_batch.inference.orchestrator import ClassifyConfig, run_classify
 
-CHROMIUM = Path("/usr/bin/chromium")
 THRESHOLD = 0.86
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium not installed")
 
@@ -32,25 +30,6 @@ def _report(inputs: Path, model: Path, work: Path) -> tuple[Path, list[dict]]:
     paths = write_report(csv_path, work / "report", review_threshold=THRESHOLD, on_warning=None)
     with open(csv_path, encoding="utf-8", newline="") as f:
         return paths["html"], list(csv.DictReader(f))
-
-
-def dump_dom(html: Path, profile: Path) -> str:
-    cmd = [
-        str(CHROMIUM),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={profile}",
-        "--dump-dom",
-        html.resolve().as_uri(),
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return res.stdout
 
 
 def _imgs(dom: str, start: str, end: str | None) -> int:
