@@ -93,17 +93,19 @@ def _tree_rss_kib_single(pid: int) -> int:
 
 # -- trees of N files built from the data set by links -------------------------------------
 def build_tree(src: Path, n: int, dst: Path) -> int:
-    """``dst`` holding exactly ``n`` image paths: whole linked copies of ``src``, then file links."""
-    files = [f.path for f in iter_images([src])]
-    dst.mkdir(parents=True, exist_ok=True)
-    full, rest = divmod(n, len(files))
-    for i in range(full):
-        os.symlink(src, dst / f"copy{i:04d}", target_is_directory=True)
-    part = dst / f"copy{full:04d}"
-    for j, f in enumerate(files[:rest]):
-        rel = Path(f).relative_to(src)
-        (part / rel.parent).mkdir(parents=True, exist_ok=True)
-        os.symlink(f, part / rel.parent / f"{j:06d}_{rel.name}")
+    """``dst`` holding exactly ``n`` image paths, each a file link into ``src``.
+
+    File links, not folder links: discovery walks each real folder once, so linked copies of a
+    folder would add no file.
+    """
+    src = src.resolve()
+    files = [Path(f.path).resolve() for f in iter_images([src])]
+    for j in range(n):
+        f = files[j % len(files)]
+        rel = f.relative_to(src)
+        part = dst / f"copy{j // len(files):04d}" / rel.parent
+        part.mkdir(parents=True, exist_ok=True)
+        os.symlink(f, part / rel.name)
     return n
 
 
