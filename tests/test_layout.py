@@ -59,3 +59,20 @@ def test_public_names_resolve(package: str) -> None:
     mod = importlib.import_module(package)
     for name in mod.__all__:
         assert getattr(mod, name) is not None, f"{package}.{name}"
+
+
+def test_the_cli_starts_without_torch() -> None:
+    # an inference-only install has no torch: the command and every --help must still load
+    assert [m for m in _loaded_by("wbc_batch.cli") if m.split(".")[0] in ("torch", "torchvision")] == []
+
+
+def test_train_help_shows_the_config_defaults() -> None:
+    from click.testing import CliRunner
+
+    from wbc_batch.cli import main
+    from wbc_batch.training.config import TrainConfig
+
+    out = CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output
+    flat = " ".join(out.split())
+    for flag, field in (("--epochs", "epochs"), ("--lr", "lr"), ("--batch-size", "batch_size"), ("--patience", "patience")):
+        assert f"[default: {getattr(TrainConfig, field)}]" in flat, flag

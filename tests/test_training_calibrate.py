@@ -82,4 +82,11 @@ def test_cli_export_calibration_dir(tiny_run, tmp_path):
     assert res.exit_code == 0, res.output
     md = load_model(out).metadata
     assert md.extra["calibration"]["data"] == {"path": str(SAMPLE), "files": 40}
-    assert json.loads(res.output[res.output.index('{\n  "trust"'):])["trust"]["domain"]["threshold"] == md.domain.threshold
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 4 and lines[-1] == f"wrote {out}"
+    assert lines[0].startswith("parity: onnxruntime vs torch on ") and "same label on 100.0%" in lines[0]
+    assert lines[1].startswith("calibration: temperature ") and "fitted on 40 held-out images" in lines[1]
+    assert lines[2] == f"domain check: in domain when ood_score <= {md.domain.threshold:.3f} (0.995 quantile of 40 held-out images)"
+    res = CliRunner().invoke(main, ["export", str(tiny_run), "-o", str(out), "--check-dir", str(SAMPLE), "--calibration-dir", str(SAMPLE), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["trust"]["domain"]["threshold"] == load_model(out).metadata.domain.threshold

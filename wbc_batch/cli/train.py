@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict
 
 import click
+
+from ..errors import ExitCode, WbcBatchError
 
 
 def _size(ctx, param, value: str | None) -> tuple[int, int] | None:
@@ -25,44 +26,47 @@ def _need_torch() -> None:
     try:
         import torch  # noqa: F401
     except ImportError:
-        click.echo("wbc-batch: error: training and export need the 'train' extra: pip install 'wbc-batch[train]'", err=True)
-        sys.exit(2)
+        raise WbcBatchError("training and export need the 'train' extra: pip install 'wbc-batch[train]'", exit_code=ExitCode.USAGE) from None
 
 
-#: Options whose default lives only in TrainConfig (click passes None when they are not given).
-_TRAIN_DEFAULTS_IN_CONFIG = ("keep_aspect", "crop_follow", "colour", "source_balance")
+def _default(name: str) -> str:
+    """``[default: X]`` for a TrainConfig field: the help shows the one copy of each default."""
+    from ..training.config import TrainConfig
+
+    f = TrainConfig.__dataclass_fields__[name]
+    return f"  [default: {f.default}]"
 
 
 @click.command("train")
 @click.argument("data_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--run-dir", type=click.Path(file_okay=False), default="runs/train", show_default=True, help="Where weights, history.csv, curves.png and config.json go.")
-@click.option("--arch", type=click.Choice(["wbc-net", "seed-cnn"]), default="wbc-net", show_default=True, help="Network: wbc-net (default) or seed-cnn (the study report's baseline).")
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--size", callback=_size, default=None, help="Decoded input HxW.  [default: 240x320 with a cell crop, else the architecture's own: 60x80 seed-cnn, 96x128 wbc-net]")
-@click.option("--crop-window", type=click.IntRange(min=0), default=None, help="Side (pixels of the decoded field) of the square centred on the cell that the network sees; 0: the whole field.  [default: 160 wbc-net, 0 seed-cnn]")
-@click.option("--crop-size", type=click.IntRange(min=8), default=128, show_default=True, help="The crop window is sampled to this many pixels a side.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--optimizer", type=click.Choice(["adamw", "adam", "sgd"]), default="adamw", show_default=True)
-@click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate.")
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
-@click.option("--schedule", type=click.Choice(["onecycle", "cosine", "constant"]), default="onecycle", show_default=True)
-@click.option("--label-smoothing", type=float, default=0.1, show_default=True)
-@click.option("--augment/--no-augment", default=True, show_default=True, help="Rotations, flips, shifts, zoom, stain jitter.")
-@click.option("--val-fraction", type=float, default=0.15, show_default=True, help="Share of each class's sources held out for validation.")
+@click.option("--arch", type=click.Choice(["wbc-net", "seed-cnn"]), default=None, help="Network: wbc-net or seed-cnn (the study report's baseline)." + _default("arch"))
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs." + _default("epochs"))
+@click.option("--size", callback=_size, default=None, help="Decoded input HxW.  [default: derived from the images with a cell crop (see below), else the architecture's own: 60x80 seed-cnn, 96x128 wbc-net]")
+@click.option("--crop-window", type=click.IntRange(min=0), default=None, help="Side (pixels of the decoded field) of the square centred on the cell that the network sees (for a nucleus of 80 px when the window follows it); 0: the whole field.  [default: 160 wbc-net, 0 seed-cnn]")
+@click.option("--crop-size", type=click.IntRange(min=8), default=None, help="The crop window is sampled to this many pixels a side.  [default: the architecture's, 128 for wbc-net]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step." + _default("batch_size"))
+@click.option("--optimizer", type=click.Choice(["adamw", "adam", "sgd"]), default=None, help="Optimiser." + _default("optimizer"))
+@click.option("--lr", type=float, default=None, help="Peak learning rate." + _default("lr"))
+@click.option("--weight-decay", type=float, default=None, help="Weight decay." + _default("weight_decay"))
+@click.option("--schedule", type=click.Choice(["onecycle", "cosine", "constant"]), default=None, help="Learning-rate schedule." + _default("schedule"))
+@click.option("--label-smoothing", type=float, default=None, help="Label smoothing." + _default("label_smoothing"))
+@click.option("--augment/--no-augment", default=None, help="Rotations, flips, shifts, zoom and colour (see --colour)." + _default("augment"))
+@click.option("--val-fraction", type=float, default=None, help="Share of each class's sources held out for validation." + _default("val_fraction"))
 @click.option("--group-regex", default=None, help=r"Regex whose group 1 names a file's source image (split unit).  [default: ^_?(\d+)_ ]")
 @click.option("--groups", "groups_file", type=click.Path(exists=True, dir_okay=False), default=None, help="CSV with columns path,group (path relative to DATA_DIR): the split unit, e.g. slide or patient; overrides --group-regex.")
-@click.option("--patience", type=click.IntRange(min=0), default=8, show_default=True, help="Early stop after this many epochs without val macro-F1 gain (0: never).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Decode processes (0: all cores).")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="torch CPU threads (0: torch's default).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--max-per-class", type=click.IntRange(min=0), default=0, show_default=True, help="Use at most N images per class (quick runs).")
+@click.option("--patience", type=click.IntRange(min=0), default=None, help="Early stop after this many epochs without val macro-F1 gain (0: never)." + _default("patience"))
+@click.option("--seed", type=int, default=None, help="Random seed (CPU runs are deterministic)." + _default("seed"))
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Decode processes (0: all cores)." + _default("workers"))
+@click.option("--threads", type=click.IntRange(min=0), default=None, help="torch CPU threads (0: torch's default)." + _default("threads"))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to train." + _default("device"))
+@click.option("--max-per-class", type=click.IntRange(min=0), default=None, help="Use at most N images per class (quick runs; 0: all)." + _default("max_per_class"))
 @click.option("--init", "init_from", type=click.Path(exists=True), default=None, help="Fine-tune from these weights: a run folder, or an ONNX model exported by wbc-batch (e.g. export/wbc-default.onnx). A different class set rebuilds the classifier (shared classes keep their rows).")
-@click.option("--class-weights", type=click.Choice(["balanced", "none"]), default="balanced", show_default=True, help="balanced: weight each class's loss by n / (classes x n_class) of the training split, so a rare class counts as much as a common one.")
+@click.option("--class-weights", type=click.Choice(["balanced", "none"]), default=None, help="balanced: weight each class's loss by n / (classes x n_class) of the training split, so a rare class counts as much as a common one." + _default("class_weights"))
 @click.option("--classes", default=None, help="Comma-separated class folders to train on (e.g. EOSINOPHIL,LYMPHOCYTE,MONOCYTE,NEUTROPHIL); the others are left out.  [default: every class folder found]")
 @click.option("--keep-aspect/--stretch", "keep_aspect", default=None, help="Decode: fit the image inside the frame and pad with black, or stretch it to the frame (recorded in the model).  [default: keep-aspect]")
 @click.option("--crop-follow/--no-crop-follow", "crop_follow", default=None, help="The cell crop's window follows the nucleus' size, so cells are seen at one scale whatever the magnification.  [default: follow]")
-@click.option("--colour", type=click.Choice(["strong", "mild", "none"]), default=None, help="Colour augmentation: strong (stain amounts in HED space, white balance, hue, saturation, brightness, contrast, gamma, blur), mild (channel gain, brightness, contrast, saturation) or none.  [default: strong]")
+@click.option("--colour", type=click.Choice(["strong", "mild", "none"]), default=None, help="Colour augmentation: strong (stain amounts in HED space, white balance, hue, saturation, brightness, contrast, gamma, blur), mild (channel gain, brightness, contrast, saturation) or none." + _default("colour"))
 @click.option("--source-balance/--no-source-balance", "source_balance", default=None, help="With several DATA_DIRs: each folder draws the same share of every epoch, classes balanced within it.  [default: on]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (a log file or pipe never gets one: one line per epoch).")
 def train_cmd(data_dirs, run_dir, quiet, group_regex, crop_window, crop_size, classes, **kw) -> None:
@@ -76,15 +80,16 @@ def train_cmd(data_dirs, run_dir, quiet, group_regex, crop_window, crop_size, cl
     is at most 320, rounded to multiples of 8 (240x320 for 320x240 fields).
     """
     _need_torch()
-    from ..training.data import DEFAULT_GROUP_REGEX
+    from ..training.config import DEFAULT_ARCH
     from ..training.loop import TrainConfig, train
+    from ..training.models import default_crop
 
-    crop = None if crop_window is None else (crop_window, crop_size)
+    crop = None if crop_window is None else (crop_window, crop_size or default_crop(kw.get("arch") or DEFAULT_ARCH)[1])
     if classes is not None:
         kw["class_subset"] = tuple(sorted({c.strip() for c in classes.split(",") if c.strip()}))
-    kw = {k: v for k, v in kw.items() if v is not None or k not in _TRAIN_DEFAULTS_IN_CONFIG}
+    kw = {k: v for k, v in {**kw, "group_regex": group_regex}.items() if v is not None}  # TrainConfig holds every default
     data_dir = data_dirs[0] if len(data_dirs) == 1 else list(data_dirs)
-    cfg = TrainConfig(data_dir=data_dir, run_dir=run_dir, group_regex=group_regex or DEFAULT_GROUP_REGEX, crop=crop, **kw)
+    cfg = TrainConfig(data_dir=data_dir, run_dir=run_dir, crop=crop, **kw)
     res = train(cfg, progress=not quiet)
     click.echo(
         f"wbc-batch: best epoch {res.best_epoch}/{res.epochs_run}: val accuracy {res.best_val_accuracy:.4f}, "
@@ -104,7 +109,8 @@ def train_cmd(data_dirs, run_dir, quiet, group_regex, crop_window, crop_size, cl
 @click.option("--calibration-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Held-out labelled images (CLASS/ folders; never the test set) to fit the temperature and the domain threshold.  "
                    "[default: the run's validation split when it is held out, else none (temperature 1)]")
-def export_cmd(run_dir, output, checkpoint, name, check_dir, eval_dir, int8_dir, calibration_dir) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print every check's figures as JSON instead of the summary.")
+def export_cmd(run_dir, output, checkpoint, name, check_dir, eval_dir, int8_dir, calibration_dir, as_json) -> None:
     """Export RUN_DIR to one ONNX file (uint8 NHWC in, probabilities out, metadata inside).
 
     Before writing: onnx.checker full check; onnxruntime vs torch within 1e-4 at batch 1,
@@ -114,19 +120,40 @@ def export_cmd(run_dir, output, checkpoint, name, check_dir, eval_dir, int8_dir,
     """
     _need_torch()
     from ..evaluation.evaluate import evaluate_model
+    from ..training.calibrate import calibrate_export
     from ..training.export import embed_metrics, export_run
 
-    rep = export_run(run_dir, output, checkpoint=checkpoint, name=name, check_dir=check_dir)
-    click.echo(json.dumps({"parity": asdict(rep)}, indent=2))
-    from ..training.calibrate import calibrate_export
-
-    click.echo(json.dumps({"trust": calibrate_export(run_dir, output, calibration_dir)}, indent=2))
+    out: dict = {"parity": asdict(export_run(run_dir, output, checkpoint=checkpoint, name=name, check_dir=check_dir))}
+    out["trust"] = calibrate_export(run_dir, output, calibration_dir)
     if eval_dir:
-        m = evaluate_model(output, eval_dir)
-        embed_metrics(output, m)
-        click.echo(json.dumps({"eval": m}, indent=2))
+        out["eval"] = evaluate_model(output, eval_dir)
+        embed_metrics(output, out["eval"])
     if int8_dir:
         from ..training.quantize import quantize_model
 
-        q = quantize_model(output, int8_dir, eval_dir=eval_dir)
-        click.echo(json.dumps({"int8": q}, indent=2))
+        out["int8"] = quantize_model(output, int8_dir, eval_dir=eval_dir)
+    click.echo(json.dumps(out, indent=2) if as_json else "\n".join(export_summary(out, output, eval_dir)))
+
+
+def export_summary(out: dict, output: str, eval_dir: str | None) -> list[str]:
+    """What a person reads after an export: one line per check, ending with the file written."""
+    p, cal, dom = out["parity"], out["trust"]["calibration"], out["trust"]["domain"]
+    lines = [
+        f"parity: onnxruntime vs torch on {p['parity_images']} images, max difference {p['max_abs_diff_all']:.1e} "
+        f"(tolerance {p['tolerance']:.0e}), same label on {p['argmax_agreement']:.1%}; opset {p['opset']}, IR {p['ir_version']}",
+        f"calibration: temperature {cal['temperature']:.3f}"
+        + (f" fitted on {cal['data']['files']} held-out images (ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f})" if "ece_after" in cal
+           else f" (none: {cal.get('why', 'no held-out data')})"),
+        f"domain check: in domain when ood_score <= {dom['threshold']:.3f} "
+        f"({dom['threshold_from']['quantile']:.3g} quantile of {dom['threshold_from']['files']} "
+        f"{'held-out' if dom['threshold_from']['held_out'] else 'training'} images)",
+    ]
+    if "eval" in out:
+        e = out["eval"]
+        lines.append(f"evaluation on {eval_dir}: accuracy {e['accuracy']:.3f}, macro-F1 {e['macro_f1']:.3f} ({e['n']} images, {e.get('errors', 0)} unreadable)")
+    if "int8" in out:
+        q = out["int8"]
+        acc = f", accuracy {q['int8_accuracy']:.3f} vs {q['float_accuracy']:.3f}" if "int8_accuracy" in q else ""
+        lines.append(f"int8: {q.get('output', 'MODEL.int8.onnx')}, {q['speedup']:.2f}x the float network's speed{acc}")
+    lines.append(f"wrote {output}")
+    return lines

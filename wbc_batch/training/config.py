@@ -1,11 +1,17 @@
-"""What defines a training run: :class:`TrainConfig`, the one place each training default lives."""
+"""What defines a training run: :class:`TrainConfig`, the one place each training default lives.
+
+Imports no torch (the networks are looked up only when a method needs them), so the CLI can show
+these defaults in ``--help`` on an inference-only install.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from .data import DEFAULT_GROUP_REGEX
-from .models import DEFAULT_ARCH, default_crop, default_size, net_input_size
+
+#: The default network (training.models.ARCHS holds them all).
+DEFAULT_ARCH = "wbc-net"
 
 #: Decode size when a cell crop is used: the full field at the data set's native resolution.
 FIELD_SIZE = (240, 320)
@@ -49,10 +55,14 @@ class TrainConfig:
         return [self.data_dir] if isinstance(self.data_dir, str) else [str(d) for d in self.data_dir]
 
     def resolved_crop(self) -> tuple[int, int] | None:
+        from .models import default_crop
+
         crop = tuple(self.crop) if self.crop is not None else default_crop(self.arch)
         return crop if crop[0] > 0 else None  # type: ignore[return-value]
 
     def resolved_size(self) -> tuple[int, int]:
+        from .models import default_size
+
         if self.size:
             return tuple(self.size)  # type: ignore[return-value]
         # A cell crop works on the whole field; train() derives it from the images (data.derived_size)
@@ -60,4 +70,6 @@ class TrainConfig:
         return FIELD_SIZE if self.resolved_crop() else default_size(self.arch)
 
     def net_input_size(self) -> tuple[int, int]:
+        from .models import net_input_size
+
         return net_input_size(self.resolved_size(), self.resolved_crop())

@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import config
+
 #: ImageNet statistics are a poor fit for stained smears; these are the TRAIN set's own
 #: per-channel mean/std (RGB, 0..1), measured once and fixed so runs stay comparable.
 STAIN_MEAN = (0.678, 0.641, 0.660)
@@ -71,7 +73,7 @@ class WbcNet(nn.Module):
 
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {"seed-cnn": SeedCNN, "wbc-net": WbcNet}
-DEFAULT_ARCH = "wbc-net"
+DEFAULT_ARCH = config.DEFAULT_ARCH
 
 
 def build(arch: str, num_classes: int, size: tuple[int, int]) -> nn.Module:
