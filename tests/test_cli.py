@@ -389,3 +389,11 @@ def test_info_card_shows_provenance_whole_and_rounded(tmp_path):
     ]
     r = wbc("info", "--json", path)
     assert json.loads(r.stdout) == md  # the raw metadata, unrounded
+
+
+def test_info_card_names_each_data_folder_of_a_multi_folder_model(tmp_path):
+    data = [{"path": "a/TRAIN", "files": 10, "sha256_names_sizes": "0123456789abcdef"}, {"path": "pbc/train", "files": 4}]
+    md = ModelMetadata(labels=LABELS, height=24, width=32, name="two", arch="wbc-net", extra={"training": {"data": data, "epoch": 2}}).to_json_dict()
+    r = wbc("info", build_color_model(tmp_path / "two.onnx", metadata=md))
+    assert r.exit_code == 0
+    assert "training:   a/TRAIN, 10 files (fingerprint 0123456789ab...); pbc/train, 4 files; epoch 2" in r.stdout.splitlines()

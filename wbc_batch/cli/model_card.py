@@ -80,9 +80,9 @@ def training_lines(training: Mapping[str, Any]) -> list[str]:
     """The data a model learnt from (path, file count, fingerprint), the split, then the recipe."""
     data = training.get("data") or {}
     parts = []
-    if data:
-        fp = data.get("sha256_names_sizes")
-        parts.append(f"{data.get('path', '?')}, {data.get('files', '?')} files" + (f" (fingerprint {fp[:12]}...)" if fp else ""))
+    for d in data if isinstance(data, list) else [data] if data else []:  # a list: one entry per data folder trained on
+        fp = d.get("sha256_names_sizes")
+        parts.append(f"{d.get('path', '?')}, {d.get('files', '?')} files" + (f" (fingerprint {fp[:12]}...)" if fp else ""))
     rest = {k: v for k, v in training.items() if k not in ("data", "config")}
     if rest:
         parts.append(_pairs(rest))
