@@ -21,6 +21,7 @@ from ..evaluation.reliability import expected_calibration_error
 from ..inference.discover import iter_images
 from ..inference.metadata import METADATA_KEY, ModelMetadata
 from ..inference.preprocess import ImageError, load_image
+from .onnx_metadata import save_checked, set_metadata
 from .trust import OOD_OUTPUT, GraphHead, add_trust_outputs, find_head, fit_reference, fit_temperature, with_probe_outputs
 
 #: Share of held-out in-domain images that must pass the domain check (the threshold's quantile).
@@ -127,10 +128,8 @@ def calibrate_model(
     doc = json.loads(props[METADATA_KEY])
     doc.update(sections)
     ModelMetadata.from_json_dict(doc)  # the new document must still read back
-    onnx.helper.set_model_props(out, {**props, METADATA_KEY: json.dumps(doc)})
-    tmp = Path(f"{output}.tmp")
-    onnx.save_model(out, str(tmp))
-    os.replace(tmp, output)
+    set_metadata(out, doc)
+    save_checked(out, output)  # add_trust_outputs ran the full check
     return sections
 
 
