@@ -45,4 +45,4 @@ def test_domain_warning_above_the_default_share(out, checked, warns):
     assert OUT_OF_DOMAIN_WARN_SHARE == 0.10 and (msg is not None) == warns
     if warns:
         assert msg.startswith(f"{out} of {checked} images ({round(100 * out / checked)}%) are out of domain")
-        assert "wbc-batch train DIR --init MODEL" in msg and "wbc-batch calibrate" in msg
+        assert "wbc-batch train DIR --init MODEL" in msg and "then wbc-batch export" in msg and "wbc-batch calibrate" not in msg

@@ -100,5 +100,6 @@ def domain_warning(out_of_domain: int, checked: int, share: float = OUT_OF_DOMAI
         f"{out_of_domain} of {checked} images ({100 * out_of_domain / checked:.0f}%) are out of domain (unlike the model's "
         f"training data; over {100 * share:.0f}%): do not trust this run's counts as they are. Look at them (in_domain=false in "
         "the CSV); if they are cells from your own lab, fine-tune on a few hundred labelled images of your own "
-        "(wbc-batch train DIR --init MODEL, then wbc-batch export) or refit the check on your images (wbc-batch calibrate)"
+        "(wbc-batch train DIR --init MODEL, then wbc-batch export, which fits a new domain check on them); refitting the "
+        "check alone would hide the problem, not fix it"
     )
