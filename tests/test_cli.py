@@ -110,6 +110,13 @@ def test_info(color_model):
     assert json.loads(r.stdout) == ModelMetadata(labels=LABELS, height=24, width=32, name="color-test", arch="mean-colour").to_json_dict()
 
 
+def test_info_says_a_keep_aspect_model_pads(tmp_path):
+    md = ModelMetadata(labels=LABELS, height=24, width=32, keep_aspect=True)
+    path = build_color_model(tmp_path / "aspect.onnx", metadata=md.to_json_dict())
+    r = wbc("info", path)
+    assert "preprocess: decode, convert to RGB, fit inside 32x24 keeping the aspect ratio, centred on black (bilinear, JPEG draft)" in r.stdout.splitlines()
+
+
 def test_output_exists_exit_5_and_overwrite(tmp_path, color_model, sample_copy):
     out = tmp_path / "p.csv"
     out.write_text("keep me\n")

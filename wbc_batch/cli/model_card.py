@@ -53,7 +53,7 @@ def header_lines(m: Model) -> list[str]:
         _row("name", f"{md.name}  (arch {md.arch or '?'})"),
         _row("labels", ", ".join(md.labels)),
         _row("input", f"{md.input_name}  {md.layout} {md.dtype} {md.height}x{md.width}x3 {md.color}"),
-        _row("preprocess", f"decode, convert to RGB, resize to {md.width}x{md.height} ({md.resize}{draft})"),
+        _row("preprocess", f"decode, convert to RGB, {_fit(md)} ({md.resize}{draft})"),
         _row("output", f"{md.output_name}  ({md.output_kind})"),
         _row("providers", ", ".join(m.providers)),
     ]
@@ -107,3 +107,9 @@ def card_lines(m: Model) -> list[str]:
         else:
             lines.append(_row(key, _plain(value)))
     return lines
+
+
+def _fit(md) -> str:
+    if md.keep_aspect:
+        return f"fit inside {md.width}x{md.height} keeping the aspect ratio, centred on black"
+    return f"resize to {md.width}x{md.height}"
