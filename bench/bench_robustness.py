@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from wbc_batch.evaluation.metrics import compute_metrics_from_names  # noqa: E402
+from wbc_batch.evaluation.report_images import nucleus_centre  # noqa: E402  (the model's own cell finder, in numpy)
 from wbc_batch.inference.local_engine import RunnerOptions, classify  # noqa: E402
 from wbc_batch.inference.model import load_model  # noqa: E402
 
@@ -99,23 +100,9 @@ def aspect(img: Image.Image, sx: float, sy: float) -> Image.Image:
     return img.resize((round(w * sx), round(h * sy)), Image.Resampling.LANCZOS)
 
 
-def nucleus_centre(img: Image.Image) -> tuple[int, int]:
-    """Centre of the strongest blue-minus-red blob (the stained nucleus), as the model's cell finder looks for it."""
-    a = np.asarray(img, dtype=np.float32)
-    br = a[..., 2] - a[..., 0]
-    k = 4
-    hh, ww = br.shape[0] // k, br.shape[1] // k
-    pooled = br[: hh * k, : ww * k].reshape(hh, k, ww, k).mean(axis=(1, 3))
-    c = np.pad(pooled, 4, mode="edge").cumsum(0).cumsum(1)
-    c = np.pad(c, ((1, 0), (1, 0)))
-    box = c[9:, 9:] - c[:-9, 9:] - c[9:, :-9] + c[:-9, :-9]
-    y, x = np.unravel_index(int(np.argmax(box)), box.shape)
-    return int(x * k + k // 2), int(y * k + k // 2)
-
-
 def cell_crop(img: Image.Image, side: int, out: int) -> Image.Image:
     """A single-cell image as a cell analyser exports it: a square around the cell, the cell filling it."""
-    x, y = nucleus_centre(img)
+    x, y = (int(v) for v in nucleus_centre(np.asarray(img.convert("RGB"))))
     box = (x - side // 2, y - side // 2, x - side // 2 + side, y - side // 2 + side)
     sq = Image.new("RGB", (side, side), _border_colour(img))
     sq.paste(img.crop(box).convert("RGB"), (0, 0))

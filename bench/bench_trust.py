@@ -22,11 +22,9 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from bench_robustness import nucleus_centre  # noqa: E402
 
 from wbc_batch.evaluation.reliability import coverage_point, expected_calibration_error  # noqa: E402
+from wbc_batch.evaluation.report_images import nucleus_centre  # noqa: E402
 from wbc_batch.inference.local_engine import RunnerOptions, classify  # noqa: E402
 from wbc_batch.inference.model import load_model  # noqa: E402
 
@@ -42,7 +40,7 @@ def make_non_cells(dest: Path, n: int = 40, seed: int = 0) -> Path:
     fields = sorted(SETS["TEST"].rglob("*.jpeg"))
     for i, f in enumerate(fields[j] for j in rng.choice(len(fields), n, replace=False)):
         im = Image.open(f).convert("RGB")
-        x, y = nucleus_centre(im)
+        x, y = nucleus_centre(np.asarray(im))
         qx, qy = (0 if x > 160 else 210), (0 if y > 120 else 160)  # the quarter farthest from the white cell
         patch = im.crop((qx, qy, qx + 110, qy + 80))
         patch.resize((320, 240)).save(out / f"redcells-zoomed_{i:03d}.png")
