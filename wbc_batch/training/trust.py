@@ -128,14 +128,13 @@ def add_trust_outputs(model: onnx.ModelProto, head: GraphHead, temperature: floa
     g = out.graph
     scaled = f"{head.logits}_over_temperature"
     g.initializer.append(numpy_helper.from_array(np.array(temperature, dtype=np.float32), "calibration_temperature"))
-    g.node.append(helper.make_node("Div", [head.logits, "calibration_temperature"], [scaled], name="calibration_div"))
-    for node in g.node:
-        if node.name == head.softmax.name and list(node.output) == list(head.softmax.output):
-            node.input[0] = scaled
+    # The Div goes right before the Softmax it feeds, so the nodes stay in the dependency order ONNX requires.
+    at = next(i for i, n in enumerate(g.node) if list(n.output) == list(head.softmax.output))
+    g.node.insert(at, helper.make_node("Div", [head.logits, "calibration_temperature"], [scaled], name="calibration_div"))
+    g.node[at + 1].input[0] = scaled
     if reference is not None:
-        _append_domain_score(g, head, reference)
+        _append_domain_score(g, head, reference)  # after everything: it reads the features, made earlier
         g.output.append(helper.make_tensor_value_info(OOD_OUTPUT, TensorProto.FLOAT, ["N"]))
-    out.graph.CopyFrom(_topologically_sorted(g))
     onnx.checker.check_model(out, full_check=True)
     return out
 
@@ -158,23 +157,3 @@ def _append_domain_score(g: onnx.GraphProto, head: GraphHead, ref: DomainReferen
         helper.make_node("ReduceMin", ["domain_d2", "domain_axis1"], ["domain_min"], keepdims=0, name="domain_min"),
         helper.make_node("Div", ["domain_min", "domain_dim"], [OOD_OUTPUT], name="domain_score"),
     ])
-
-
-def _topologically_sorted(g: onnx.GraphProto) -> onnx.GraphProto:
-    """ONNX requires nodes in dependency order; the appended Div must run before the Softmax it feeds."""
-    ready = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
-    pending, ordered = list(g.node), []
-    while pending:
-        progressed = [n for n in pending if all(i in ready for i in n.input)]
-        if not progressed:
-            raise ValueError("the graph has a cycle or an input nobody produces")
-        for n in progressed:
-            ordered.append(n)
-            ready.update(n.output)
-        done = {id(n) for n in progressed}
-        pending = [n for n in pending if id(n) not in done]
-    sorted_graph = onnx.GraphProto()
-    sorted_graph.CopyFrom(g)
-    del sorted_graph.node[:]
-    sorted_graph.node.extend(ordered)
-    return sorted_graph
