@@ -61,9 +61,18 @@ def _border_colour(img: Image.Image) -> tuple[int, ...]:
 
 
 def rescale(img: Image.Image, s: float) -> Image.Image:
-    """The cell at ``s`` times its size in a frame of the same size: centre-cropped, or padded with the background."""
+    """The cell at ``s`` times its size in a frame of the same size: padded with the background, or cropped around the cell.
+
+    Why around the cell: a frame cropped at its centre cuts off-centre cells out of the picture at 2x,
+    which measures lost cells, not scale; a microscope user (or a cell analyser) keeps the cell in view.
+    """
     w, h = img.size
     big = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
+    if s > 1:
+        cx, cy = (v * s for v in nucleus_centre(np.asarray(img.convert("RGB"))))
+        left = int(min(max(cx - w / 2, 0), big.width - w))
+        top = int(min(max(cy - h / 2, 0), big.height - h))
+        return big.crop((left, top, left + w, top + h))
     out = Image.new("RGB", (w, h), _border_colour(img))
     out.paste(big, ((w - big.width) // 2, (h - big.height) // 2))
     return out
