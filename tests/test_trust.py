@@ -14,7 +14,7 @@ from conftest import LABELS, SAMPLE, _color_weights, build_color_model
 
 from wbc_batch.inference.preprocess import PreprocessSpec, load_image
 from wbc_batch.training.calibrate import calibrate_model, labelled_set
-from wbc_batch.training.trust import add_trust_outputs, find_head, fit_reference, fit_temperature
+from wbc_batch.training.trust import add_trust_outputs, find_head, fit_reference, fit_temperature, nucleus_model
 
 
 def _softmax(z, t=1.0):
@@ -96,3 +96,46 @@ def test_labelled_set_matches_folders_to_labels_case_insensitively(tmp_path):
     (tmp_path / "PLATELET" / "b.jpeg").write_bytes(src.read_bytes())
     s = labelled_set(tmp_path, LABELS)
     assert s.labels == [0] and s.skipped_classes == ["PLATELET"]
+
+
+def _nucleus_numpy(x: np.ndarray) -> np.ndarray:
+    """The nucleus signal written out in numpy, pixel by pixel, as the trust module doc defines it."""
+    from wbc_batch.evaluation.report_images import _box_mean
+
+    f = x.astype(np.float64)
+    s = (f[..., 2] - f[..., 0] - 0.5 * f[..., 1] + 127.5) * (f.sum(-1) > 60)
+    n, h, w = s.shape
+    pooled = s[:, : h // 4 * 4, : w // 4 * 4].reshape(n, h // 4, 4, w // 4, 4).mean((2, 4))
+    return np.array([_box_mean(p, 9).max() - _box_mean(p, 9).mean() for p in pooled])
+
+
+def _fields() -> np.ndarray:
+    spec = PreprocessSpec(240, 320, keep_aspect=True)
+    cells = [load_image(p, spec) for p in labelled_set(SAMPLE, LABELS).paths[::10]]
+    blank = np.full((240, 320, 3), (222, 224, 219), np.uint8)  # a field's background, no cell
+    padded = cells[0].copy()
+    padded[:, :80] = 0  # black padding never counts as stain
+    return np.stack([*cells, blank, padded])
+
+
+def test_nucleus_signal_matches_numpy_on_real_fields():
+    x = _fields()
+    (signal,) = ort.InferenceSession(nucleus_model().SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    np.testing.assert_allclose(signal, _nucleus_numpy(x), rtol=1e-4)
+    assert signal[:4].min() > 80 and signal[4] == 0.0  # cells vs an empty field
+
+
+def test_ood_score_is_raised_only_for_an_image_without_a_nucleus(tmp_path):
+    model = onnx.load(str(build_color_model(tmp_path / "c.onnx", height=240, width=320)))
+    head = find_head(model, "probabilities")
+    rng = np.random.default_rng(3)
+    ref = fit_reference(rng.normal(180, 20, size=(200, 3)), rng.integers(0, 4, 200), 4)
+    x = _fields()
+    plain = add_trust_outputs(model, head, 1.0, ref)
+    raised = add_trust_outputs(model, head, 1.0, ref, nucleus=(2.0, 30.0))
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})[1]  # noqa: E731
+    maha, score = run(plain), run(raised)
+    signal = _nucleus_numpy(x)
+    expected = np.maximum(maha, 2.0 * 30.0 / np.maximum(signal, 1.0))
+    np.testing.assert_allclose(score, expected, rtol=1e-4)
+    assert np.array_equal(score[:4], maha[:4]) and score[4] > 2.0  # cells keep their score; the empty field is out of domain

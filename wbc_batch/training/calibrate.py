@@ -22,7 +22,18 @@ from ..inference.discover import iter_images
 from ..inference.metadata import METADATA_KEY, ModelMetadata
 from ..inference.preprocess import ImageError, load_image
 from .onnx_metadata import save_checked, set_metadata
-from .trust import OOD_OUTPUT, GraphHead, add_trust_outputs, find_head, fit_reference, fit_temperature, with_probe_outputs
+from .trust import (
+    NUCLEUS_MARGIN,
+    OOD_OUTPUT,
+    PROBE_NUCLEUS,
+    GraphHead,
+    add_trust_outputs,
+    find_head,
+    fit_reference,
+    fit_temperature,
+    nucleus_threshold,
+    with_probe_outputs,
+)
 
 #: Share of held-out in-domain images that must pass the domain check (the threshold's quantile).
 DEFAULT_IN_DOMAIN_QUANTILE = 0.995
@@ -54,22 +65,32 @@ def labelled_set(root: str | os.PathLike[str], labels: Sequence[str]) -> Labelle
     return out
 
 
-def probe(model: onnx.ModelProto, head: GraphHead, md: ModelMetadata, paths: Sequence[str], threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and penultimate features of ``paths`` (undecodable files are an error: fitting data must be clean)."""
+@dataclass
+class Probe:
+    """What the fit reads from each image: logits, penultimate features, nucleus signal."""
+
+    logits: np.ndarray
+    features: np.ndarray
+    nucleus: np.ndarray
+
+
+def probe(model: onnx.ModelProto, head: GraphHead, md: ModelMetadata, paths: Sequence[str], threads: int = 0) -> Probe:
+    """Logits, penultimate features and nucleus signal of ``paths`` (undecodable files are an error: fitting data must be clean)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or (os.cpu_count() or 1)
     sess = ort.InferenceSession(with_probe_outputs(model, head).SerializeToString(), so, providers=["CPUExecutionProvider"])
     spec = md.preprocess
-    logits, feats = [], []
+    logits, feats, nuc = [], [], []
     for i in range(0, len(paths), BATCH):
         try:
             x = np.stack([load_image(p, spec) for p in paths[i : i + BATCH]])
         except ImageError as e:
             raise ValueError(f"cannot fit on an image that does not decode: {e}") from e
-        lg, ft = sess.run([head.logits, head.features], {md.input_name: x})
+        lg, ft, nu = sess.run([head.logits, head.features, PROBE_NUCLEUS], {md.input_name: x})
         logits.append(lg)
         feats.append(ft.reshape(len(x), -1))
-    return np.concatenate(logits), np.concatenate(feats)
+        nuc.append(nu)
+    return Probe(np.concatenate(logits), np.concatenate(feats), np.concatenate(nuc))
 
 
 def _softmax(z: np.ndarray, t: float = 1.0) -> np.ndarray:
@@ -85,6 +106,8 @@ def _ece(logits: np.ndarray, labels: Sequence[int], t: float) -> float:
 
 Folders = str | os.PathLike[str] | LabelledSet
 NO_HELD_OUT = "no held-out labelled data was given (--calibration-dir)"
+NOT_FITTED = ("--temperature none: the held-out data is not like the images the model will meet, so a temperature fitted on it"
+              " (held_out: what it would be) is left out")
 
 
 def calibrate_model(
@@ -95,6 +118,7 @@ def calibrate_model(
     quantile: float = DEFAULT_IN_DOMAIN_QUANTILE,
     *,
     why_uncalibrated: str = NO_HELD_OUT,
+    temperature: str = "fit",
 ) -> dict:
     """Write ``output``: the model with calibrated probabilities and an ``ood_score`` output; returns the new metadata sections.
 
@@ -103,8 +127,13 @@ def calibrate_model(
     test set): it fits the temperature and places the threshold. Without it the temperature stays 1
     and the threshold is the quantile of the reference scores, which runs low (the network has seen
     those images): the metadata says which was done, and why (``why_uncalibrated``).
+    ``temperature``: ``fit`` (on the held-out data) or ``none`` (keep 1, e.g. when the held-out data
+    is not like the images the model will meet: copies of training fields, one easy lab); the domain
+    threshold is still placed on the held-out data.
     ``output`` may be ``model_path`` (the file is replaced atomically).
     """
+    if temperature not in ("fit", "none"):
+        raise ValueError(f"unknown temperature {temperature!r}; choose fit or none")
     model = onnx.load_model(str(model_path))
     props = {p.key: p.value for p in model.metadata_props}
     md = ModelMetadata.from_props(props)
@@ -112,19 +141,24 @@ def calibrate_model(
         raise ValueError(f"{model_path} already has a domain check ({md.domain.output!r}): calibrate the model it came from")
     head = find_head(model, md.output_name)
     ref = _as_set(reference_dir, md.labels)
-    _, ref_feats = probe(model, head, md, ref.paths)
-    reference = fit_reference(ref_feats, ref.labels, len(md.labels))
-    sections = {"domain": _domain_section(ref, reference.scores(ref_feats), quantile)}
-    temperature = 1.0
+    seen = probe(model, head, md, ref.paths)
+    reference = fit_reference(seen.features, ref.labels, len(md.labels))
+    held, cal = seen, None
     if calibration_dir is not None:
         cal = _as_set(calibration_dir, md.labels)
-        cal_logits, cal_feats = probe(model, head, md, cal.paths)
-        temperature = fit_temperature(cal_logits, cal.labels)
-        sections["domain"] = _domain_section(ref, reference.scores(cal_feats), quantile, held_out=cal)
-        sections["calibration"] = _calibration_section(cal, cal_logits, temperature)
+        held = probe(model, head, md, cal.paths)
+    domain = _domain_section(ref, reference.scores(held.features), held.nucleus, quantile, held_out=cal)
+    sections = {"domain": domain}
+    t = 1.0
+    if cal is not None and temperature == "fit":
+        t = fit_temperature(held.logits, cal.labels)
+        sections["calibration"] = _calibration_section(cal, held.logits, t)
+    elif cal is not None:
+        sections["calibration"] = {"method": "none", "temperature": 1.0, "why": NOT_FITTED,
+                                   "held_out": _calibration_section(cal, held.logits, fit_temperature(held.logits, cal.labels))}
     else:
         sections["calibration"] = {"method": "none", "temperature": 1.0, "why": why_uncalibrated}
-    out = add_trust_outputs(model, head, temperature, reference)
+    out = add_trust_outputs(model, head, t, reference, (domain["threshold"], domain["nucleus"]["threshold"]))
     doc = json.loads(props[METADATA_KEY])
     doc.update(sections)
     ModelMetadata.from_json_dict(doc)  # the new document must still read back
@@ -140,28 +174,22 @@ def _as_set(folders: Folders, labels: Sequence[str]) -> LabelledSet:
 def run_split(run_dir: str | os.PathLike[str], labels: Sequence[str]) -> tuple[LabelledSet, LabelledSet | None, str]:
     """A training run's files as (training, validation, why): validation None (and ``why`` says why) when there is none to use.
 
-    The split is the run's own: the groups its record names as held out (``val_sources``); every
-    other file under its data folder is training data. A run on several data folders (each split by
-    its own groups) gives all their files as training and no validation. Needs torch (the run record).
+    The split is the run's own, rebuilt by the scan that made it (one folder or several, the class
+    subset, the groups): files whose group the record names as held out (``val_sources``) are
+    validation; every other file under its data folders is training data. Needs torch (the run record).
     """
-    from .data import read_group_file, scan_class_folders
+    from .data import read_group_file, scan_sources
     from .record import RunRecord
 
     record = RunRecord.read(run_dir)
     cfg = record.config
-    if not isinstance(cfg.data_dir, (str, os.PathLike)):  # several data folders
-        dirs = [str(d) for d in cfg.data_dir]
-        train = LabelledSet(root=", ".join(dirs))
-        for d in dirs:
-            part = labelled_set(d, labels)
-            train.paths += part.paths
-            train.labels += part.labels
-        return train, None, "the run trained on several data folders, whose validation split is not rebuilt here, and no --calibration-dir was given"
+    dirs = cfg.data_dirs()
     group_map = read_group_file(cfg.groups_file) if cfg.groups_file else None
-    files = scan_class_folders(cfg.data_dir, cfg.group_regex, group_map)
+    files = scan_sources(dirs, cfg.group_regex, group_map, cfg.class_subset)
     index = {lb.upper(): i for i, lb in enumerate(labels)}
     held_out = set(record.val_sources or []) if not record.val_is_train else set()
-    train, val = LabelledSet(root=str(cfg.data_dir)), LabelledSet(root=f"{cfg.data_dir} (the run's validation split)")
+    root = ", ".join(dirs)
+    train, val = LabelledSet(root=root), LabelledSet(root=f"{root} (the run's validation split)")
     for path, target, group in zip(files.paths, files.targets, files.groups, strict=True):
         side = val if group in held_out else train
         side.paths.append(path)
@@ -170,7 +198,9 @@ def run_split(run_dir: str | os.PathLike[str], labels: Sequence[str]) -> tuple[L
     return train, (val if val.paths else None), why
 
 
-def calibrate_export(run_dir: str | os.PathLike[str], model_path: str | os.PathLike[str], calibration_dir: str | os.PathLike[str] | None = None) -> dict:
+def calibrate_export(
+    run_dir: str | os.PathLike[str], model_path: str | os.PathLike[str], calibration_dir: str | os.PathLike[str] | None = None, temperature: str = "fit"
+) -> dict:
     """What ``wbc-batch export`` adds to the model it wrote: calibration and the domain check, fitted on the run's data.
 
     Reference: the run's training files. Temperature and threshold: ``calibration_dir``, else the
@@ -180,20 +210,26 @@ def calibrate_export(run_dir: str | os.PathLike[str], model_path: str | os.PathL
     md = ModelMetadata.from_props({p.key: p.value for p in onnx.load_model(str(model_path), load_external_data=False).metadata_props})
     train, val, why = run_split(run_dir, md.labels)
     held_out = calibration_dir if calibration_dir is not None else val
-    return calibrate_model(model_path, train, model_path, calibration_dir=held_out, why_uncalibrated=why)
+    return calibrate_model(model_path, train, model_path, calibration_dir=held_out, why_uncalibrated=why, temperature=temperature)
 
 
-def _domain_section(ref: LabelledSet, scores: np.ndarray, quantile: float, held_out: LabelledSet | None = None) -> dict:
+def _domain_section(ref: LabelledSet, scores: np.ndarray, nucleus: np.ndarray, quantile: float, held_out: LabelledSet | None = None) -> dict:
     threshold = float(np.quantile(scores, quantile))
     source = held_out or ref
     return {
-        "method": "Mahalanobis distance (shared covariance) of the penultimate features to the nearest class mean, / feature dimension",
+        "method": "Mahalanobis distance (shared covariance) of the penultimate features to the nearest class mean, / feature dimension;"
+                  " raised for an image without a nucleus: max(that, threshold * nucleus.threshold / nucleus signal)",
         "output": OOD_OUTPUT,
         "threshold": round(threshold, 6),
         "in_domain": f"{OOD_OUTPUT} <= threshold",
         "reference": {"path": ref.root, "files": len(ref.paths)},
         "threshold_from": {"path": source.root, "files": len(source.paths), "quantile": quantile,
                            "held_out": held_out is not None},
+        "nucleus": {
+            "signal": "max minus mean over 36x36-pixel means (4x4 pooled, 9x9 smoothed) of B - R - G/2 + 127.5, pixels with R+G+B <= 60 as 0",
+            "threshold": round(nucleus_threshold(nucleus, quantile), 4),
+            "rule": f"{NUCLEUS_MARGIN} x the {1 - quantile:.3g} quantile of the threshold_from images' signal",
+        },
     }
 
 

@@ -13,6 +13,14 @@ the exporter writes), so a shipped model can be upgraded without its run folder.
   Mahalanobis distance to the nearest class mean divided by the feature dimension (about 1 for images
   like the reference); ``in_domain`` is ``ood_score <= threshold``, the threshold a high quantile of
   held-out in-domain scores.
+* Nucleus check: features of an image without a white cell (red cells only, an empty field) can
+  sit close to the training data, so the score is raised when the image holds no nucleus-like
+  stain: ``nucleus_signal`` is how far the strongest 36x36-pixel mean of ``B - R - G/2 + 127.5``
+  (the cell finder's own signal, near-black padding as 0) stands above the image's mean of it, so a
+  flat colour or a blank field scores 0 whatever its colour; and ``ood_score = max(mahalanobis,
+  threshold * nucleus_threshold / nucleus_signal)``; ``nucleus_threshold`` is
+  :data:`NUCLEUS_MARGIN` times a low quantile of held-out in-domain images' signal. Images with a
+  nucleus keep their Mahalanobis score exactly.
 
 Needs onnx (train or test extra), not torch.
 """
@@ -27,9 +35,15 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OOD_OUTPUT = "ood_score"
+PROBE_NUCLEUS = "probe_nucleus_signal"
 #: Ridge added to the covariance, relative to its mean eigenvalue: keeps the whitening finite when
 #: some feature directions barely vary (ReLU features often have near-constant units).
 COV_RIDGE = 1e-3
+#: The nucleus threshold is this share of the held-out images' low-quantile signal: an image must
+#: hold a nucleus standing out at least 0.7 times as far as the faintest in-domain ones do (measured
+#: medians: a typical field 115, red cells only 13-27, blank or flat fields 0; see the model card).
+NUCLEUS_MARGIN = 0.7
+NUCLEUS_STRIDE, NUCLEUS_BLUR = 4, 9
 
 
 @dataclass(frozen=True)
@@ -74,10 +88,13 @@ def find_head(model: onnx.ModelProto, output_name: str) -> GraphHead:
 
 
 def with_probe_outputs(model: onnx.ModelProto, head: GraphHead) -> onnx.ModelProto:
-    """A copy that also outputs the logits and the penultimate features (for fitting; never shipped)."""
+    """A copy that also outputs the logits, the penultimate features and the nucleus signal (for fitting; never shipped)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    for name in (head.logits, head.features):
+    nodes, inits = nucleus_nodes(probe.graph.input[0].name, PROBE_NUCLEUS, prefix="probe_nucleus")
+    probe.graph.node.extend(nodes)
+    probe.graph.initializer.extend(inits)
+    for name in (head.logits, head.features, PROBE_NUCLEUS):
         probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     return probe
 
@@ -121,8 +138,56 @@ def fit_reference(features: np.ndarray, labels: Sequence[int], n_classes: int) -
     return DomainReference(whitening=whitening, means=means @ whitening)
 
 
-def add_trust_outputs(model: onnx.ModelProto, head: GraphHead, temperature: float, reference: DomainReference | None) -> onnx.ModelProto:
-    """The model with ``probabilities = softmax(logits / T)`` and, given a reference, an ``ood_score`` [N] output."""
+def nucleus_nodes(image: str, out: str, prefix: str = "nucleus") -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes computing ``out`` [N] = the nucleus signal of the uint8 NHWC RGB ``image`` (one builder: the graph and the fit both use it)."""
+    consts = {
+        f"{prefix}_weights": np.array([[-1.0], [-0.5], [1.0]], dtype=np.float32),
+        f"{prefix}_ones": np.ones((3, 1), dtype=np.float32),
+        f"{prefix}_offset": np.array(127.5, dtype=np.float32),
+        f"{prefix}_dark": np.array(60.0, dtype=np.float32),
+        f"{prefix}_axes": np.array([1, 2, 3], dtype=np.int64),
+    }
+    n = lambda op, ins, outs, **kw: helper.make_node(op, [f"{prefix}_{i}" if i != image else i for i in ins], [f"{prefix}_{o}" for o in outs], name=f"{prefix}_{outs[0]}", **kw)  # noqa: E731
+    nodes = [
+        n("Cast", [image], ["x"], to=TensorProto.FLOAT),
+        n("MatMul", ["x", "weights"], ["raw"]),
+        n("Add", ["raw", "offset"], ["stain"]),
+        n("MatMul", ["x", "ones"], ["sum"]),
+        n("Greater", ["sum", "dark"], ["lit"]),
+        n("Cast", ["lit"], ["litf"], to=TensorProto.FLOAT),
+        n("Mul", ["stain", "litf"], ["masked"]),
+        n("Transpose", ["masked"], ["nchw"], perm=[0, 3, 1, 2]),
+        n("AveragePool", ["nchw"], ["pooled"], kernel_shape=[NUCLEUS_STRIDE] * 2, strides=[NUCLEUS_STRIDE] * 2),
+        n("AveragePool", ["pooled"], ["smooth"], kernel_shape=[NUCLEUS_BLUR] * 2, strides=[1, 1], pads=[NUCLEUS_BLUR // 2] * 4, count_include_pad=0),
+        n("ReduceMax", ["smooth", "axes"], ["peak"], keepdims=0),
+        n("ReduceMean", ["smooth", "axes"], ["level"], keepdims=0),
+        n("Sub", ["peak", "level"], ["signal"]),
+    ]
+    nodes[-1].output[0] = out
+    return nodes, [numpy_helper.from_array(v, k) for k, v in consts.items()]
+
+
+def nucleus_model(opset: int = 18) -> onnx.ModelProto:
+    """A standalone graph: uint8 NHWC ``image`` -> ``nucleus_signal`` [N] (for fitting the threshold)."""
+    nodes, inits = nucleus_nodes("image", "nucleus_signal")
+    graph = helper.make_graph(nodes, "nucleus_signal", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", "H", "W", 3])],
+                              [helper.make_tensor_value_info("nucleus_signal", TensorProto.FLOAT, ["N"])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def nucleus_threshold(signals: np.ndarray, quantile: float) -> float:
+    """:data:`NUCLEUS_MARGIN` times the ``1 - quantile`` quantile of held-out in-domain signals."""
+    return float(NUCLEUS_MARGIN * np.quantile(np.asarray(signals, dtype=np.float64), 1.0 - quantile))
+
+
+def add_trust_outputs(
+    model: onnx.ModelProto, head: GraphHead, temperature: float, reference: DomainReference | None,
+    nucleus: tuple[float, float] | None = None,
+) -> onnx.ModelProto:
+    """The model with ``probabilities = softmax(logits / T)`` and, given a reference, an ``ood_score`` [N] output.
+
+    ``nucleus``: (ood threshold, nucleus threshold): the score is raised for images without a nucleus (module doc).
+    """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -133,13 +198,29 @@ def add_trust_outputs(model: onnx.ModelProto, head: GraphHead, temperature: floa
     g.node.insert(at, helper.make_node("Div", [head.logits, "calibration_temperature"], [scaled], name="calibration_div"))
     g.node[at + 1].input[0] = scaled
     if reference is not None:
-        _append_domain_score(g, head, reference)  # after everything: it reads the features, made earlier
+        _append_domain_score(g, head, reference, nucleus is not None)  # after everything: it reads the features, made earlier
+        if nucleus is not None:
+            _append_nucleus_term(g, *nucleus)
         g.output.append(helper.make_tensor_value_info(OOD_OUTPUT, TensorProto.FLOAT, ["N"]))
     onnx.checker.check_model(out, full_check=True)
     return out
 
 
-def _append_domain_score(g: onnx.GraphProto, head: GraphHead, ref: DomainReference) -> None:
+def _append_nucleus_term(g: onnx.GraphProto, threshold: float, nucleus_threshold: float) -> None:
+    """ood_score = max(mahalanobis, threshold * nucleus_threshold / max(nucleus_signal, 1))."""
+    nodes, inits = nucleus_nodes(g.input[0].name, "nucleus_signal")
+    g.initializer.extend(inits)
+    g.initializer.extend([numpy_helper.from_array(np.array(threshold * nucleus_threshold, dtype=np.float32), "nucleus_scale"),
+                          numpy_helper.from_array(np.array(1.0, dtype=np.float32), "nucleus_floor")])
+    g.node.extend(nodes)
+    g.node.extend([
+        helper.make_node("Max", ["nucleus_signal", "nucleus_floor"], ["nucleus_safe"], name="nucleus_safe"),
+        helper.make_node("Div", ["nucleus_scale", "nucleus_safe"], ["nucleus_term"], name="nucleus_term"),
+        helper.make_node("Max", ["domain_mahalanobis", "nucleus_term"], [OOD_OUTPUT], name="domain_score_with_nucleus"),
+    ])
+
+
+def _append_domain_score(g: onnx.GraphProto, head: GraphHead, ref: DomainReference, more: bool = False) -> None:
     """ood_score = min_c ||features @ W - mu_c W||^2 / D, in plain opset-18 ops."""
     consts = {
         "domain_whitening": ref.whitening.astype(np.float32),
@@ -155,5 +236,5 @@ def _append_domain_score(g: onnx.GraphProto, head: GraphHead, ref: DomainReferen
         helper.make_node("Sub", ["domain_z3", "domain_means"], ["domain_diff"], name="domain_diff"),
         helper.make_node("ReduceSumSquare", ["domain_diff", "domain_axis2"], ["domain_d2"], keepdims=0, name="domain_d2"),
         helper.make_node("ReduceMin", ["domain_d2", "domain_axis1"], ["domain_min"], keepdims=0, name="domain_min"),
-        helper.make_node("Div", ["domain_min", "domain_dim"], [OOD_OUTPUT], name="domain_score"),
+        helper.make_node("Div", ["domain_min", "domain_dim"], ["domain_mahalanobis" if more else OOD_OUTPUT], name="domain_score"),
     ])
