@@ -327,3 +327,19 @@ def test_keep_aspect_and_follow_crop_travel_in_the_model_and_classify_uses_them(
     with torch.inference_mode():
         ref = net(torch.from_numpy(x[None])).numpy()[0]
     assert np.abs(np.asarray(pred.probabilities) - ref).max() < 1e-5
+
+
+def test_background_balance_maps_a_tinted_background_to_the_reference():
+    from wbc_batch.inference.preprocess import PreprocessSpec, load_image
+    from wbc_batch.training.models import BackgroundBalance
+
+    spec = PreprocessSpec(240, 320, keep_aspect=True)
+    x = torch.from_numpy(np.stack([load_image(p, spec) for p in sorted(SAMPLE.rglob("*.jpeg"))[:4]])).permute(0, 3, 1, 2).float()
+    bal = BackgroundBalance((200.0, 210.0, 220.0))
+    ref_bright = BackgroundBalance.brightest(bal(x))
+    assert torch.allclose(ref_bright.flatten(1), torch.tensor([[200.0, 210.0, 220.0]]).expand(4, 3), atol=0.5)
+    yellow = x * torch.tensor([1.0, 0.97, 0.75]).view(1, 3, 1, 1)  # a yellow-toned lamp
+    assert (bal(yellow) - bal(x)).abs().mean() < 1.0  # the tint is divided out
+    padded = x.clone()
+    padded[..., :80] = 0  # aspect-keeping padding: never the background
+    assert torch.allclose(BackgroundBalance.brightest(padded), BackgroundBalance.brightest(x[..., 80:]))

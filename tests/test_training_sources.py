@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +127,14 @@ def test_two_folder_run_records_sources_and_samples_by_balance(tmp_path):
     assert rec["sources"] == [{"path": str(SAMPLE), "files": 20, "per_class": {"LYMPHOCYTE": 10, "NEUTROPHIL": 10}},
                               {"path": str(b), "files": 8, "per_class": {"LYMPHOCYTE": 6, "NEUTROPHIL": 2}}]
     assert rec["classes"] == ["LYMPHOCYTE", "NEUTROPHIL"] and rec["keep_aspect"] and rec["crop_follow"] and rec["colour"] == "strong"
+    assert rec["colour_norm"] == "background" and len(rec["background"]) == 3 and all(150 < v <= 255 for v in rec["background"])
+    # export rebuilds the run's validation split across both folders (calibration, threshold)
+    from wbc_batch.training.calibrate import run_split
+
+    train_set, val_set, _ = run_split(tmp_path / "run", rec["classes"])
+    assert (len(train_set.paths), len(val_set.paths)) == (rec["n_train"], rec["n_val"])
+    assert {str(b / "LYMPHOCYTE"), str(SAMPLE / "LYMPHOCYTE")} >= {str(Path(q).parent) for q in val_set.paths if "LYMPHOCYTE" in q}
+    assert not set(train_set.paths) & set(val_set.paths) and any(str(b) in q for q in val_set.paths)
 
 
 @pytest.mark.skipif(not PBC.is_dir(), reason="needs ../shared/data/pbc")

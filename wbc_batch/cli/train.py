@@ -67,6 +67,8 @@ def _default(name: str) -> str:
 @click.option("--keep-aspect/--stretch", "keep_aspect", default=None, help="Decode: fit the image inside the frame and pad with black, or stretch it to the frame (recorded in the model).  [default: keep-aspect]")
 @click.option("--crop-follow/--no-crop-follow", "crop_follow", default=None, help="The cell crop's window follows the nucleus' size, so cells are seen at one scale whatever the magnification.  [default: follow]")
 @click.option("--colour", type=click.Choice(["strong", "mild", "none"]), default=None, help="Colour augmentation: strong (stain amounts in HED space, white balance, hue, saturation, brightness, contrast, gamma, blur), mild (channel gain, brightness, contrast, saturation) or none." + _default("colour"))
+@click.option("--colour-norm", "colour_norm", type=click.Choice(["background", "none"]), default=None, help="background: the model white-balances each image on its slide background (brightest area) to the training data's background colour, inside the graph; none: colours as decoded." + _default("colour_norm"))
+@click.option("--precise-bn", "precise_bn", type=click.IntRange(min=0), default=None, help="After each epoch, recompute BatchNorm statistics over N training batches, so validation and the exported model use exact ones (0: running averages)." + _default("precise_bn"))
 @click.option("--source-balance/--no-source-balance", "source_balance", default=None, help="With several DATA_DIRs: each folder draws the same share of every epoch, classes balanced within it.  [default: on]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (a log file or pipe never gets one: one line per epoch).")
 def train_cmd(data_dirs, run_dir, quiet, group_regex, crop_window, crop_size, classes, **kw) -> None:
@@ -109,8 +111,11 @@ def train_cmd(data_dirs, run_dir, quiet, group_regex, crop_window, crop_size, cl
 @click.option("--calibration-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Held-out labelled images (CLASS/ folders; never the test set) to fit the temperature and the domain threshold.  "
                    "[default: the run's validation split when it is held out, else none (temperature 1)]")
+@click.option("--temperature", type=click.Choice(["fit", "none"]), default="fit", show_default=True,
+              help="fit: temperature-scale the probabilities on the held-out data; none: keep temperature 1 (when the held-out data is not "
+                   "like the images the model will meet, e.g. copies of training fields); the metadata records what fitting would give.")
 @click.option("--json", "as_json", is_flag=True, help="Print every check's figures as JSON instead of the summary.")
-def export_cmd(run_dir, output, checkpoint, name, check_dir, eval_dir, int8_dir, calibration_dir, as_json) -> None:
+def export_cmd(run_dir, output, checkpoint, name, check_dir, eval_dir, int8_dir, calibration_dir, temperature, as_json) -> None:
     """Export RUN_DIR to one ONNX file (uint8 NHWC in, probabilities out, metadata inside).
 
     Before writing: onnx.checker full check; onnxruntime vs torch within 1e-4 at batch 1,
@@ -124,7 +129,7 @@ def export_cmd(run_dir, output, checkpoint, name, check_dir, eval_dir, int8_dir,
     from ..training.export import embed_metrics, export_run
 
     out: dict = {"parity": asdict(export_run(run_dir, output, checkpoint=checkpoint, name=name, check_dir=check_dir))}
-    out["trust"] = calibrate_export(run_dir, output, calibration_dir)
+    out["trust"] = calibrate_export(run_dir, output, calibration_dir, temperature)
     if eval_dir:
         out["eval"] = evaluate_model(output, eval_dir)
         embed_metrics(output, out["eval"])

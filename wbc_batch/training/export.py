@@ -73,7 +73,8 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str = "best.pt"):
     from .record import RunRecord, load_weights
 
     record = RunRecord.read(run_dir)
-    model = build_deployable(record.config.arch, len(record.classes), record.size, record.crop, follow=record.config.crop_follow)
+    model = build_deployable(record.config.arch, len(record.classes), record.size, record.crop, follow=record.config.crop_follow,
+                             background=record.background)
     model.net.load_state_dict(load_weights(Path(run_dir) / checkpoint))
     return model.eval(), record, record.epoch_of(checkpoint)
 
@@ -155,7 +156,7 @@ def check_parity(model, data: bytes, images: np.ndarray, output: str | os.PathLi
 
 #: TrainConfig fields recorded in the model's metadata (``training.config``).
 _RECORDED = ("size", "crop", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "label_smoothing", "augment", "val_fraction", "group_regex", "groups_file", "seed", "class_weights",
-             "class_subset", "keep_aspect", "crop_follow", "colour", "source_balance")
+             "class_subset", "keep_aspect", "crop_follow", "colour", "colour_norm", "precise_bn", "source_balance")
 
 
 def model_metadata(record, epoch: int | None, report: ExportReport, name: str) -> ModelMetadata:

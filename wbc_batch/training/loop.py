@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from ..evaluation.metrics import Metrics, compute_metrics
@@ -27,7 +28,7 @@ from ..inference.preprocess import PreprocessSpec
 from . import augment
 from .config import FIELD_SIZE, TrainConfig
 from .data import LabelledFiles, balance_weights, decode_all, derived_size, read_group_file, scan_sources, source_split, subsample
-from .models import CellCrop, Deployable, build_deployable
+from .models import BackgroundBalance, CellCrop, Deployable, build_deployable
 from .optim import build_optimizer, build_scheduler
 from .record import BEST_WEIGHTS, LAST_WEIGHTS, RunRecord, save_weights
 
@@ -164,7 +165,8 @@ def _network_input(t: Trainer, xb: torch.Tensor, bi: torch.Tensor, gen: torch.Ge
         xb = crop.sample(xb, t.centres[i], windows, augment.window_affine(p.geometry, windows) if p else None)
     elif p is not None:
         xb = augment.rotate_field(xb, p.geometry)
-    return augment.apply(xb, p) if p is not None else xb
+    xb = augment.apply(xb, p) if p is not None else xb
+    return t.model.balance(xb) if t.model.balance is not None else xb
 
 
 def train_one_epoch(t: Trainer, data: TrainData, batch_size: int, gen: torch.Generator, *, desc: str, bar: bool) -> tuple[float, float]:
@@ -200,6 +202,30 @@ def train_one_epoch(t: Trainer, data: TrainData, batch_size: int, gen: torch.Gen
         steps.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
     steps.close()
     return loss_sum / seen, correct / seen
+
+
+def precise_bn(t: Trainer, data: TrainData, batch_size: int, batches: int, gen: torch.Generator) -> None:
+    """Recompute the BatchNorm statistics as the exact mean over ``batches`` fresh training batches (pycls's "precise BN").
+
+    Why: the running averages lag weights that move fast under a high learning rate and strong
+    colour augmentation, and validation then swings from one epoch to the next (measured on pbc's
+    8 classes: 0.82, 0.24, 0.43 accuracy in three epochs).
+    """
+    bns = [m for m in t.model.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or batches <= 0:
+        return
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    t.model.train()
+    tr, x_all = torch.from_numpy(data.train_idx), torch.from_numpy(data.images)
+    with torch.no_grad():
+        for _ in range(batches):
+            bi = tr[torch.randint(len(tr), (min(batch_size, len(tr)),), generator=gen)]
+            t.model.net(_network_input(t, x_all[bi].to(t.device).permute(0, 3, 1, 2).float(), bi, gen) * t.model.scale - t.model.shift)
+    for m, mo in zip(bns, momenta, strict=True):
+        m.momentum = mo
 
 
 def evaluate(model: Deployable, images: np.ndarray, targets: np.ndarray, classes: tuple[str, ...], device: torch.device) -> tuple[float, Metrics]:
@@ -261,6 +287,24 @@ def _record(cfg: TrainConfig, spec: PreprocessSpec, data: TrainData, device: tor
                      sources=source_summary(data))
 
 
+def background_colour(cfg: TrainConfig, data: TrainData, device: torch.device, n: int = 512) -> list[float] | None:
+    """The training images' typical background (median brightest area of what the network sees), or None without colour_norm.
+
+    Measured on the cell windows when there is a crop, as the balance sees them in the graph.
+    """
+    if cfg.colour_norm == "none":
+        return None
+    if cfg.colour_norm != "background":
+        raise ValueError(f"unknown colour_norm {cfg.colour_norm!r}; choose background or none")
+    idx = data.train_idx[np.linspace(0, len(data.train_idx) - 1, min(n, len(data.train_idx))).astype(int)]
+    crop = build_deployable(cfg.arch, len(data.classes), cfg.resolved_size(), cfg.resolved_crop(), follow=cfg.crop_follow).crop
+    with torch.inference_mode():
+        x = torch.from_numpy(data.images[idx]).to(device).permute(0, 3, 1, 2).float()
+        x = crop.to(device)(x) if crop is not None else x
+        bright = BackgroundBalance.brightest(x).flatten(1)
+    return [round(float(v), 2) for v in bright.median(dim=0).values]
+
+
 def _init(model: Deployable, cfg: TrainConfig, data: TrainData, device: torch.device) -> dict:
     """Fine-tuning: the --init weights into ``model`` (head rebuilt for a new class set), said on stderr."""
     from .init_weights import init_model, read_init
@@ -306,6 +350,7 @@ def _fit(cfg: TrainConfig, t: Trainer, data: TrainData, record: RunRecord, run_d
     for epoch in range(1, cfg.epochs + 1):
         te = time.perf_counter()
         loss, acc = train_one_epoch(t, data, cfg.batch_size, gen, desc=f"epoch {epoch}/{cfg.epochs}", bar=bar)
+        precise_bn(t, data, cfg.batch_size, cfg.precise_bn, gen)
         val_loss, m = evaluate(t.model, data.images[va], data.targets[va], data.classes, t.device)
         row = {"epoch": epoch, "train_loss": loss, "train_accuracy": acc, "val_loss": val_loss, "val_accuracy": m.accuracy,
                "val_macro_f1": m.macro_f1, "lr": t.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - te}
@@ -345,8 +390,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     spec = PreprocessSpec(height=h, width=w, resize=cfg.resize, keep_aspect=cfg.keep_aspect)
     data = load_data(cfg, spec, files)
     _log_data(data)
-    model = build_deployable(cfg.arch, len(data.classes), (h, w), cfg.resolved_crop(), probabilities=False, follow=cfg.crop_follow).to(device)
+    background = background_colour(cfg, data, device)
+    model = build_deployable(cfg.arch, len(data.classes), (h, w), cfg.resolved_crop(), probabilities=False, follow=cfg.crop_follow,
+                             background=background).to(device)
     record = _record(cfg, spec, data, device)
+    record.background = background
     if cfg.init_from:
         record.init = _init(model, cfg, data, device)
     t = _trainer(cfg, model, data, device)

@@ -6,7 +6,7 @@ so an embedder in any language only decodes and resizes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -197,13 +197,47 @@ class CellCrop(nn.Module):
         return self.sample(x, centres, windows if self.follow else None)
 
 
-class Deployable(nn.Module):
-    """uint8 NHWC RGB in; optional cell crop; normalised NCHW float to the network; logits or probabilities out."""
+class BackgroundBalance(nn.Module):
+    """Per-image white balance on the slide's background: each channel scaled so the brightest area matches ``ref``.
 
-    def __init__(self, net: nn.Module, probabilities: bool = True, mean=STAIN_MEAN, std=STAIN_STD, crop: CellCrop | None = None) -> None:
+    Why: the background of a smear is the light source seen through glass, so its colour is the
+    lamp, the camera's white balance and the mounting (a yellow-toned lab, a pink one), not the cells.
+    Dividing it out maps every lab's images towards the training data's background colour.  The
+    brightest area is the per-channel maximum of 8x8-pixel means (one bright pixel cannot win);
+    near-black padding never counts; gains stay within [1/2, 2] so a field without background
+    (a cell filling the frame) is only mildly changed.  Plain AveragePool/ReduceMax/Clip in ONNX.
+    """
+
+    block = 8
+    gain_range = (0.5, 2.0)
+
+    def __init__(self, ref: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("ref", torch.tensor([float(v) for v in ref]).view(1, 3, 1, 1))
+
+    @classmethod
+    def brightest(cls, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, 1, 1) per-channel brightest block mean of a float NCHW 0..255 RGB batch (padding excluded)."""
+        pooled = nn.functional.avg_pool2d(x, cls.block, ceil_mode=False)
+        valid = (pooled.sum(1, keepdim=True) > 60).to(x.dtype)
+        return torch.clamp((pooled * valid).amax(dim=(2, 3), keepdim=True), min=1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gain = torch.clamp(self.ref / self.brightest(x), *self.gain_range)
+        return torch.clamp(x * gain, 0.0, 255.0)
+
+
+class Deployable(nn.Module):
+    """uint8 NHWC RGB in; optional cell crop, then optional background balance; normalised NCHW float to the network; logits or probabilities out."""
+
+    def __init__(
+        self, net: nn.Module, probabilities: bool = True, mean=STAIN_MEAN, std=STAIN_STD, crop: CellCrop | None = None,
+        balance: BackgroundBalance | None = None,
+    ) -> None:
         super().__init__()
         self.net = net
         self.crop = crop
+        self.balance = balance
         self.probabilities = probabilities
         self.register_buffer("scale", (1.0 / (255.0 * torch.tensor(std))).view(1, 3, 1, 1))
         self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1))
@@ -212,6 +246,8 @@ class Deployable(nn.Module):
         x = x.permute(0, 3, 1, 2).to(torch.float32)
         if self.crop is not None:
             x = self.crop(x)
+        if self.balance is not None:
+            x = self.balance(x)
         y = self.net(x * self.scale - self.shift)
         return torch.softmax(y, dim=1) if self.probabilities else y
 
@@ -222,8 +258,12 @@ def net_input_size(size: tuple[int, int], crop: tuple[int, int] | None) -> tuple
 
 
 def build_deployable(
-    arch: str, num_classes: int, size: tuple[int, int], crop: tuple[int, int] | None, probabilities: bool = True, follow: bool = False
+    arch: str, num_classes: int, size: tuple[int, int], crop: tuple[int, int] | None, probabilities: bool = True, follow: bool = False,
+    background: Sequence[float] | None = None,
 ) -> Deployable:
-    """The network for a run's (decode size, cell crop, whether the window follows the nucleus), wrapped as exported: one rule for train and export."""
+    """The network for a run's (decode size, cell crop, whether the window follows the nucleus, background colour), wrapped as exported: one rule for train and export."""
     net = build(arch, num_classes, net_input_size(size, crop))
-    return Deployable(net, probabilities=probabilities, crop=CellCrop(*crop, follow=follow) if crop else None)
+    return Deployable(
+        net, probabilities=probabilities, crop=CellCrop(*crop, follow=follow) if crop else None,
+        balance=BackgroundBalance(background) if background is not None else None,
+    )

@@ -24,7 +24,7 @@ LAST_WEIGHTS = "last.pt"
 
 _CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
 #: What a run folder written before these settings existed was trained with (their defaults have changed).
-_LEGACY = {"keep_aspect": False, "crop_follow": False, "colour": "mild"}
+_LEGACY = {"keep_aspect": False, "crop_follow": False, "colour": "mild", "colour_norm": "none", "precise_bn": 0}
 
 
 @dataclass
@@ -44,6 +44,7 @@ class RunRecord:
     last_epoch: int | None = None
     init: dict | None = None  # what the weights started from (fine-tuning), else None
     sources: list[dict] | None = None  # per data folder: path, files used, per-class counts (see loop.source_summary)
+    background: list[float] | None = None  # RGB the background balance maps to (colour_norm background), else None
 
     @property
     def size(self) -> tuple[int, int]:
