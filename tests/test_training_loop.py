@@ -68,3 +68,26 @@ def test_one_epoch_curves_show_a_point_per_curve(tmp_path, capsys):
     assert len(lines) == 5 and all(isinstance(ln, Line2D) for ln in lines)
     for ln in lines:
         assert ln.get_marker() == "o" and ln.get_markersize() > 0 and list(ln.get_xdata()) == [1.0]
+
+
+def test_precise_bn_replaces_running_averages_by_the_mean_over_fresh_batches(tmp_path):
+    import numpy as np
+    from torch import nn
+
+    from wbc_batch.inference.preprocess import PreprocessSpec
+    from wbc_batch.training.loop import _trainer, build_deployable, load_data, precise_bn
+
+    cfg = _tiny(tmp_path, augment=False)
+    data = load_data(cfg, PreprocessSpec(24, 32))
+    model = build_deployable(cfg.arch, 2, (24, 32), None, probabilities=False)
+    t = _trainer(cfg, model, data, torch.device("cpu"))
+    first = next(m for m in model.net.modules() if isinstance(m, nn.BatchNorm2d))
+    precise_bn(t, data, batch_size=len(data.train_idx), batches=3, gen=torch.Generator().manual_seed(0))
+    assert int(first.num_batches_tracked) == 3 and first.momentum == 0.1  # recomputed, and the momentum restored
+    # no augmentation: each "batch" draws train images with replacement; the first BN's mean is their conv output's mean
+    x = torch.from_numpy(data.images[data.train_idx]).permute(0, 3, 1, 2).float() * model.scale - model.shift
+    conv = model.net.features[0][0] if hasattr(model.net, "features") else next(m for m in model.net.modules() if isinstance(m, nn.Conv2d))
+    per_image = conv(x).detach().mean(dim=(2, 3))
+    lo, hi = per_image.min(0).values, per_image.max(0).values
+    assert torch.all((first.running_mean >= lo - 1e-4) & (first.running_mean <= hi + 1e-4))
+    assert not np.allclose(first.running_var.numpy(), 1.0)  # no longer the reset value
