@@ -139,3 +139,18 @@ def test_ood_score_is_raised_only_for_an_image_without_a_nucleus(tmp_path):
     expected = np.maximum(maha, 2.0 * 30.0 / np.maximum(signal, 1.0))
     np.testing.assert_allclose(score, expected, rtol=1e-4)
     assert np.array_equal(score[:4], maha[:4]) and score[4] > 2.0  # cells keep their score; the empty field is out of domain
+
+
+def test_temperature_none_keeps_one_and_records_what_fitting_would_give(tmp_path):
+    src = build_color_model(tmp_path / "c.onnx", height=24, width=32)
+    fitted = calibrate_model(src, SAMPLE, tmp_path / "fit.onnx", calibration_dir=SAMPLE)
+    kept = calibrate_model(src, SAMPLE, tmp_path / "t.onnx", calibration_dir=SAMPLE, temperature="none")
+    cal = kept["calibration"]
+    assert (cal["method"], cal["temperature"]) == ("none", 1.0) and "--temperature none" in cal["why"]
+    assert cal["held_out"] == fitted["calibration"] and kept["domain"] == fitted["domain"]  # the threshold is placed alike
+    x = np.stack([load_image(p, PreprocessSpec(24, 32)) for p in labelled_set(SAMPLE, LABELS).paths[:5]])
+    probs, _ = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    w, b = _color_weights(4)
+    np.testing.assert_allclose(probs, _softmax(x.astype(np.float32).mean(axis=(1, 2)) @ w + b, 1.0), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown temperature"):
+        calibrate_model(src, SAMPLE, tmp_path / "x.onnx", temperature="auto")
