@@ -154,3 +154,20 @@ def test_temperature_none_keeps_one_and_records_what_fitting_would_give(tmp_path
     np.testing.assert_allclose(probs, _softmax(x.astype(np.float32).mean(axis=(1, 2)) @ w + b, 1.0), atol=1e-6)
     with pytest.raises(ValueError, match="unknown temperature"):
         calibrate_model(src, SAMPLE, tmp_path / "x.onnx", temperature="auto")
+
+
+def test_a_held_out_set_with_too_few_errors_keeps_temperature_one():
+    """All right on 23 cells: the NLL keeps falling as T shrinks; fitting would make every probability 1."""
+    from wbc_batch.training.calibrate import MIN_CALIBRATION_ERRORS, LabelledSet, _calibration
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 4, 23)
+    logits = rng.normal(0, 1, (23, 4))
+    logits[np.arange(23), labels] += 6.0  # every image right
+    cal = LabelledSet(root="lab", paths=[f"{i}.png" for i in range(23)], labels=labels.tolist())
+    t, section = _calibration(cal, logits, "fit", "")
+    assert t == 1.0 and section["method"] == "none" and "too few held-out errors to fit a temperature (0 in 23 images" in section["why"]
+    assert section["held_out"]["temperature"] < 0.2  # what fitting would have done
+    noisy = np.where(np.arange(23)[:, None] < MIN_CALIBRATION_ERRORS, logits[:, ::-1], logits)  # 10 images now wrong
+    t, section = _calibration(cal, noisy, "fit", "")
+    assert section["method"] == "temperature" and t == section["temperature"] and t > 0.2

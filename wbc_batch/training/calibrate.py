@@ -38,6 +38,8 @@ from .trust import (
 #: Share of held-out in-domain images that must pass the domain check (the threshold's quantile).
 DEFAULT_IN_DOMAIN_QUANTILE = 0.995
 BATCH = 64
+#: A temperature is fitted only on held-out data with at least this many misclassified images (see _calibration).
+MIN_CALIBRATION_ERRORS = 10
 
 
 @dataclass
@@ -148,16 +150,8 @@ def calibrate_model(
         cal = _as_set(calibration_dir, md.labels)
         held = probe(model, head, md, cal.paths)
     domain = _domain_section(ref, reference.scores(held.features), held.nucleus, quantile, held_out=cal)
-    sections = {"domain": domain}
-    t = 1.0
-    if cal is not None and temperature == "fit":
-        t = fit_temperature(held.logits, cal.labels)
-        sections["calibration"] = _calibration_section(cal, held.logits, t)
-    elif cal is not None:
-        sections["calibration"] = {"method": "none", "temperature": 1.0, "why": NOT_FITTED,
-                                   "held_out": _calibration_section(cal, held.logits, fit_temperature(held.logits, cal.labels))}
-    else:
-        sections["calibration"] = {"method": "none", "temperature": 1.0, "why": why_uncalibrated}
+    t, calibration = _calibration(cal, held.logits, temperature, why_uncalibrated)
+    sections = {"domain": domain, "calibration": calibration}
     out = add_trust_outputs(model, head, t, reference, (domain["threshold"], domain["nucleus"]["threshold"]))
     doc = json.loads(props[METADATA_KEY])
     doc.update(sections)
@@ -165,6 +159,27 @@ def calibrate_model(
     set_metadata(out, doc)
     save_checked(out, output)  # add_trust_outputs ran the full check
     return sections
+
+
+def _calibration(cal: LabelledSet | None, logits: np.ndarray, temperature: str, why_uncalibrated: str) -> tuple[float, dict]:
+    """(temperature, metadata section): fitted on the held-out images when asked and identifiable, else 1 and why.
+
+    Why the error count: the held-out NLL falls as T shrinks while every image is right, so a set
+    with (almost) no errors drives T to the search bound and every probability to 1; a few
+    hundred cells of a lab's own, 95% right, hold too few errors to place it.
+    """
+    none = {"method": "none", "temperature": 1.0}
+    if cal is None:
+        return 1.0, {**none, "why": why_uncalibrated}
+    fitted = _calibration_section(cal, logits, fit_temperature(logits, cal.labels))
+    errors = int((np.asarray(logits).argmax(1) != np.asarray(cal.labels)).sum())
+    if temperature == "none":
+        return 1.0, {**none, "why": NOT_FITTED, "held_out": fitted}
+    if errors < MIN_CALIBRATION_ERRORS:
+        why = (f"too few held-out errors to fit a temperature ({errors} in {len(cal.paths)} images; it takes "
+               f"{MIN_CALIBRATION_ERRORS}): give more held-out images with --calibration-dir")
+        return 1.0, {**none, "why": why, "held_out": fitted}
+    return fitted["temperature"], fitted
 
 
 def _as_set(folders: Folders, labels: Sequence[str]) -> LabelledSet:
