@@ -67,7 +67,7 @@ def test_find_head_refuses_a_graph_without_softmax(tmp_path):
 
 
 def test_calibrate_model_writes_a_model_that_reads_back(tmp_path):
-    src = build_color_model(tmp_path / "c.onnx", height=24, width=32)
+    src = build_color_model(tmp_path / "c.onnx", height=240, width=320)  # full fields: every one shows its nucleus
     sections = calibrate_model(src, SAMPLE, tmp_path / "t.onnx", calibration_dir=SAMPLE, quantile=0.9)
     model = onnx.load(str(tmp_path / "t.onnx"))
     doc = json.loads({p.key: p.value for p in model.metadata_props}["wbc_batch"])
@@ -76,9 +76,10 @@ def test_calibrate_model_writes_a_model_that_reads_back(tmp_path):
     assert doc["calibration"]["method"] == "temperature" and doc["calibration"]["data"]["files"] == 40
     # the threshold is the 0.9 quantile of the calibration images' scores: 4 of 40 lie above it
     sess = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"])
-    x = np.stack([load_image(p, PreprocessSpec(24, 32)) for p in labelled_set(SAMPLE, LABELS).paths])
+    x = np.stack([load_image(p, PreprocessSpec(240, 320)) for p in labelled_set(SAMPLE, LABELS).paths])
     _, score = sess.run(None, {"image": x})
     assert int((score > doc["domain"]["threshold"]).sum()) == 4
+    assert (_nucleus_numpy(x) > doc["domain"]["nucleus"]["threshold"]).all()  # no field raised by the nucleus term
 
 
 def test_calibrate_without_held_out_data_keeps_temperature_one(tmp_path):
@@ -102,10 +103,9 @@ def _nucleus_numpy(x: np.ndarray) -> np.ndarray:
     """The nucleus signal written out in numpy, pixel by pixel, as the trust module doc defines it."""
     from wbc_batch.evaluation.report_images import _box_mean
 
-    f = x.astype(np.float64)
-    s = (f[..., 2] - f[..., 0] - 0.5 * f[..., 1] + 127.5) * (f.sum(-1) > 60)
-    n, h, w = s.shape
-    pooled = s[:, : h // 4 * 4, : w // 4 * 4].reshape(n, h // 4, 4, w // 4, 4).mean((2, 4))
+    n, h, w, _ = x.shape
+    b = x[:, : h // 4 * 4, : w // 4 * 4].astype(np.float64).reshape(n, h // 4, 4, w // 4, 4, 3).mean((2, 4))  # 4x4 block means
+    pooled = (b[..., 2] - b[..., 0] - 0.5 * b[..., 1] + 127.5) * (b.sum(-1) > 60)
     return np.array([_box_mean(p, 9).max() - _box_mean(p, 9).mean() for p in pooled])
 
 

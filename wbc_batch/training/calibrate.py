@@ -241,7 +241,7 @@ def _domain_section(ref: LabelledSet, scores: np.ndarray, nucleus: np.ndarray, q
         "threshold_from": {"path": source.root, "files": len(source.paths), "quantile": quantile,
                            "held_out": held_out is not None},
         "nucleus": {
-            "signal": "max minus mean over 36x36-pixel means (4x4 pooled, 9x9 smoothed) of B - R - G/2 + 127.5, pixels with R+G+B <= 60 as 0",
+            "signal": "max minus mean over 36x36-pixel means (9x9 smoothed) of B - R - G/2 + 127.5 on 4x4-pixel block means, blocks with R+G+B <= 60 as 0",
             "threshold": round(nucleus_threshold(nucleus, quantile), 4),
             "rule": f"{NUCLEUS_MARGIN} x the {1 - quantile:.3g} quantile of the threshold_from images' signal",
         },
