@@ -59,6 +59,10 @@ def test_export_fits_on_the_validation_split_when_it_is_held_out(tiny_run, tmp_p
     assert cal["held_out"]["data"]["files"] == rec.n_val
     assert sections["domain"]["reference"]["files"] == rec.n_train
     assert sections["domain"]["threshold_from"]["held_out"] is True and md.domain.output == "ood_score"
+    import onnx
+
+    g = onnx.load(str(out)).graph  # the nucleus term reads the network's own float copy of the image: no second cast
+    assert "nucleus_x" not in {o for n in g.node for o in n.output} and "nucleus_blocks" in {o for n in g.node for o in n.output}
 
 
 @pytest.mark.slow

@@ -139,8 +139,11 @@ def fit_reference(features: np.ndarray, labels: Sequence[int], n_classes: int) -
     return DomainReference(whitening=whitening, means=means @ whitening)
 
 
-def nucleus_nodes(image: str, out: str, prefix: str = "nucleus") -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes computing ``out`` [N] = the nucleus signal of the uint8 NHWC RGB ``image`` (one builder: the graph and the fit both use it)."""
+def nucleus_nodes(image: str, out: str, prefix: str = "nucleus", nchw: str | None = None) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes computing ``out`` [N] = the nucleus signal of the uint8 NHWC RGB ``image`` (one builder: the graph and the fit both use it).
+
+    ``nchw``: the graph's own float NCHW copy of ``image``, when it has one (see :func:`float_nchw`), read instead of a second cast.
+    """
     consts = {
         f"{prefix}_weights": np.array([-1.0, -0.5, 1.0], dtype=np.float32).reshape(1, 3, 1, 1),
         f"{prefix}_offset": np.array([127.5], dtype=np.float32),
@@ -148,13 +151,13 @@ def nucleus_nodes(image: str, out: str, prefix: str = "nucleus") -> tuple[list[o
         f"{prefix}_dark": np.array(60.0, dtype=np.float32),
         f"{prefix}_axes": np.array([1, 2, 3], dtype=np.int64),
     }
-    n = lambda op, ins, outs, **kw: helper.make_node(op, [f"{prefix}_{i}" if i != image else i for i in ins], [f"{prefix}_{o}" for o in outs], name=f"{prefix}_{outs[0]}", **kw)  # noqa: E731
+    n = lambda op, ins, outs, **kw: helper.make_node(op, [f"{prefix}_{i}" if i not in (image, nchw) else i for i in ins], [f"{prefix}_{o}" for o in outs], name=f"{prefix}_{outs[0]}", **kw)  # noqa: E731
     # Pool first (4x4 block means), then everything on 1/16 of the pixels: the full-resolution
     # version cost as much as the network's convolutions (measured: 1.9 ms of 5.2 ms per image).
+    head = [n("Cast", [image], ["x"], to=TensorProto.FLOAT), n("Transpose", ["x"], ["nchw"], perm=[0, 3, 1, 2])] if nchw is None else []
     nodes = [
-        n("Cast", [image], ["x"], to=TensorProto.FLOAT),
-        n("Transpose", ["x"], ["nchw"], perm=[0, 3, 1, 2]),
-        n("AveragePool", ["nchw"], ["blocks"], kernel_shape=[NUCLEUS_STRIDE] * 2, strides=[NUCLEUS_STRIDE] * 2),
+        *head,
+        n("AveragePool", [nchw or "nchw"], ["blocks"], kernel_shape=[NUCLEUS_STRIDE] * 2, strides=[NUCLEUS_STRIDE] * 2),
         n("Conv", ["blocks", "weights", "offset"], ["stain"]),
         n("Conv", ["blocks", "ones"], ["sum"]),
         n("Greater", ["sum", "dark"], ["lit"]),
@@ -208,9 +211,20 @@ def add_trust_outputs(
     return out
 
 
+def float_nchw(g: onnx.GraphProto) -> str | None:
+    """The tensor ``Cast(Transpose(image, NCHW), float)`` a wbc-batch graph starts with, or None."""
+    image = g.input[0].name
+    for t in (n for n in g.node if n.op_type == "Transpose" and list(n.input) == [image]):
+        if [a.ints for a in t.attribute if a.name == "perm"] == [[0, 3, 1, 2]]:
+            for c in (n for n in g.node if n.op_type == "Cast" and list(n.input) == list(t.output)):
+                if [a.i for a in c.attribute if a.name == "to"] == [TensorProto.FLOAT]:
+                    return c.output[0]
+    return None
+
+
 def _append_nucleus_term(g: onnx.GraphProto, threshold: float, nucleus_threshold: float) -> None:
     """ood_score = max(mahalanobis, threshold * nucleus_threshold / max(nucleus_signal, 1))."""
-    nodes, inits = nucleus_nodes(g.input[0].name, "nucleus_signal")
+    nodes, inits = nucleus_nodes(g.input[0].name, "nucleus_signal", nchw=float_nchw(g))
     g.initializer.extend(inits)
     g.initializer.extend([numpy_helper.from_array(np.array(threshold * nucleus_threshold, dtype=np.float32), "nucleus_scale"),
                           numpy_helper.from_array(np.array(1.0, dtype=np.float32), "nucleus_floor")])
