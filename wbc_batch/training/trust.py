@@ -177,7 +177,7 @@ def nucleus_model(opset: int = 18) -> onnx.ModelProto:
     nodes, inits = nucleus_nodes("image", "nucleus_signal")
     graph = helper.make_graph(nodes, "nucleus_signal", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", "H", "W", 3])],
                               [helper.make_tensor_value_info("nucleus_signal", TensorProto.FLOAT, ["N"])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9)  # IR 9: onnxruntime 1.16+ (1.23.2 on Python 3.10)
 
 
 def nucleus_threshold(signals: np.ndarray, quantile: float) -> float:
