@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from click.testing import CliRunner
-from conftest import SAMPLE
+from conftest import SAMPLE, build_color_model
 
 from wbc_batch.cli import main
 from wbc_batch.inference.model import load_model
 
 
-def test_calibrate_writes_a_model_with_calibration_and_a_domain_check(tmp_path, color_model, trust_model):
+def test_calibrate_writes_a_model_with_calibration_and_a_domain_check(tmp_path, trust_model):
     out = tmp_path / "t.onnx"
+    color_model = build_color_model(tmp_path / "c.onnx", height=240, width=320)  # as the trust fixture's
     args = ["calibrate", str(color_model), "--reference-dir", str(SAMPLE), "--calibration-dir", str(SAMPLE), "--in-domain-quantile", "0.9", "-o", str(out)]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output

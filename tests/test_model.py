@@ -135,13 +135,14 @@ def test_infer_returns_the_domain_score_next_to_the_probabilities(trust_model, c
     from wbc_batch.inference.preprocess import PreprocessSpec, load_image
 
     paths = sample_images()[:7]
-    x = np.stack([load_image(p, PreprocessSpec(24, 32)) for p in paths])
+    x = np.stack([load_image(p, PreprocessSpec(240, 320)) for p in paths])  # the trust fixture takes whole fields
     m = load_model(trust_model)
     probs, ood = m.infer(x)
     ref_probs, ref_ood = trust_reference(trust_model, paths)
     np.testing.assert_array_equal(probs, ref_probs)
     np.testing.assert_array_equal(ood, ref_ood)
     assert ood.shape == (7,) and np.array_equal(m.predict(x), probs)
+    x = np.stack([load_image(p, PreprocessSpec(24, 32)) for p in paths])
     old_probs, old_ood = load_model(color_model).infer(x)  # a model without a domain check
     assert old_ood is None and np.allclose(old_probs, color_model_reference(x), atol=1e-6)
 
@@ -157,7 +158,7 @@ def test_a_static_batch_graph_with_a_domain_check_is_fed_in_slices(trust_model, 
     onnx.save(proto, str(tmp_path / "fixed.onnx"))
     m = load_model(tmp_path / "fixed.onnx")
     paths = sample_images()[:6]
-    probs, ood = m.infer(np.stack([load_image(p, PreprocessSpec(24, 32)) for p in paths]))
+    probs, ood = m.infer(np.stack([load_image(p, PreprocessSpec(240, 320)) for p in paths]))
     ref_probs, ref_ood = trust_reference(trust_model, paths)
     assert m.fixed_batch == 4 and ood.shape == (6,)
     np.testing.assert_allclose(ood, ref_ood, rtol=1e-6)
