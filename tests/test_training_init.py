@@ -42,9 +42,9 @@ def source(tmp_path_factory):
     return tmp / "run", tmp / "tiny.onnx"
 
 
-def _fresh(classes=CLASSES, probabilities=True):
+def _fresh(classes=CLASSES, probabilities=True, background=None):
     torch.manual_seed(123)
-    return build_deployable("wbc-net", len(classes), SIZE, None, probabilities=probabilities).eval()
+    return build_deployable("wbc-net", len(classes), SIZE, None, probabilities=probabilities, background=background).eval()
 
 
 def test_init_from_a_run_loads_its_weights_exactly(source):
@@ -60,11 +60,13 @@ def test_init_from_a_run_loads_its_weights_exactly(source):
 def test_init_from_onnx_computes_what_the_onnx_file_computes(source):
     import onnxruntime as ort
 
-    _, onnx_path = source
+    run, onnx_path = source
     src = read_init(onnx_path)
     # The dynamo exporter names initializers after the torch parameters and folds each batch norm into its conv.
     assert "features.0.0.weight" in src.state and "features.0.0.weight_bias" in src.state and "features.0.1.weight" not in src.state
-    model = _fresh()
+    from wbc_batch.training.record import RunRecord
+
+    model = _fresh(background=RunRecord.read(run).background)  # the exported graph balances to the run's background
     x = _images()
     done = init_model(model, src, "wbc-net", CLASSES, x, torch.device("cpu"))
     assert done["kind"] == "onnx" and done["rebuilt_batch_norms"] == 8 and done["new"] == []
