@@ -106,6 +106,9 @@ def test_train_init_records_where_it_started(source, tmp_path, capsys):
     rec = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert rec["init_from"] == str(onnx_path) and rec["init"]["kind"] == "onnx" and rec["init"]["kept"] == ["LYMPHOCYTE", "NEUTROPHIL"]
     assert f"init: onnx {onnx_path} (head rebuilt: kept ['LYMPHOCYTE', 'NEUTROPHIL'], new [])" in capsys.readouterr().err
+    # the source balanced its inputs to its training background: the fine-tuned model keeps that colour
+    source_background = json.loads((run / "config.json").read_text())["background"]
+    assert rec["init"]["background"] == "inherited" and rec["background"] == source_background and read_init(onnx_path).background == source_background
 
 
 def test_what_does_not_map_is_a_clear_error(source, tmp_path):

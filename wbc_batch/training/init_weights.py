@@ -34,6 +34,7 @@ class InitSource:
     classes: tuple[str, ...]
     state: dict[str, torch.Tensor]
     folded: list[tuple[str, str]] = field(default_factory=list)  # (conv, batch norm) pairs folded by the exporter
+    background: list[float] | None = None  # the background colour its inputs were balanced to (colour_norm background), else None
 
 
 def _conv_bn_pairs(net: nn.Module) -> list[tuple[str, str]]:
@@ -54,7 +55,7 @@ def _from_run(path: Path) -> InitSource:
     from .record import BEST_WEIGHTS, RunRecord, load_weights
 
     rec = RunRecord.read(path)
-    return InitSource(str(path), "run", rec.config.arch, tuple(rec.classes), load_weights(path / BEST_WEIGHTS))
+    return InitSource(str(path), "run", rec.config.arch, tuple(rec.classes), load_weights(path / BEST_WEIGHTS), background=rec.background)
 
 
 def _from_onnx(path: Path) -> InitSource:
@@ -71,7 +72,8 @@ def _from_onnx(path: Path) -> InitSource:
     state = {i.name[len("net."):]: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in proto.graph.initializer if i.name.startswith("net.")}
     if not state:
         raise InitError(f"{path}: no initializer is named after a network parameter ('net.*'); was it exported by wbc-batch?")
-    return InitSource(str(path), "onnx", doc.get("arch", ""), tuple(doc["labels"]), state)
+    ref = [numpy_helper.to_array(i).reshape(-1).tolist() for i in proto.graph.initializer if i.name == "balance.ref"]
+    return InitSource(str(path), "onnx", doc.get("arch", ""), tuple(doc["labels"]), state, background=[round(float(v), 2) for v in ref[0]] if ref else None)
 
 
 def read_init(path: str | os.PathLike[str]) -> InitSource:

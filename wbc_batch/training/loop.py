@@ -28,6 +28,7 @@ from ..inference.preprocess import PreprocessSpec
 from . import augment
 from .config import FIELD_SIZE, TrainConfig
 from .data import LabelledFiles, balance_weights, decode_all, derived_size, read_group_file, scan_sources, source_split, subsample
+from .init_weights import InitSource, init_model, read_init
 from .models import BackgroundBalance, CellCrop, Deployable, build_deployable
 from .optim import build_optimizer, build_scheduler
 from .record import BEST_WEIGHTS, LAST_WEIGHTS, RunRecord, save_weights
@@ -287,15 +288,19 @@ def _record(cfg: TrainConfig, spec: PreprocessSpec, data: TrainData, device: tor
                      sources=source_summary(data))
 
 
-def background_colour(cfg: TrainConfig, data: TrainData, device: torch.device, n: int = 512) -> list[float] | None:
-    """The training images' typical background (median brightest area of what the network sees), or None without colour_norm.
+def background_colour(cfg: TrainConfig, data: TrainData, device: torch.device, source: InitSource | None = None, n: int = 512) -> list[float] | None:
+    """The colour the background balance maps to, or None without colour_norm.
 
-    Measured on the cell windows when there is a crop, as the balance sees them in the graph.
+    Fine-tuning from a model that balances: its colour, so the network keeps seeing a lab's images in
+    the colours it learned. Otherwise the training images' typical background (median brightest area
+    of what the network sees, measured on the cell windows when there is a crop).
     """
     if cfg.colour_norm == "none":
         return None
     if cfg.colour_norm != "background":
         raise ValueError(f"unknown colour_norm {cfg.colour_norm!r}; choose background or none")
+    if source is not None and source.background is not None:
+        return list(source.background)
     idx = data.train_idx[np.linspace(0, len(data.train_idx) - 1, min(n, len(data.train_idx))).astype(int)]
     crop = build_deployable(cfg.arch, len(data.classes), cfg.resolved_size(), cfg.resolved_crop(), follow=cfg.crop_follow).crop
     with torch.inference_mode():
@@ -305,11 +310,11 @@ def background_colour(cfg: TrainConfig, data: TrainData, device: torch.device, n
     return [round(float(v), 2) for v in bright.median(dim=0).values]
 
 
-def _init(model: Deployable, cfg: TrainConfig, data: TrainData, device: torch.device) -> dict:
+def _init(model: Deployable, source: InitSource, cfg: TrainConfig, data: TrainData, device: torch.device) -> dict:
     """Fine-tuning: the --init weights into ``model`` (head rebuilt for a new class set), said on stderr."""
-    from .init_weights import init_model, read_init
-
-    done = init_model(model, read_init(cfg.init_from), cfg.arch, data.classes, data.images[data.train_idx], device)
+    done = init_model(model, source, cfg.arch, data.classes, data.images[data.train_idx], device)
+    if source.background is not None and cfg.colour_norm == "background":
+        done["background"] = "inherited"
     head = "same classes" if not done["new"] and done["kept"] == done["classes"] else f"head rebuilt: kept {done['kept']}, new {done['new']}"
     print(f"init: {done['kind']} {done['from']} ({head})", file=sys.stderr)
     return done
@@ -390,13 +395,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     spec = PreprocessSpec(height=h, width=w, resize=cfg.resize, keep_aspect=cfg.keep_aspect)
     data = load_data(cfg, spec, files)
     _log_data(data)
-    background = background_colour(cfg, data, device)
+    source = read_init(cfg.init_from) if cfg.init_from else None
+    background = background_colour(cfg, data, device, source)
     model = build_deployable(cfg.arch, len(data.classes), (h, w), cfg.resolved_crop(), probabilities=False, follow=cfg.crop_follow,
                              background=background).to(device)
     record = _record(cfg, spec, data, device)
     record.background = background
     if cfg.init_from:
-        record.init = _init(model, cfg, data, device)
+        record.init = _init(model, source, cfg, data, device)
     t = _trainer(cfg, model, data, device)
     record.write(run_dir)
     history, best = _fit(cfg, t, data, record, run_dir, bar=progress and sys.stderr.isatty())
