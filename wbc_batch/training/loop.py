@@ -299,7 +299,7 @@ def background_colour(cfg: TrainConfig, data: TrainData, device: torch.device, s
         return None
     if cfg.colour_norm != "background":
         raise ValueError(f"unknown colour_norm {cfg.colour_norm!r}; choose background or none")
-    if source is not None and source.background is not None:
+    if _inherits_background(cfg, source):
         return list(source.background)
     idx = data.train_idx[np.linspace(0, len(data.train_idx) - 1, min(n, len(data.train_idx))).astype(int)]
     crop = build_deployable(cfg.arch, len(data.classes), cfg.resolved_size(), cfg.resolved_crop(), follow=cfg.crop_follow).crop
@@ -310,10 +310,15 @@ def background_colour(cfg: TrainConfig, data: TrainData, device: torch.device, s
     return [round(float(v), 2) for v in bright.median(dim=0).values]
 
 
+def _inherits_background(cfg: TrainConfig, source: InitSource | None) -> bool:
+    """Whether the run balances to the --init model's background colour rather than measuring its own."""
+    return cfg.colour_norm == "background" and source is not None and source.background is not None
+
+
 def _init(model: Deployable, source: InitSource, cfg: TrainConfig, data: TrainData, device: torch.device) -> dict:
     """Fine-tuning: the --init weights into ``model`` (head rebuilt for a new class set), said on stderr."""
     done = init_model(model, source, cfg.arch, data.classes, data.images[data.train_idx], device)
-    if source.background is not None and cfg.colour_norm == "background":
+    if _inherits_background(cfg, source):
         done["background"] = "inherited"
     head = "same classes" if not done["new"] and done["kept"] == done["classes"] else f"head rebuilt: kept {done['kept']}, new {done['new']}"
     print(f"init: {done['kind']} {done['from']} ({head})", file=sys.stderr)

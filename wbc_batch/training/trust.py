@@ -173,7 +173,7 @@ def nucleus_nodes(image: str, out: str, prefix: str = "nucleus", nchw: str | Non
 
 
 def nucleus_model(opset: int = 18) -> onnx.ModelProto:
-    """A standalone graph: uint8 NHWC ``image`` -> ``nucleus_signal`` [N] (for fitting the threshold)."""
+    """A standalone graph: uint8 NHWC ``image`` -> ``nucleus_signal`` [N], the signal alone (the fit reads it through :func:`with_probe_outputs`)."""
     nodes, inits = nucleus_nodes("image", "nucleus_signal")
     graph = helper.make_graph(nodes, "nucleus_signal", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", "H", "W", 3])],
                               [helper.make_tensor_value_info("nucleus_signal", TensorProto.FLOAT, ["N"])], inits)
@@ -203,7 +203,8 @@ def add_trust_outputs(
     g.node.insert(at, helper.make_node("Div", [head.logits, "calibration_temperature"], [scaled], name="calibration_div"))
     g.node[at + 1].input[0] = scaled
     if reference is not None:
-        _append_domain_score(g, head, reference, nucleus is not None)  # after everything: it reads the features, made earlier
+        # after everything: it reads the features, made earlier; with the nucleus term its score is one input of the final max
+        _append_domain_score(g, head, reference, out="domain_mahalanobis" if nucleus is not None else OOD_OUTPUT)
         if nucleus is not None:
             _append_nucleus_term(g, *nucleus)
         g.output.append(helper.make_tensor_value_info(OOD_OUTPUT, TensorProto.FLOAT, ["N"]))
@@ -236,8 +237,8 @@ def _append_nucleus_term(g: onnx.GraphProto, threshold: float, nucleus_threshold
     ])
 
 
-def _append_domain_score(g: onnx.GraphProto, head: GraphHead, ref: DomainReference, more: bool = False) -> None:
-    """ood_score = min_c ||features @ W - mu_c W||^2 / D, in plain opset-18 ops."""
+def _append_domain_score(g: onnx.GraphProto, head: GraphHead, ref: DomainReference, out: str = OOD_OUTPUT) -> None:
+    """``out`` = min_c ||features @ W - mu_c W||^2 / D, in plain opset-18 ops."""
     consts = {
         "domain_whitening": ref.whitening.astype(np.float32),
         "domain_means": ref.means.astype(np.float32),
@@ -252,5 +253,5 @@ def _append_domain_score(g: onnx.GraphProto, head: GraphHead, ref: DomainReferen
         helper.make_node("Sub", ["domain_z3", "domain_means"], ["domain_diff"], name="domain_diff"),
         helper.make_node("ReduceSumSquare", ["domain_diff", "domain_axis2"], ["domain_d2"], keepdims=0, name="domain_d2"),
         helper.make_node("ReduceMin", ["domain_d2", "domain_axis1"], ["domain_min"], keepdims=0, name="domain_min"),
-        helper.make_node("Div", ["domain_min", "domain_dim"], ["domain_mahalanobis" if more else OOD_OUTPUT], name="domain_score"),
+        helper.make_node("Div", ["domain_min", "domain_dim"], [out], name="domain_score"),
     ])
