@@ -162,9 +162,10 @@ def write_condition(files: Sequence[Path], root: Path, cond: Condition, dest: Pa
 
 
 def score(model, folder: Path, workers: int) -> dict:
-    """Accuracy and macro-F1 of ``model`` on a class-folder tree; truth is the top folder name."""
+    """Accuracy, macro-F1 and the share flagged out of domain (None without a domain check) of ``model`` on a
+    class-folder tree; truth is the top folder name."""
     labels = list(model.labels)
-    t, p, skipped = [], [], 0
+    t, p, flags, skipped = [], [], [], 0
     for pred in classify([folder], model, options=RunnerOptions(workers=workers)):
         truth = pred.path.split("/")[0].upper()
         if truth not in labels or pred.status != "ok":
@@ -172,8 +173,10 @@ def score(model, folder: Path, workers: int) -> dict:
             continue
         t.append(truth)
         p.append(pred.label)
+        flags.append(getattr(pred, "in_domain", None) is False)
     m = compute_metrics_from_names(t, p, labels)
-    return {"n": len(t), "skipped": skipped, "accuracy": m.accuracy, "macro_f1": m.macro_f1}
+    flagged = float(np.mean(flags)) if model.metadata.domain is not None and flags else None
+    return {"n": len(t), "skipped": skipped, "accuracy": m.accuracy, "macro_f1": m.macro_f1, "flagged": flagged}
 
 
 def run(models: Sequence[str], per_class: int, workers: int) -> list[dict]:
@@ -201,14 +204,15 @@ def run(models: Sequence[str], per_class: int, workers: int) -> list[dict]:
 
 
 def table(rows: Sequence[dict], models: Sequence[str]) -> str:
-    head = "| data | condition | n | " + " | ".join(f"{Path(m).name} acc | F1 | Δacc" for m in models) + " |"
-    lines = [head, "|" + "---|" * (3 + 3 * len(models))]
+    head = "| data | condition | n | " + " | ".join(f"{Path(m).name} acc | F1 | Δacc | flagged" for m in models) + " |"
+    lines = [head, "|" + "---|" * (3 + 4 * len(models))]
     clean = rows[0]["models"]
     for r in rows:
         cells = []
         for base, s in zip(clean, r["models"], strict=True):
             delta = s["accuracy"] - base["accuracy"] if r["data"] == "TEST" else float("nan")
-            cells.append(f"{s['accuracy']:.3f} | {s['macro_f1']:.3f} | {'' if delta != delta else f'{delta:+.3f}'}")
+            flagged = "" if s.get("flagged") is None else f"{s['flagged']:.3f}"
+            cells.append(f"{s['accuracy']:.3f} | {s['macro_f1']:.3f} | {'' if delta != delta else f'{delta:+.3f}'} | {flagged}")
         lines.append(f"| {r['data']} | {r['condition']} | {r['models'][0]['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -14,7 +14,17 @@ from conftest import LABELS, SAMPLE, _color_weights, build_color_model
 
 from wbc_batch.inference.preprocess import PreprocessSpec, load_image
 from wbc_batch.training.calibrate import calibrate_model, labelled_set
-from wbc_batch.training.trust import add_trust_outputs, find_head, fit_reference, fit_temperature, nucleus_model
+from wbc_batch.training.trust import (
+    DomainCheck,
+    add_trust_outputs,
+    block_outputs,
+    find_head,
+    fit_domain_check,
+    fit_reference,
+    fit_temperature,
+    nucleus_model,
+    with_probe_outputs,
+)
 
 
 def _softmax(z, t=1.0):
@@ -50,7 +60,7 @@ def test_trust_outputs_match_numpy(tmp_path):
     assert (head.logits, head.features, head.n_features) == ("logits", "m", 3)
     rng = np.random.default_rng(2)
     ref = fit_reference(rng.normal(100, 20, size=(200, 3)), rng.integers(0, 4, 200), 4)
-    out = add_trust_outputs(model, head, 1.7, ref)
+    out = add_trust_outputs(model, head, 1.7, DomainCheck((head.features,), (ref,), (1.0,)))
     x = rng.integers(0, 256, size=(5, 24, 32, 3), dtype=np.uint8)
     probs, score = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})
     w, b = _color_weights(4)
@@ -131,8 +141,9 @@ def test_ood_score_is_raised_only_for_an_image_without_a_nucleus(tmp_path):
     rng = np.random.default_rng(3)
     ref = fit_reference(rng.normal(180, 20, size=(200, 3)), rng.integers(0, 4, 200), 4)
     x = _fields()
-    plain = add_trust_outputs(model, head, 1.0, ref)
-    raised = add_trust_outputs(model, head, 1.0, ref, nucleus=(2.0, 30.0))
+    check = DomainCheck((head.features,), (ref,), (1.0,))
+    plain = add_trust_outputs(model, head, 1.0, check)
+    raised = add_trust_outputs(model, head, 1.0, check, nucleus=(2.0, 30.0))
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})[1]  # noqa: E731
     maha, score = run(plain), run(raised)
     signal = _nucleus_numpy(x)
@@ -171,3 +182,55 @@ def test_a_held_out_set_with_too_few_errors_keeps_temperature_one():
     noisy = np.where(np.arange(23)[:, None] < MIN_CALIBRATION_ERRORS, logits[:, ::-1], logits)  # 10 images now wrong
     t, section = _calibration(cal, noisy, "fit", "")
     assert section["method"] == "temperature" and t == section["temperature"] and t > 0.2
+
+
+def _conv_model(h: int = 24, w: int = 32) -> onnx.ModelProto:
+    """uint8 NHWC -> Conv-Relu -> Conv-Relu -> mean -> Gemm -> Softmax: a network with one inner conv block."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    arr = {"k1": rng.normal(0, 0.02, (4, 3, 3, 3)), "k2": rng.normal(0, 0.3, (5, 4, 3, 3)), "wt": rng.normal(0, 0.5, (5, 4)), "bias": rng.normal(0, 0.1, 4)}
+    nodes = [
+        helper.make_node("Transpose", ["image"], ["t"], perm=[0, 3, 1, 2]), helper.make_node("Cast", ["t"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("Conv", ["x", "k1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "k2"], ["c2"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"]), helper.make_node("Flatten", ["g"], ["feats"]),
+        helper.make_node("Gemm", ["feats", "wt", "bias"], ["logits"]), helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", h, w, 3])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in arr.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def test_domain_check_scores_every_conv_block_and_the_graph_matches_numpy():
+    model = _conv_model()
+    head = find_head(model, "probabilities")
+    assert block_outputs(model) == ["r1"]  # r2 is pooled into the penultimate features, a layer already
+    rng = np.random.default_rng(8)
+    sess = ort.InferenceSession(with_probe_outputs(model, head, ["r1"]).SerializeToString(), providers=["CPUExecutionProvider"])
+    layers = lambda x: sess.run(["probe_block0", "feats"], {"image": x})  # noqa: E731
+    ref_x, held_x = (rng.integers(60, 200, size=(n, 24, 32, 3), dtype=np.uint8) for n in (300, 200))
+    y = rng.integers(0, 4, 300)
+    check = fit_domain_check(("r1", "feats"), layers(ref_x), y, 4, layers(held_x), 0.99)
+    # each layer's scale is its own held-out quantile: 1% of the held-out images lie above it in each layer
+    per_layer = [r.scores(f) / s for r, f, s in zip(check.references, layers(held_x), check.scales, strict=True)]
+    assert [float(np.mean(v > 1)) for v in per_layer] == [0.01, 0.01]
+    out = add_trust_outputs(model, head, 1.0, check)
+    x = np.concatenate([rng.integers(60, 200, size=(4, 24, 32, 3), dtype=np.uint8), np.full((1, 24, 32, 3), (230, 200, 40), np.uint8)])
+    score = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(["ood_score"], {"image": x})[0]
+    np.testing.assert_allclose(score, check.scores(layers(x)), rtol=1e-4)
+    assert score[4] > 10 * score[:4].max()  # a flat yellow image is far from random fields in every layer
+
+
+def test_calibrate_records_each_layer_of_the_domain_check(tmp_path):
+    src = tmp_path / "conv.onnx"
+    model = _conv_model(240, 320)
+    doc = json.loads(next(p.value for p in onnx.load(str(build_color_model(tmp_path / "c.onnx"))).metadata_props if p.key == "wbc_batch"))
+    doc["input"]["height"], doc["input"]["width"] = 240, 320
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {"wbc_batch": json.dumps(doc)})
+    onnx.save(model, src)
+    sections = calibrate_model(src, SAMPLE, tmp_path / "out.onnx", calibration_dir=SAMPLE)
+    layers = sections["domain"]["layers"]
+    assert [(d["tensor"], d["features"]) for d in layers] == [("r1", 4), ("feats", 5)] and all(d["scale"] > 0 for d in layers)

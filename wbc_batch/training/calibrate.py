@@ -26,10 +26,12 @@ from .trust import (
     NUCLEUS_MARGIN,
     OOD_OUTPUT,
     PROBE_NUCLEUS,
+    DomainCheck,
     GraphHead,
     add_trust_outputs,
+    block_outputs,
     find_head,
-    fit_reference,
+    fit_domain_check,
     fit_temperature,
     nucleus_threshold,
     with_probe_outputs,
@@ -69,30 +71,34 @@ def labelled_set(root: str | os.PathLike[str], labels: Sequence[str]) -> Labelle
 
 @dataclass
 class Probe:
-    """What the fit reads from each image: logits, penultimate features, nucleus signal."""
+    """What the fit reads from each image: logits, penultimate features, nucleus signal, each conv block's channel means."""
 
     logits: np.ndarray
     features: np.ndarray
     nucleus: np.ndarray
+    blocks: list[np.ndarray] = field(default_factory=list)
+
+    def layers(self) -> list[np.ndarray]:
+        """The domain check's layers, in its order: the blocks, then the penultimate features."""
+        return [*self.blocks, self.features]
 
 
-def probe(model: onnx.ModelProto, head: GraphHead, md: ModelMetadata, paths: Sequence[str], threads: int = 0) -> Probe:
-    """Logits, penultimate features and nucleus signal of ``paths`` (undecodable files are an error: fitting data must be clean)."""
+def probe(model: onnx.ModelProto, head: GraphHead, md: ModelMetadata, paths: Sequence[str], blocks: Sequence[str] = (), threads: int = 0) -> Probe:
+    """Logits, penultimate features, nucleus signal and ``blocks``' channel means of ``paths`` (undecodable files are an error: fitting data must be clean)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or (os.cpu_count() or 1)
-    sess = ort.InferenceSession(with_probe_outputs(model, head).SerializeToString(), so, providers=["CPUExecutionProvider"])
-    spec = md.preprocess
-    logits, feats, nuc = [], [], []
+    sess = ort.InferenceSession(with_probe_outputs(model, head, blocks).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [head.logits, head.features, PROBE_NUCLEUS, *(f"probe_block{i}" for i in range(len(blocks)))]
+    out: list[list[np.ndarray]] = [[] for _ in names]
     for i in range(0, len(paths), BATCH):
         try:
-            x = np.stack([load_image(p, spec) for p in paths[i : i + BATCH]])
+            x = np.stack([load_image(p, md.preprocess) for p in paths[i : i + BATCH]])
         except ImageError as e:
             raise ValueError(f"cannot fit on an image that does not decode: {e}") from e
-        lg, ft, nu = sess.run([head.logits, head.features, PROBE_NUCLEUS], {md.input_name: x})
-        logits.append(lg)
-        feats.append(ft.reshape(len(x), -1))
-        nuc.append(nu)
-    return Probe(np.concatenate(logits), np.concatenate(feats), np.concatenate(nuc))
+        for acc, v in zip(out, sess.run(names, {md.input_name: x}), strict=True):
+            acc.append(v.reshape(len(x), -1) if v.ndim > 1 else v)
+    logits, feats, nuc, *blks = (np.concatenate(v) for v in out)
+    return Probe(logits, feats, nuc, blks)
 
 
 def _softmax(z: np.ndarray, t: float = 1.0) -> np.ndarray:
@@ -142,17 +148,18 @@ def calibrate_model(
     if md.domain is not None:
         raise ValueError(f"{model_path} already has a domain check ({md.domain.output!r}): calibrate the model it came from")
     head = find_head(model, md.output_name)
+    blocks = block_outputs(model)
     ref = _as_set(reference_dir, md.labels)
-    seen = probe(model, head, md, ref.paths)
-    reference = fit_reference(seen.features, ref.labels, len(md.labels))
+    seen = probe(model, head, md, ref.paths, blocks)
     held, cal = seen, None
     if calibration_dir is not None:
         cal = _as_set(calibration_dir, md.labels)
-        held = probe(model, head, md, cal.paths)
-    domain = _domain_section(ref, reference.scores(held.features), held.nucleus, quantile, held_out=cal)
+        held = probe(model, head, md, cal.paths, blocks)
+    check = fit_domain_check((*blocks, head.features), seen.layers(), ref.labels, len(md.labels), held.layers(), quantile)
+    domain = _domain_section(ref, check, check.scores(held.layers()), held.nucleus, quantile, held_out=cal)
     t, calibration = _calibration(cal, held.logits, temperature, why_uncalibrated)
     sections = {"domain": domain, "calibration": calibration}
-    out = add_trust_outputs(model, head, t, reference, (domain["threshold"], domain["nucleus"]["threshold"]))
+    out = add_trust_outputs(model, head, t, check, (domain["threshold"], domain["nucleus"]["threshold"]))
     doc = json.loads(props[METADATA_KEY])
     doc.update(sections)
     ModelMetadata.from_json_dict(doc)  # the new document must still read back
@@ -228,14 +235,19 @@ def calibrate_export(
     return calibrate_model(model_path, train, model_path, calibration_dir=held_out, why_uncalibrated=why, temperature=temperature)
 
 
-def _domain_section(ref: LabelledSet, scores: np.ndarray, nucleus: np.ndarray, quantile: float, held_out: LabelledSet | None = None) -> dict:
+def _domain_section(
+    ref: LabelledSet, check: DomainCheck, scores: np.ndarray, nucleus: np.ndarray, quantile: float, held_out: LabelledSet | None = None
+) -> dict:
     threshold = float(np.quantile(scores, quantile))
     source = held_out or ref
     return {
-        "method": "Mahalanobis distance (shared covariance) of the penultimate features to the nearest class mean, / feature dimension;"
+        "method": "per layer (each conv block's channel means, the penultimate features): Mahalanobis distance (shared covariance)"
+                  " to the nearest class mean / feature dimension / the layer's scale; the largest over layers;"
                   " raised for an image without a nucleus: max(that, threshold * nucleus.threshold / nucleus signal)",
         "output": OOD_OUTPUT,
         "threshold": round(threshold, 6),
+        "layers": [{"tensor": t, "features": int(r.whitening.shape[0]), "scale": round(s, 6)}
+                   for t, r, s in zip(check.layers, check.references, check.scales, strict=True)],
         "in_domain": f"{OOD_OUTPUT} <= threshold",
         "reference": {"path": ref.root, "files": len(ref.paths)},
         "threshold_from": {"path": source.root, "files": len(source.paths), "quantile": quantile,

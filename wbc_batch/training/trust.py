@@ -8,11 +8,16 @@ the exporter writes), so a shipped model can be upgraded without its run folder.
 * Calibration: temperature scaling (Guo et al. 2017): one scalar ``T`` that minimises the negative
   log-likelihood of held-out labels; ``probabilities = softmax(logits / T)``. It keeps the argmax,
   so labels and accuracy never change.
-* Domain check: the class-conditional Gaussian with a shared covariance of the penultimate features
-  of the reference (training) images (Lee et al. 2018, "Mahalanobis"). ``ood_score`` is the squared
-  Mahalanobis distance to the nearest class mean divided by the feature dimension (about 1 for images
-  like the reference); ``in_domain`` is ``ood_score <= threshold``, the threshold a high quantile of
-  held-out in-domain scores.
+* Domain check: class-conditional Gaussians with a shared covariance (Lee et al. 2018, "Mahalanobis"),
+  one per feature layer: each conv block's output (pooled to its channel means) and the penultimate
+  features, fitted on the reference (training) images. A layer's score is the squared Mahalanobis
+  distance to its nearest class mean divided by its dimension, over its ``scale`` (that layer's high
+  held-out quantile); ``ood_score`` is the largest of them (their feature ensemble, layers weighted
+  alike: there is no out-of-domain data to fit weights on). Why several layers: a network trained
+  to ignore stain colour has penultimate features that hardly see it, so another lab's stain passed a
+  check on those alone; the early blocks still carry colour and texture (measured: a third lab's
+  cells 66% flagged on the penultimate features, all of them with every block). ``in_domain`` is
+  ``ood_score <= threshold``, the threshold a high quantile of held-out in-domain scores.
 * Nucleus check: features of an image without a white cell (red cells only, an empty field) can
   sit close to the training data, so the score is raised when the image holds no nucleus-like
   stain: ``nucleus_signal`` is how far the strongest 36x36-pixel mean of ``B - R - G/2 + 127.5``
@@ -70,6 +75,37 @@ class DomainReference:
         return d2.min(1) / z.shape[1]
 
 
+@dataclass(frozen=True)
+class DomainCheck:
+    """One reference per feature layer; the score is the largest layer score over that layer's scale."""
+
+    layers: tuple[str, ...]  # graph tensors: conv block outputs (pooled to channel means in the graph), or the penultimate features
+    references: tuple[DomainReference, ...]
+    scales: tuple[float, ...]  # per layer: its held-out quantile, so score / scale <= 1 for that share of in-domain images
+
+    def scores(self, per_layer: Sequence[np.ndarray]) -> np.ndarray:
+        return np.max(np.stack([r.scores(f) / s for r, f, s in zip(self.references, per_layer, self.scales, strict=True)]), axis=0)
+
+
+def fit_domain_check(
+    layers: Sequence[str], reference: Sequence[np.ndarray], labels: Sequence[int], n_classes: int, held_out: Sequence[np.ndarray], quantile: float
+) -> DomainCheck:
+    """Each layer's reference from the reference features, its scale the ``quantile`` of its held-out scores."""
+    refs = tuple(fit_reference(f, labels, n_classes) for f in reference)
+    scales = tuple(float(np.quantile(r.scores(h), quantile)) for r, h in zip(refs, held_out, strict=True))
+    return DomainCheck(tuple(layers), refs, scales)
+
+
+def block_outputs(model: onnx.ModelProto) -> list[str]:
+    """Each conv block's output: a Relu that feeds a further Conv or MaxPool (the last block, pooled into the
+    penultimate features, is covered by those)."""
+    consumers: dict[str, set[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, set()).add(n.op_type)
+    return [n.output[0] for n in model.graph.node if n.op_type == "Relu" and consumers.get(n.output[0], set()) & {"Conv", "MaxPool"}]
+
+
 def find_head(model: onnx.ModelProto, output_name: str) -> GraphHead:
     """Locate ``Softmax(Gemm(features))`` feeding ``output_name``; fail loudly for any other graph shape."""
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -88,16 +124,25 @@ def find_head(model: onnx.ModelProto, output_name: str) -> GraphHead:
     return GraphHead(softmax=softmax, logits=softmax.input[0], features=gemm.input[0], n_features=n_features)
 
 
-def with_probe_outputs(model: onnx.ModelProto, head: GraphHead) -> onnx.ModelProto:
-    """A copy that also outputs the logits, the penultimate features and the nucleus signal (for fitting; never shipped)."""
+def with_probe_outputs(model: onnx.ModelProto, head: GraphHead, blocks: Sequence[str] = ()) -> onnx.ModelProto:
+    """A copy that also outputs the logits, the penultimate features, the nucleus signal and the channel means of
+    each of ``blocks`` (as ``probe_block{i}``) (for fitting; never shipped)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     nodes, inits = nucleus_nodes(probe.graph.input[0].name, PROBE_NUCLEUS, prefix="probe_nucleus")
+    for i, b in enumerate(blocks):
+        nodes += _pooled(b, f"probe_block{i}")
     probe.graph.node.extend(nodes)
     probe.graph.initializer.extend(inits)
-    for name in (head.logits, head.features, PROBE_NUCLEUS):
+    for name in (head.logits, head.features, PROBE_NUCLEUS, *(f"probe_block{i}" for i in range(len(blocks)))):
         probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     return probe
+
+
+def _pooled(tensor: str, out: str) -> list[onnx.NodeProto]:
+    """``out`` [N, C] = the channel means of the NCHW ``tensor``."""
+    return [helper.make_node("GlobalAveragePool", [tensor], [f"{out}_gap"], name=f"{out}_gap"),
+            helper.make_node("Flatten", [f"{out}_gap"], [out], name=out)]
 
 
 def fit_temperature(logits: np.ndarray, labels: Sequence[int]) -> float:
@@ -186,10 +231,10 @@ def nucleus_threshold(signals: np.ndarray, quantile: float) -> float:
 
 
 def add_trust_outputs(
-    model: onnx.ModelProto, head: GraphHead, temperature: float, reference: DomainReference | None,
+    model: onnx.ModelProto, head: GraphHead, temperature: float, reference: DomainCheck | None,
     nucleus: tuple[float, float] | None = None,
 ) -> onnx.ModelProto:
-    """The model with ``probabilities = softmax(logits / T)`` and, given a reference, an ``ood_score`` [N] output.
+    """The model with ``probabilities = softmax(logits / T)`` and, given a domain check, an ``ood_score`` [N] output.
 
     ``nucleus``: (ood threshold, nucleus threshold): the score is raised for images without a nucleus (module doc).
     """
@@ -237,21 +282,26 @@ def _append_nucleus_term(g: onnx.GraphProto, threshold: float, nucleus_threshold
     ])
 
 
-def _append_domain_score(g: onnx.GraphProto, head: GraphHead, ref: DomainReference, out: str = OOD_OUTPUT) -> None:
-    """``out`` = min_c ||features @ W - mu_c W||^2 / D, in plain opset-18 ops."""
-    consts = {
-        "domain_whitening": ref.whitening.astype(np.float32),
-        "domain_means": ref.means.astype(np.float32),
-        "domain_axis1": np.array([1], dtype=np.int64),
-        "domain_axis2": np.array([2], dtype=np.int64),
-        "domain_dim": np.array(ref.whitening.shape[0], dtype=np.float32),
-    }
-    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
-    g.node.extend([
-        helper.make_node("MatMul", [head.features, "domain_whitening"], ["domain_z"], name="domain_whiten"),
-        helper.make_node("Unsqueeze", ["domain_z", "domain_axis1"], ["domain_z3"], name="domain_unsqueeze"),
-        helper.make_node("Sub", ["domain_z3", "domain_means"], ["domain_diff"], name="domain_diff"),
-        helper.make_node("ReduceSumSquare", ["domain_diff", "domain_axis2"], ["domain_d2"], keepdims=0, name="domain_d2"),
-        helper.make_node("ReduceMin", ["domain_d2", "domain_axis1"], ["domain_min"], keepdims=0, name="domain_min"),
-        helper.make_node("Div", ["domain_min", "domain_dim"], [out], name="domain_score"),
-    ])
+def _append_domain_score(g: onnx.GraphProto, head: GraphHead, check: DomainCheck, out: str = OOD_OUTPUT) -> None:
+    """``out`` = max over layers l of min_c ||f_l @ W_l - mu_c W_l||^2 / (D_l * scale_l), in plain opset-18 ops."""
+    g.initializer.extend([numpy_helper.from_array(np.array([1], dtype=np.int64), "domain_axis1"),
+                          numpy_helper.from_array(np.array([2], dtype=np.int64), "domain_axis2")])
+    scores = []
+    for i, (layer, ref, scale) in enumerate(zip(check.layers, check.references, check.scales, strict=True)):
+        p = f"domain{i}"
+        src = layer if layer == head.features else f"{p}_features"
+        if layer != head.features:
+            g.node.extend(_pooled(layer, src))
+        g.initializer.extend([numpy_helper.from_array(ref.whitening.astype(np.float32), f"{p}_whitening"),
+                              numpy_helper.from_array(ref.means.astype(np.float32), f"{p}_means"),
+                              numpy_helper.from_array(np.array(ref.whitening.shape[0] * scale, dtype=np.float32), f"{p}_norm")])
+        g.node.extend([
+            helper.make_node("MatMul", [src, f"{p}_whitening"], [f"{p}_z"], name=f"{p}_whiten"),
+            helper.make_node("Unsqueeze", [f"{p}_z", "domain_axis1"], [f"{p}_z3"], name=f"{p}_unsqueeze"),
+            helper.make_node("Sub", [f"{p}_z3", f"{p}_means"], [f"{p}_diff"], name=f"{p}_diff"),
+            helper.make_node("ReduceSumSquare", [f"{p}_diff", "domain_axis2"], [f"{p}_d2"], keepdims=0, name=f"{p}_d2"),
+            helper.make_node("ReduceMin", [f"{p}_d2", "domain_axis1"], [f"{p}_min"], keepdims=0, name=f"{p}_min"),
+            helper.make_node("Div", [f"{p}_min", f"{p}_norm"], [f"{p}_score"], name=f"{p}_score"),
+        ])
+        scores.append(f"{p}_score")
+    g.node.append(helper.make_node("Max", scores, [out], name="domain_score"))
