@@ -59,7 +59,7 @@ def test_a_half_turn_with_a_flip_mirrors_vertically():
 def test_colour_draw_is_seeded_and_in_its_documented_ranges():
     gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
     a, b = augment.draw_colour(64, gen(5), torch.device("cpu")), augment.draw_colour(64, gen(5), torch.device("cpu"))
-    assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
+    assert all(getattr(a, f) is getattr(b, f) is None or torch.equal(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
     assert ((a.hed_scale[:, :2] >= 0.65) & (a.hed_scale[:, :2] <= 1.35)).all() and (a.hed_shift.abs() <= 0.03).all()
     assert ((a.gain[:, 2] >= 0.7) & (a.gain[:, 2] <= 1.1)).all() and (a.hue.abs() <= 0.08).all()
     assert ((a.gamma >= 0.65 - 1e-6) & (a.gamma <= 1.5 + 1e-6)).all()
@@ -96,3 +96,35 @@ def test_colour_keeps_black_padding_black_and_each_step_does_what_it_says():
 
     blurred = augment.apply_colour(torch.rand(1, 3, 16, 16) * 200 + 20, replace(ident, blur=torch.tensor([1.5])))
     assert blurred.std() < 60  # a uniform-noise image loses contrast when blurred
+
+
+def test_jpeg_share_adds_draws_after_the_others_and_none_for_zero():
+    gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    g0, g1 = gen(7), gen(7)
+    plain, jpeg = augment.draw_colour(200, g0, torch.device("cpu")), augment.draw_colour(200, g1, torch.device("cpu"), jpeg=0.5)
+    # Share 0 draws nothing more (an older run's seed reproduces); a share keeps every earlier draw as it was.
+    assert plain.jpeg is None and all(torch.equal(getattr(plain, f), getattr(jpeg, f)) for f in ("hed_scale", "hue", "blur"))
+    q = jpeg.jpeg
+    assert 60 < int((q > 0).sum()) < 140 and ((q == 0) | ((q >= 10) & (q <= 90))).all() and torch.equal(q, q.round())
+    assert torch.rand(1, generator=g0) != torch.rand(1, generator=g1)
+
+
+def test_jpeg_recompression_is_libjpeg_at_the_drawn_quality_and_keeps_padding_black():
+    import io
+    from dataclasses import replace
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    src = sorted((Path(__file__).parents[1] / "sample_data").rglob("*.jpeg"))[0]
+    img = torch.from_numpy(np.asarray(Image.open(src).convert("RGB"))[:96, :128].copy()).permute(2, 0, 1)
+    x = torch.stack([img, img]).float()
+    y = augment.compress_jpeg(x, torch.tensor([0.0, 10.0]))
+    buf = io.BytesIO()
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=10)
+    assert torch.equal(y[0], x[0]) and torch.equal(y[1], torch.from_numpy(np.asarray(Image.open(buf))).permute(2, 0, 1).float())
+    assert (y[1] - x[1]).abs().mean() > (augment.compress_jpeg(x[1:], torch.tensor([90.0]))[0] - x[1]).abs().mean()
+    x[..., :16] = 0
+    p = replace(augment.identity_colour(2), jpeg=torch.tensor([10.0, 10.0]))
+    assert augment.apply_colour(x, p)[..., :16].abs().max() == 0

@@ -8,11 +8,14 @@ report can replay exactly what a batch saw.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,8 @@ class StainParams:
 @dataclass(frozen=True)
 class ColourParams:
     """Per image: HED stain scale and OD shift (N, 3), channel gain (N, 3: white balance), hue turn
-    (fraction of a full turn), saturation, brightness, contrast, gamma and blur sigma in pixels (N,)."""
+    (fraction of a full turn), saturation, brightness, contrast, gamma, blur sigma in pixels and JPEG
+    quality (N,; 0: not re-compressed; None: no image is)."""
 
     hed_scale: torch.Tensor
     hed_shift: torch.Tensor
@@ -49,6 +53,7 @@ class ColourParams:
     contrast: torch.Tensor
     gamma: torch.Tensor
     blur: torch.Tensor
+    jpeg: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -79,14 +84,14 @@ def draw_stain(n: int, gen: torch.Generator, dev: torch.device) -> StainParams:
     return StainParams(gain, _uniform(n, 0.85, 1.15, gen, dev), _uniform(n, 0.8, 1.2, gen, dev), _uniform(n, 0.75, 1.25, gen, dev))
 
 
-def draw(n: int, gen: torch.Generator, dev: torch.device, colour: str = "mild") -> AugmentParams:
-    """Geometry, then colour (``mild``: :func:`draw_stain`; ``strong``: :func:`draw_colour`; ``none``):
-    the order is part of what a seed reproduces."""
+def draw(n: int, gen: torch.Generator, dev: torch.device, colour: str = "mild", jpeg: float = 0.0) -> AugmentParams:
+    """Geometry, then colour (``mild``: :func:`draw_stain`; ``strong``: :func:`draw_colour`, with ``jpeg``
+    its share of re-compressed images; ``none``): the order is part of what a seed reproduces."""
     geometry = draw_geometry(n, gen, dev)
     if colour == "mild":
         return AugmentParams(geometry, draw_stain(n, gen, dev))
     if colour == "strong":
-        return AugmentParams(geometry, None, draw_colour(n, gen, dev))
+        return AugmentParams(geometry, None, draw_colour(n, gen, dev, jpeg))
     if colour == "none":
         return AugmentParams(geometry, None)
     raise ValueError(f"unknown colour augmentation {colour!r}; choose strong, mild or none")
@@ -159,12 +164,14 @@ def _uniform2(n: int, lo: tuple[float, ...], hi: tuple[float, ...], gen: torch.G
     return (torch.rand(n, len(lo), generator=gen) * (hi_t - lo_t) + lo_t).to(dev)
 
 
-def draw_colour(n: int, gen: torch.Generator, dev: torch.device) -> ColourParams:
+def draw_colour(n: int, gen: torch.Generator, dev: torch.device, jpeg: float = 0.0) -> ColourParams:
     """Ranges wider than the robustness bench's shifts (H, E x0.7-1.3; hue +-0.05; a yellow white balance;
     gamma 0.7-1.4; blur r 1-2), so those shifts lie inside what training has seen:
     H and E x0.65-1.35, DAB x0.8-1.2, OD shift +-0.03; gains R 0.9-1.1, G 0.85-1.1, B 0.7-1.1;
     hue +-0.08 turn; saturation 0.6-1.4; brightness 0.75-1.25; contrast 0.7-1.3; gamma 0.65-1.5
-    (log-uniform); blur sigma 0.3-1.6 px on half the images, none on the rest.
+    (log-uniform); blur sigma 0.3-1.6 px on half the images, none on the rest; JPEG quality 10-90 on a
+    ``jpeg`` share of them (the bench's q30 and q10 inside; no draw at all for 0, so older runs' seeds
+    reproduce).
     """
     hed_scale = _uniform2(n, (0.65, 0.65, 0.8), (1.35, 1.35, 1.2), gen, dev)
     hed_shift = _uniform2(n, (-0.03,) * 3, (0.03,) * 3, gen, dev)
@@ -173,7 +180,10 @@ def draw_colour(n: int, gen: torch.Generator, dev: torch.device) -> ColourParams
     saturation, brightness, contrast = _uniform(n, 0.6, 1.4, gen, dev), _uniform(n, 0.75, 1.25, gen, dev), _uniform(n, 0.7, 1.3, gen, dev)
     gamma = torch.exp(_uniform(n, math.log(0.65), math.log(1.5), gen, dev))
     blur = _uniform(n, 0.3, 1.6, gen, dev) * (torch.rand(n, generator=gen) < 0.5).to(dev)
-    return ColourParams(hed_scale, hed_shift, gain, hue, saturation, brightness, contrast, gamma, blur)
+    quality = None
+    if jpeg > 0:
+        quality = torch.round(_uniform(n, 10, 90, gen, dev)) * (torch.rand(n, generator=gen) < jpeg).to(dev)
+    return ColourParams(hed_scale, hed_shift, gain, hue, saturation, brightness, contrast, gamma, blur, quality)
 
 
 def identity_colour(n: int, dev: torch.device | None = None) -> ColourParams:
@@ -231,9 +241,22 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.view(n, c, h, w)
 
 
+def compress_jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """Each image of a float NCHW 0..255 batch with ``quality`` > 0 encoded as a JPEG at that quality and decoded
+    (libjpeg through Pillow: the blocking and ringing a camera or a re-saved file leaves)."""
+    out = x.clone()
+    for i in torch.nonzero(quality > 0).flatten().tolist():
+        img = x[i].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=int(quality[i]))
+        with Image.open(buf) as im:
+            out[i] = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).to(x.device, x.dtype)
+    return out
+
+
 def apply_colour(x: torch.Tensor, p: ColourParams) -> torch.Tensor:
     """Strong colour augmentation of a float NCHW 0..255 batch: stain (HED), white balance, hue,
-    saturation, brightness, contrast, gamma, blur, in that order. Black padding (all channels 0:
+    saturation, brightness, contrast, gamma, blur, JPEG re-compression, in that order. Black padding (all channels 0:
     the outside of the field, aspect-keeping decode) stays black, as it is at inference."""
     n = x.shape[0]
     valid = (x.sum(1, keepdim=True) > 0).to(x.dtype)
@@ -244,4 +267,6 @@ def apply_colour(x: torch.Tensor, p: ColourParams) -> torch.Tensor:
     blurred = torch.nonzero(p.blur > 0).flatten()  # half the images: blur only those (the costly step)
     if len(blurred):
         x = x.index_copy(0, blurred, gaussian_blur(x[blurred], p.blur[blurred]))
+    if p.jpeg is not None:
+        x = compress_jpeg(x.clamp(0, 255), p.jpeg)
     return x.clamp(0, 255) * valid

@@ -48,6 +48,7 @@ class TrainConfig:
     keep_aspect: bool = True  # decode: fit inside the frame and pad with black (False: stretch, the pre-v2 runs)
     crop_follow: bool = True  # the cell crop's window follows the nucleus' size (False: fixed window, pre-v2)
     colour: str = "strong"  # with augment: strong (stain in HED space, white balance, hue, gamma, blur, ...) | mild (pre-v2)
+    jpeg: float = 0.5  # with colour strong: share of training images re-compressed as JPEG, quality 10-90 (0: none, before v3)
     colour_norm: str = "background"  # background: in-graph white balance on the slide background (see models.BackgroundBalance) | none
     precise_bn: int = 20  # after each epoch, BatchNorm statistics recomputed over this many training batches (0: running averages)
     source_balance: bool = True  # several data dirs: each draws the same share of an epoch, classes balanced within it

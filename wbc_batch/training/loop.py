@@ -89,6 +89,7 @@ class Trainer:
     loss_weights: torch.Tensor | None = None  # per class (imbalance), None: plain cross-entropy
     sample_weights: torch.Tensor | None = None  # per train-split image (source balance), None: a plain shuffle
     colour: str = "mild"  # strong | mild: which colour augmentation (with augment)
+    jpeg: float = 0.0  # with strong colour: share of images re-compressed as JPEG
 
 
 def scan_data(cfg: TrainConfig) -> LabelledFiles:
@@ -158,7 +159,7 @@ def predict_logits(model: Deployable, images: np.ndarray, device: torch.device, 
 
 def _network_input(t: Trainer, xb: torch.Tensor, bi: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """The (cropped, augmented) float NCHW batch the network sees, before normalisation."""
-    p = augment.draw(len(bi), gen, t.device, colour=t.colour) if t.augment else None
+    p = augment.draw(len(bi), gen, t.device, colour=t.colour, jpeg=t.jpeg) if t.augment else None
     crop = t.model.crop
     if crop is not None:
         i = bi.to(t.device)
@@ -246,7 +247,7 @@ def _trainer(cfg: TrainConfig, model: Deployable, data: TrainData, device: torch
     weights = class_weights(tt, len(data.classes), cfg.class_weights, None if sampling is None else sampling * len(tt))
     return Trainer(model, opt, sched, scaler, device, centres, windows, cfg.label_smoothing, cfg.augment,
                    None if weights is None else weights.to(device), None if sampling is None else torch.from_numpy(sampling),
-                   cfg.colour)
+                   cfg.colour, cfg.jpeg)
 
 
 def epoch_weights(cfg: TrainConfig, data: TrainData) -> np.ndarray | None:

@@ -24,7 +24,7 @@ LAST_WEIGHTS = "last.pt"
 
 _CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
 #: What a run folder written before these settings existed was trained with (their defaults have changed).
-_LEGACY = {"keep_aspect": False, "crop_follow": False, "colour": "mild", "colour_norm": "none", "precise_bn": 0}
+_LEGACY = {"keep_aspect": False, "crop_follow": False, "colour": "mild", "colour_norm": "none", "precise_bn": 0, "jpeg": 0.0}
 
 
 @dataclass
