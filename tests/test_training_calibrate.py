@@ -65,6 +65,33 @@ def test_export_fits_on_the_validation_split_when_it_is_held_out(tiny_run, tmp_p
     assert "nucleus_x" not in {o for n in g.node for o in n.output} and "nucleus_blocks" in {o for n in g.node for o in n.output}
 
 
+def test_a_follow_crop_models_nucleus_term_reads_the_crops_own_map(tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from wbc_batch.inference.preprocess import PreprocessSpec, load_image
+    from wbc_batch.training.calibrate import calibrate_export
+    from wbc_batch.training.export import load_run
+    from wbc_batch.training.trust import crop_stain_map
+
+    run = _train(tmp_path / "run", size=(120, 160), crop=(80, 32), crop_follow=True, epochs=1)
+    out = _export(run, tmp_path / "m.onnx")
+    calibrate_export(run, out)
+    g = onnx.load(str(out)).graph
+    outputs = {o for n in g.node for o in n.output}
+    assert crop_stain_map(g) is not None and "nucleus_blocks" not in outputs and "nucleus_signal" in outputs
+    model = onnx.load(str(out))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("nucleus_signal", onnx.TensorProto.FLOAT, None))
+    x = np.stack([load_image(p, PreprocessSpec(120, 160, keep_aspect=True)) for p in sorted(SAMPLE.rglob("*.jpeg"))[:6]])
+    (signal,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(["nucleus_signal"], {"image": x})
+    crop = load_run(run)[0].crop
+    with torch.no_grad():
+        score = crop._score(torch.from_numpy(x).permute(0, 3, 1, 2).float())
+        smooth = torch.nn.functional.avg_pool2d(score, 9, 1, 4, count_include_pad=False).flatten(1)
+    np.testing.assert_allclose(signal, (smooth.max(1).values - smooth.mean(1)).numpy(), rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_export_without_a_held_out_split_keeps_temperature_one_and_says_why(tmp_path):
     from wbc_batch.training.calibrate import calibrate_export

@@ -185,16 +185,18 @@ def test_a_held_out_set_with_too_few_errors_keeps_temperature_one():
 
 
 def _conv_model(h: int = 24, w: int = 32) -> onnx.ModelProto:
-    """uint8 NHWC -> Conv-Relu -> Conv-Relu -> mean -> Gemm -> Softmax: a network with one inner conv block."""
+    """uint8 NHWC -> Conv-Relu -> Conv-Relu -> strided Conv-Relu -> mean -> Gemm -> Softmax: two stages."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(7)
-    arr = {"k1": rng.normal(0, 0.02, (4, 3, 3, 3)), "k2": rng.normal(0, 0.3, (5, 4, 3, 3)), "wt": rng.normal(0, 0.5, (5, 4)), "bias": rng.normal(0, 0.1, 4)}
+    arr = {"k1": rng.normal(0, 0.02, (4, 3, 3, 3)), "k2": rng.normal(0, 0.3, (6, 4, 3, 3)), "k3": rng.normal(0, 0.3, (5, 6, 3, 3)),
+           "wt": rng.normal(0, 0.5, (5, 4)), "bias": rng.normal(0, 0.1, 4)}
     nodes = [
         helper.make_node("Transpose", ["image"], ["t"], perm=[0, 3, 1, 2]), helper.make_node("Cast", ["t"], ["x"], to=TensorProto.FLOAT),
         helper.make_node("Conv", ["x", "k1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
         helper.make_node("Conv", ["r1", "k2"], ["c2"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c2"], ["r2"]),
-        helper.make_node("GlobalAveragePool", ["r2"], ["g"]), helper.make_node("Flatten", ["g"], ["feats"]),
+        helper.make_node("Conv", ["r2", "k3"], ["c3"], pads=[1, 1, 1, 1], strides=[2, 2]), helper.make_node("Relu", ["c3"], ["r3"]),
+        helper.make_node("GlobalAveragePool", ["r3"], ["g"]), helper.make_node("Flatten", ["g"], ["feats"]),
         helper.make_node("Gemm", ["feats", "wt", "bias"], ["logits"]), helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
     ]
     graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", h, w, 3])],
@@ -203,16 +205,17 @@ def _conv_model(h: int = 24, w: int = 32) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
 
 
-def test_domain_check_scores_every_conv_block_and_the_graph_matches_numpy():
+def test_domain_check_scores_each_stage_and_the_graph_matches_numpy():
     model = _conv_model()
     head = find_head(model, "probabilities")
-    assert block_outputs(model) == ["r1"]  # r2 is pooled into the penultimate features, a layer already
+    # r2 feeds the strided conv (end of the first stage); r1 is inside it; r3 is pooled into the penultimate features
+    assert block_outputs(model) == ["r2"]
     rng = np.random.default_rng(8)
-    sess = ort.InferenceSession(with_probe_outputs(model, head, ["r1"]).SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(with_probe_outputs(model, head, ["r2"]).SerializeToString(), providers=["CPUExecutionProvider"])
     layers = lambda x: sess.run(["probe_block0", "feats"], {"image": x})  # noqa: E731
     ref_x, held_x = (rng.integers(60, 200, size=(n, 24, 32, 3), dtype=np.uint8) for n in (300, 200))
     y = rng.integers(0, 4, 300)
-    check = fit_domain_check(("r1", "feats"), layers(ref_x), y, 4, layers(held_x), 0.99)
+    check = fit_domain_check(("r2", "feats"), layers(ref_x), y, 4, layers(held_x), 0.99)
     # each layer's scale is its own held-out quantile: 1% of the held-out images lie above it in each layer
     per_layer = [r.scores(f) / s for r, f, s in zip(check.references, layers(held_x), check.scales, strict=True)]
     assert [float(np.mean(v > 1)) for v in per_layer] == [0.01, 0.01]
@@ -233,4 +236,4 @@ def test_calibrate_records_each_layer_of_the_domain_check(tmp_path):
     onnx.save(model, src)
     sections = calibrate_model(src, SAMPLE, tmp_path / "out.onnx", calibration_dir=SAMPLE)
     layers = sections["domain"]["layers"]
-    assert [(d["tensor"], d["features"]) for d in layers] == [("r1", 4), ("feats", 5)] and all(d["scale"] > 0 for d in layers)
+    assert [(d["tensor"], d["features"]) for d in layers] == [("r2", 6), ("feats", 5)] and all(d["scale"] > 0 for d in layers)

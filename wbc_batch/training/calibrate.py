@@ -71,7 +71,7 @@ def labelled_set(root: str | os.PathLike[str], labels: Sequence[str]) -> Labelle
 
 @dataclass
 class Probe:
-    """What the fit reads from each image: logits, penultimate features, nucleus signal, each conv block's channel means."""
+    """What the fit reads from each image: logits, penultimate features, nucleus signal, each stage output's channel means."""
 
     logits: np.ndarray
     features: np.ndarray
@@ -241,7 +241,7 @@ def _domain_section(
     threshold = float(np.quantile(scores, quantile))
     source = held_out or ref
     return {
-        "method": "per layer (each conv block's channel means, the penultimate features): Mahalanobis distance (shared covariance)"
+        "method": "per layer (each resolution stage's channel means, the penultimate features): Mahalanobis distance (shared covariance)"
                   " to the nearest class mean / feature dimension / the layer's scale; the largest over layers;"
                   " raised for an image without a nucleus: max(that, threshold * nucleus.threshold / nucleus signal)",
         "output": OOD_OUTPUT,
@@ -253,7 +253,8 @@ def _domain_section(
         "threshold_from": {"path": source.root, "files": len(source.paths), "quantile": quantile,
                            "held_out": held_out is not None},
         "nucleus": {
-            "signal": "max minus mean over 36x36-pixel means (9x9 smoothed) of B - R - G/2 + 127.5 on 4x4-pixel block means, blocks with R+G+B <= 60 as 0",
+            "signal": "max minus mean over 36x36-pixel means (9x9 smoothed) of B - R - G/2 + 127.5 on 4x4-pixel block means, blocks with R+G+B <= 60 as 0"
+                      " (a nucleus-following crop's own map: there each block is weighted by its share of such pixels)",
             "threshold": round(nucleus_threshold(nucleus, quantile), 4),
             "rule": f"{NUCLEUS_MARGIN} x the {1 - quantile:.3g} quantile of the threshold_from images' signal",
         },

@@ -9,20 +9,21 @@ the exporter writes), so a shipped model can be upgraded without its run folder.
   log-likelihood of held-out labels; ``probabilities = softmax(logits / T)``. It keeps the argmax,
   so labels and accuracy never change.
 * Domain check: class-conditional Gaussians with a shared covariance (Lee et al. 2018, "Mahalanobis"),
-  one per feature layer: each conv block's output (pooled to its channel means) and the penultimate
-  features, fitted on the reference (training) images. A layer's score is the squared Mahalanobis
+  one per feature layer: each resolution stage's output (pooled to its channel means) and the
+  penultimate features, fitted on the reference (training) images. A layer's score is the squared Mahalanobis
   distance to its nearest class mean divided by its dimension, over its ``scale`` (that layer's high
   held-out quantile); ``ood_score`` is the largest of them (their feature ensemble, layers weighted
   alike: there is no out-of-domain data to fit weights on). Why several layers: a network trained
   to ignore stain colour has penultimate features that hardly see it, so another lab's stain passed a
   check on those alone; the early blocks still carry colour and texture (measured: a third lab's
-  cells 66% flagged on the penultimate features, all of them with every block). ``in_domain`` is
+  cells 66% flagged on the penultimate features, 99% with the stages added). ``in_domain`` is
   ``ood_score <= threshold``, the threshold a high quantile of held-out in-domain scores.
 * Nucleus check: features of an image without a white cell (red cells only, an empty field) can
   sit close to the training data, so the score is raised when the image holds no nucleus-like
   stain: ``nucleus_signal`` is how far the strongest 36x36-pixel mean of ``B - R - G/2 + 127.5``
   (the cell finder's own signal, on 4x4-pixel block means; near-black blocks, R+G+B <= 60 such as
-  padding, count 0) stands above the image's mean of it, so a
+  padding, count 0; a model with a nucleus-following crop reads the crop's own map, see
+  :func:`crop_stain_map`) stands above the image's mean of it, so a
   flat colour or a blank field scores 0 whatever its colour; and ``ood_score = max(mahalanobis,
   threshold * nucleus_threshold / nucleus_signal)``; ``nucleus_threshold`` is
   :data:`NUCLEUS_MARGIN` times a low quantile of held-out in-domain images' signal. Images with a
@@ -97,13 +98,23 @@ def fit_domain_check(
 
 
 def block_outputs(model: onnx.ModelProto) -> list[str]:
-    """Each conv block's output: a Relu that feeds a further Conv or MaxPool (the last block, pooled into the
-    penultimate features, is covered by those)."""
-    consumers: dict[str, set[str]] = {}
+    """Each resolution stage's output: a Relu feeding a downsampling op (a strided Conv or a MaxPool).
+
+    One layer per scale, as a feature pyramid takes them; the last stage is pooled into the penultimate
+    features, a layer already. Measured on the shipped network: these three catch what all seven conv
+    blocks do (a third lab's cells 98.7% vs 99.7% flagged) at half the cost (each pooled map is a pass
+    over a feature map in another memory layout).
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
         for i in n.input:
-            consumers.setdefault(i, set()).add(n.op_type)
-    return [n.output[0] for n in model.graph.node if n.op_type == "Relu" and consumers.get(n.output[0], set()) & {"Conv", "MaxPool"}]
+            consumers.setdefault(i, []).append(n)
+
+    def downsamples(n: onnx.NodeProto) -> bool:
+        strides = next((list(a.ints) for a in n.attribute if a.name == "strides"), [1])
+        return n.op_type == "MaxPool" or (n.op_type == "Conv" and max(strides) > 1)
+
+    return [n.output[0] for n in model.graph.node if n.op_type == "Relu" and any(downsamples(c) for c in consumers.get(n.output[0], []))]
 
 
 def find_head(model: onnx.ModelProto, output_name: str) -> GraphHead:
@@ -129,7 +140,8 @@ def with_probe_outputs(model: onnx.ModelProto, head: GraphHead, blocks: Sequence
     each of ``blocks`` (as ``probe_block{i}``) (for fitting; never shipped)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    nodes, inits = nucleus_nodes(probe.graph.input[0].name, PROBE_NUCLEUS, prefix="probe_nucleus")
+    g = probe.graph
+    nodes, inits = nucleus_nodes(g.input[0].name, PROBE_NUCLEUS, prefix="probe_nucleus", nchw=float_nchw(g), smooth=crop_stain_map(g))
     for i, b in enumerate(blocks):
         nodes += _pooled(b, f"probe_block{i}")
     probe.graph.node.extend(nodes)
@@ -184,11 +196,22 @@ def fit_reference(features: np.ndarray, labels: Sequence[int], n_classes: int) -
     return DomainReference(whitening=whitening, means=means @ whitening)
 
 
-def nucleus_nodes(image: str, out: str, prefix: str = "nucleus", nchw: str | None = None) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+def nucleus_nodes(
+    image: str, out: str, prefix: str = "nucleus", nchw: str | None = None, smooth: str | None = None
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """Nodes computing ``out`` [N] = the nucleus signal of the uint8 NHWC RGB ``image`` (one builder: the graph and the fit both use it).
 
     ``nchw``: the graph's own float NCHW copy of ``image``, when it has one (see :func:`float_nchw`), read instead of a second cast.
+    ``smooth``: the cell crop's own smoothed stain map, when it has one (see :func:`crop_stain_map`): the same map up to
+    how padding is masked (per pixel there, per block here), so only its peak and mean are left to take.
     """
+    if smooth is not None:
+        axes = numpy_helper.from_array(np.array([1, 2, 3], dtype=np.int64), f"{prefix}_axes")
+        return [
+            helper.make_node("ReduceMax", [smooth, axes.name], [f"{prefix}_peak"], keepdims=0, name=f"{prefix}_peak"),
+            helper.make_node("ReduceMean", [smooth, axes.name], [f"{prefix}_level"], keepdims=0, name=f"{prefix}_level"),
+            helper.make_node("Sub", [f"{prefix}_peak", f"{prefix}_level"], [out], name=f"{prefix}_signal"),
+        ], [axes]
     consts = {
         f"{prefix}_weights": np.array([-1.0, -0.5, 1.0], dtype=np.float32).reshape(1, 3, 1, 1),
         f"{prefix}_offset": np.array([127.5], dtype=np.float32),
@@ -257,6 +280,25 @@ def add_trust_outputs(
     return out
 
 
+def crop_stain_map(g: onnx.GraphProto) -> str | None:
+    """The smoothed stain map of a nucleus-following cell crop (models.CellCrop, follow=True), or None.
+
+    It is the graph's 9x9, stride-1 AveragePool over a product (the score times its validity mask); a
+    fixed-window crop smooths the bare score (another signal), and the nodes this module adds are skipped.
+    Reading it saves the domain check two passes over the full-size image (about 5% of the model's time).
+    """
+    producers = {o: n for n in g.node for o in n.output}
+    for n in g.node:
+        if n.op_type != "AveragePool" or n.name.startswith(("nucleus", "probe_nucleus")):
+            continue
+        ints = {a.name: list(a.ints) for a in n.attribute if a.ints}
+        pad = next((a.i for a in n.attribute if a.name == "count_include_pad"), 0)
+        src = producers.get(n.input[0])
+        if ints.get("kernel_shape") == [NUCLEUS_BLUR] * 2 and ints.get("strides") == [1, 1] and not pad and src is not None and src.op_type == "Mul":
+            return n.output[0]
+    return None
+
+
 def float_nchw(g: onnx.GraphProto) -> str | None:
     """The tensor ``Cast(Transpose(image, NCHW), float)`` a wbc-batch graph starts with, or None."""
     image = g.input[0].name
@@ -270,7 +312,7 @@ def float_nchw(g: onnx.GraphProto) -> str | None:
 
 def _append_nucleus_term(g: onnx.GraphProto, threshold: float, nucleus_threshold: float) -> None:
     """ood_score = max(mahalanobis, threshold * nucleus_threshold / max(nucleus_signal, 1))."""
-    nodes, inits = nucleus_nodes(g.input[0].name, "nucleus_signal", nchw=float_nchw(g))
+    nodes, inits = nucleus_nodes(g.input[0].name, "nucleus_signal", nchw=float_nchw(g), smooth=crop_stain_map(g))
     g.initializer.extend(inits)
     g.initializer.extend([numpy_helper.from_array(np.array(threshold * nucleus_threshold, dtype=np.float32), "nucleus_scale"),
                           numpy_helper.from_array(np.array(1.0, dtype=np.float32), "nucleus_floor")])
