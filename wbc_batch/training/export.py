@@ -156,7 +156,7 @@ def check_parity(model, data: bytes, images: np.ndarray, output: str | os.PathLi
 
 #: TrainConfig fields recorded in the model's metadata (``training.config``).
 _RECORDED = ("size", "crop", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "label_smoothing", "augment", "val_fraction", "group_regex", "groups_file", "seed", "class_weights",
-             "class_subset", "keep_aspect", "crop_follow", "colour", "colour_norm", "precise_bn", "source_balance")
+             "class_subset", "keep_aspect", "crop_follow", "colour", "jpeg", "colour_norm", "precise_bn", "source_balance")
 
 
 def model_metadata(record, epoch: int | None, report: ExportReport, name: str) -> ModelMetadata:
