@@ -16,7 +16,7 @@ the exporter writes), so a shipped model can be upgraded without its run folder.
   alike: there is no out-of-domain data to fit weights on). Why several layers: a network trained
   to ignore stain colour has penultimate features that hardly see it, so another lab's stain passed a
   check on those alone; the early blocks still carry colour and texture (measured: a third lab's
-  cells 66% flagged on the penultimate features, 99% with the stages added). ``in_domain`` is
+  cells 65% flagged on the penultimate features, 98% with the stages added). ``in_domain`` is
   ``ood_score <= threshold``, the threshold a high quantile of held-out in-domain scores.
 * Nucleus check: features of an image without a white cell (red cells only, an empty field) can
   sit close to the training data, so the score is raised when the image holds no nucleus-like
@@ -80,7 +80,7 @@ class DomainReference:
 class DomainCheck:
     """One reference per feature layer; the score is the largest layer score over that layer's scale."""
 
-    layers: tuple[str, ...]  # graph tensors: conv block outputs (pooled to channel means in the graph), or the penultimate features
+    layers: tuple[str, ...]  # graph tensors: stage outputs (pooled to channel means in the graph), or the penultimate features
     references: tuple[DomainReference, ...]
     scales: tuple[float, ...]  # per layer: its held-out quantile, so score / scale <= 1 for that share of in-domain images
 
@@ -254,7 +254,7 @@ def nucleus_threshold(signals: np.ndarray, quantile: float) -> float:
 
 
 def add_trust_outputs(
-    model: onnx.ModelProto, head: GraphHead, temperature: float, reference: DomainCheck | None,
+    model: onnx.ModelProto, head: GraphHead, temperature: float, domain: DomainCheck | None,
     nucleus: tuple[float, float] | None = None,
 ) -> onnx.ModelProto:
     """The model with ``probabilities = softmax(logits / T)`` and, given a domain check, an ``ood_score`` [N] output.
@@ -270,9 +270,9 @@ def add_trust_outputs(
     at = next(i for i, n in enumerate(g.node) if list(n.output) == list(head.softmax.output))
     g.node.insert(at, helper.make_node("Div", [head.logits, "calibration_temperature"], [scaled], name="calibration_div"))
     g.node[at + 1].input[0] = scaled
-    if reference is not None:
+    if domain is not None:
         # after everything: it reads the features, made earlier; with the nucleus term its score is one input of the final max
-        _append_domain_score(g, head, reference, out="domain_mahalanobis" if nucleus is not None else OOD_OUTPUT)
+        _append_domain_score(g, head, domain, out="domain_mahalanobis" if nucleus is not None else OOD_OUTPUT)
         if nucleus is not None:
             _append_nucleus_term(g, *nucleus)
         g.output.append(helper.make_tensor_value_info(OOD_OUTPUT, TensorProto.FLOAT, ["N"]))
