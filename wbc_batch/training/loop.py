@@ -157,8 +157,9 @@ def predict_logits(model: Deployable, images: np.ndarray, device: torch.device, 
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
-def _network_input(t: Trainer, xb: torch.Tensor, bi: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """The (cropped, augmented) float NCHW batch the network sees, before normalisation."""
+def _network_input(t: Trainer, images: torch.Tensor, bi: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The normalised (cropped, augmented, balanced) float NCHW batch the network sees, for the uint8 NHWC ``images[bi]``."""
+    xb = images[bi].to(t.device).permute(0, 3, 1, 2).float()
     p = augment.draw(len(bi), gen, t.device, colour=t.colour, jpeg=t.jpeg) if t.augment else None
     crop = t.model.crop
     if crop is not None:
@@ -168,7 +169,8 @@ def _network_input(t: Trainer, xb: torch.Tensor, bi: torch.Tensor, gen: torch.Ge
     elif p is not None:
         xb = augment.rotate_field(xb, p.geometry)
     xb = augment.apply(xb, p) if p is not None else xb
-    return t.model.balance(xb) if t.model.balance is not None else xb
+    xb = t.model.balance(xb) if t.model.balance is not None else xb
+    return xb * t.model.scale - t.model.shift
 
 
 def train_one_epoch(t: Trainer, data: TrainData, batch_size: int, gen: torch.Generator, *, desc: str, bar: bool) -> tuple[float, float]:
@@ -187,10 +189,10 @@ def train_one_epoch(t: Trainer, data: TrainData, batch_size: int, gen: torch.Gen
     steps = tqdm(range(math.ceil(len(tr) / batch_size)), desc=desc, unit="batch", disable=not bar, leave=False, file=sys.stderr)
     for s in steps:
         bi = perm[s * batch_size : (s + 1) * batch_size]
-        xb = _network_input(t, x_all[bi].to(t.device).permute(0, 3, 1, 2).float(), bi, gen)
+        xb = _network_input(t, x_all, bi, gen)
         yb = y_all[bi].to(t.device)
         with torch.autocast(t.device.type, enabled=t.scaler.is_enabled()):
-            logits = t.model.net(xb * t.model.scale - t.model.shift)
+            logits = t.model.net(xb)
             loss = F.cross_entropy(logits, yb, weight=t.loss_weights, label_smoothing=t.label_smoothing)
         t.opt.zero_grad(set_to_none=True)
         t.scaler.scale(loss).backward()
@@ -225,7 +227,7 @@ def precise_bn(t: Trainer, data: TrainData, batch_size: int, batches: int, gen: 
     with torch.no_grad():
         for _ in range(batches):
             bi = tr[torch.randint(len(tr), (min(batch_size, len(tr)),), generator=gen)]
-            t.model.net(_network_input(t, x_all[bi].to(t.device).permute(0, 3, 1, 2).float(), bi, gen) * t.model.scale - t.model.shift)
+            t.model.net(_network_input(t, x_all, bi, gen))
     for m, mo in zip(bns, momenta, strict=True):
         m.momentum = mo
 

@@ -17,6 +17,9 @@ from . import config
 #: per-channel mean/std (RGB, 0..1), measured once and fixed so runs stay comparable.
 STAIN_MEAN = (0.678, 0.641, 0.660)
 STAIN_STD = (0.260, 0.259, 0.257)
+#: A pixel (or block mean) with R+G+B at most this is padding, a rotation border or their JPEG ringing, never
+#: stain or background: far darker than any stained nucleus. The crop and the balance both skip it.
+PADDING_MAX_SUM = 60
 
 
 class SeedCNN(nn.Module):
@@ -138,7 +141,7 @@ class CellCrop(nn.Module):
         if self.follow:
             # + 0.5 * 255 completes "0.5 * (255 - G)". Near-black pixels (padding, rotation borders,
             # their JPEG ringing: R+G+B <= 60, far darker than any stained nucleus) score 0.
-            valid = nn.functional.avg_pool2d((x.sum(1, keepdim=True) > 60).to(x.dtype), self.stride)
+            valid = nn.functional.avg_pool2d((x.sum(1, keepdim=True) > PADDING_MAX_SUM).to(x.dtype), self.stride)
             score = (score + 127.5) * valid
         return score
 
@@ -219,7 +222,7 @@ class BackgroundBalance(nn.Module):
     def brightest(cls, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, 1, 1) per-channel brightest block mean of a float NCHW 0..255 RGB batch (padding excluded)."""
         pooled = nn.functional.avg_pool2d(x, cls.block, ceil_mode=False)
-        valid = (pooled.sum(1, keepdim=True) > 60).to(x.dtype)
+        valid = (pooled.sum(1, keepdim=True) > PADDING_MAX_SUM).to(x.dtype)
         return torch.clamp((pooled * valid).amax(dim=(2, 3), keepdim=True), min=1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

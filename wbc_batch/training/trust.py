@@ -205,19 +205,24 @@ def nucleus_nodes(
     ``smooth``: the cell crop's own smoothed stain map, when it has one (see :func:`crop_stain_map`): the same map up to
     how padding is masked (per pixel there, per block here), so only its peak and mean are left to take.
     """
-    if smooth is not None:
-        axes = numpy_helper.from_array(np.array([1, 2, 3], dtype=np.int64), f"{prefix}_axes")
-        return [
-            helper.make_node("ReduceMax", [smooth, axes.name], [f"{prefix}_peak"], keepdims=0, name=f"{prefix}_peak"),
-            helper.make_node("ReduceMean", [smooth, axes.name], [f"{prefix}_level"], keepdims=0, name=f"{prefix}_level"),
-            helper.make_node("Sub", [f"{prefix}_peak", f"{prefix}_level"], [out], name=f"{prefix}_signal"),
-        ], [axes]
+    nodes, inits = ([], []) if smooth is not None else _stain_map_nodes(image, prefix, nchw)
+    smooth = smooth or f"{prefix}_smooth"
+    axes = numpy_helper.from_array(np.array([1, 2, 3], dtype=np.int64), f"{prefix}_axes")
+    nodes += [
+        helper.make_node("ReduceMax", [smooth, axes.name], [f"{prefix}_peak"], keepdims=0, name=f"{prefix}_peak"),
+        helper.make_node("ReduceMean", [smooth, axes.name], [f"{prefix}_level"], keepdims=0, name=f"{prefix}_level"),
+        helper.make_node("Sub", [f"{prefix}_peak", f"{prefix}_level"], [out], name=f"{prefix}_signal"),
+    ]
+    return nodes, [*inits, axes]
+
+
+def _stain_map_nodes(image: str, prefix: str, nchw: str | None) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes computing ``{prefix}_smooth``: the 9x9-smoothed map of ``B - R - G/2 + 127.5`` on 4x4 block means, dark blocks 0."""
     consts = {
         f"{prefix}_weights": np.array([-1.0, -0.5, 1.0], dtype=np.float32).reshape(1, 3, 1, 1),
         f"{prefix}_offset": np.array([127.5], dtype=np.float32),
         f"{prefix}_ones": np.ones((1, 3, 1, 1), dtype=np.float32),
-        f"{prefix}_dark": np.array(60.0, dtype=np.float32),
-        f"{prefix}_axes": np.array([1, 2, 3], dtype=np.int64),
+        f"{prefix}_dark": np.array(60.0, dtype=np.float32),  # models.PADDING_MAX_SUM, the cell crop's rule (torch-free here)
     }
     n = lambda op, ins, outs, **kw: helper.make_node(op, [f"{prefix}_{i}" if i not in (image, nchw) else i for i in ins], [f"{prefix}_{o}" for o in outs], name=f"{prefix}_{outs[0]}", **kw)  # noqa: E731
     # Pool first (4x4 block means), then everything on 1/16 of the pixels: the full-resolution
@@ -232,11 +237,7 @@ def nucleus_nodes(
         n("Cast", ["lit"], ["litf"], to=TensorProto.FLOAT),
         n("Mul", ["stain", "litf"], ["pooled"]),
         n("AveragePool", ["pooled"], ["smooth"], kernel_shape=[NUCLEUS_BLUR] * 2, strides=[1, 1], pads=[NUCLEUS_BLUR // 2] * 4, count_include_pad=0),
-        n("ReduceMax", ["smooth", "axes"], ["peak"], keepdims=0),
-        n("ReduceMean", ["smooth", "axes"], ["level"], keepdims=0),
-        n("Sub", ["peak", "level"], ["signal"]),
     ]
-    nodes[-1].output[0] = out
     return nodes, [numpy_helper.from_array(v, k) for k, v in consts.items()]
 
 
