@@ -208,6 +208,16 @@ def tiny_run(tmp_path_factory) -> Path:
     return run
 
 
+def test_crop_flags_each_fill_in_the_other_from_the_architecture_default():
+    # --crop-size alone used to be dropped (the crop stayed 160 -> 128) without a word.
+    from wbc_batch.cli.train import crop_option
+
+    assert crop_option(None, None, "wbc-net") is None
+    assert crop_option(None, 112, "wbc-net") == (160, 112)
+    assert crop_option(200, None, "wbc-net") == (200, 128)
+    assert crop_option(0, None, "wbc-net") == (0, 128)  # 0: the whole field
+
+
 def test_default_wbc_net_crops_the_cell_from_the_native_field():
     from wbc_batch.training.loop import TrainConfig
 
@@ -314,7 +324,7 @@ def test_keep_aspect_and_follow_crop_travel_in_the_model_and_classify_uses_them(
     md = load_model(out).metadata
     assert md.keep_aspect and md.preprocess.keep_aspect
     cfg = md.extra["training"]["config"]
-    assert cfg["keep_aspect"] is True and cfg["crop_follow"] is True and cfg["colour"] == "strong"
+    assert cfg["keep_aspect"] is True and cfg["crop_follow"] is True and cfg["colour"] == "wide"
     net, _, _ = load_run(run)
     assert net.crop.follow
     # A single-cell crop (square): padded, not stretched, by classify exactly as the torch model sees it.

@@ -37,6 +37,17 @@ def _default(name: str) -> str:
     return f"  [default: {f.default}]"
 
 
+def crop_option(window: int | None, size: int | None, arch: str) -> tuple[int, int] | None:
+    """(window, out) from --crop-window and --crop-size, the one not given from the architecture's
+    default; None (the config's default) when neither is."""
+    if window is None and size is None:
+        return None
+    from ..training.models import default_crop
+
+    default = default_crop(arch)
+    return (default[0] if window is None else window, size or default[1])
+
+
 @click.command("train")
 @click.argument("data_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--run-dir", type=click.Path(file_okay=False), default="runs/train", show_default=True, help="Where weights, history.csv, curves.png and config.json go.")
@@ -66,8 +77,8 @@ def _default(name: str) -> str:
 @click.option("--classes", default=None, help="Comma-separated class folders to train on (e.g. EOSINOPHIL,LYMPHOCYTE,MONOCYTE,NEUTROPHIL); the others are left out.  [default: every class folder found]")
 @click.option("--keep-aspect/--stretch", "keep_aspect", default=None, help="Decode: fit the image inside the frame and pad with black, or stretch it to the frame (recorded in the model).  [default: keep-aspect]")
 @click.option("--crop-follow/--no-crop-follow", "crop_follow", default=None, help="The cell crop's window follows the nucleus' size, so cells are seen at one scale whatever the magnification.  [default: follow]")
-@click.option("--colour", type=click.Choice(["strong", "mild", "none"]), default=None, help="Colour augmentation: strong (stain amounts in HED space, white balance, hue, saturation, brightness, contrast, gamma, blur), mild (channel gain, brightness, contrast, saturation) or none." + _default("colour"))
-@click.option("--jpeg", type=click.FloatRange(0.0, 1.0), default=None, help="With --colour strong: the share of training images re-compressed as JPEG at a random quality 10-90 (robustness to camera and file compression); 0: none." + _default("jpeg"))
+@click.option("--colour", type=click.Choice(["wide", "strong", "mild", "none"]), default=None, help="Colour augmentation: wide (strong's, with hue +-0.12 turn and saturation 0.25-1.6, down to nearly grey), strong (stain amounts in HED space, white balance, hue +-0.08, saturation 0.6-1.4, brightness, contrast, gamma, blur), mild (channel gain, brightness, contrast, saturation) or none." + _default("colour"))
+@click.option("--jpeg", type=click.FloatRange(0.0, 1.0), default=None, help="With --colour wide or strong: the share of training images re-compressed as JPEG at a random quality 10-90 (robustness to camera and file compression); 0: none." + _default("jpeg"))
 @click.option("--colour-norm", "colour_norm", type=click.Choice(["background", "none"]), default=None, help="background: the model white-balances each image on its slide background (brightest area) to the training data's background colour, inside the graph; none: colours as decoded." + _default("colour_norm"))
 @click.option("--precise-bn", "precise_bn", type=click.IntRange(min=0), default=None, help="After each epoch, recompute BatchNorm statistics over N training batches, so validation and the exported model use exact ones (0: running averages)." + _default("precise_bn"))
 @click.option("--source-balance/--no-source-balance", "source_balance", default=None, help="With several DATA_DIRs: each folder draws the same share of every epoch, classes balanced within it.  [default: on]")
@@ -85,9 +96,8 @@ def train_cmd(data_dirs, run_dir, quiet, group_regex, crop_window, crop_size, cl
     _need_torch()
     from ..training.config import DEFAULT_ARCH
     from ..training.loop import TrainConfig, train
-    from ..training.models import default_crop
 
-    crop = None if crop_window is None else (crop_window, crop_size or default_crop(kw.get("arch") or DEFAULT_ARCH)[1])
+    crop = crop_option(crop_window, crop_size, kw.get("arch") or DEFAULT_ARCH)
     if classes is not None:
         kw["class_subset"] = tuple(sorted({c.strip() for c in classes.split(",") if c.strip()}))
     kw = {k: v for k, v in {**kw, "group_regex": group_regex}.items() if v is not None}  # TrainConfig holds every default
