@@ -1,7 +1,7 @@
 """How a model holds up off its training lab: accuracy and macro-F1 under controlled shifts (not run in CI).
 
 Each condition rewrites the evaluation images (cell scale with the frame cropped or padded, stain
-strength in optical-density (HED) space, hue, white balance, brightness, gamma, blur, JPEG quality,
+strength in optical-density (HED) space, hue, saturation, white balance, brightness, gamma, blur, JPEG quality,
 aspect ratio, single-cell crops cut from the fields) into a temporary class-folder tree, then runs
 the real classify path on it (decode included), so a figure here is what a user would get. Other
 labs' labelled cells (pbc/test, wbc-tecom) are scored as they are. Any number of models side by
@@ -124,6 +124,7 @@ def conditions() -> list[Condition]:
     c += [Condition(f"stain H x{h} E x{e}", "stain", lambda im, h=h, e=e: stain(im, h, e))
           for h, e in ((0.7, 1.0), (1.3, 1.0), (1.0, 0.7), (1.0, 1.3), (0.8, 1.2))]
     c += [Condition(f"hue {d:+}", "colour", lambda im, d=d: hue(im, d)) for d in (-0.05, 0.05)]
+    c += [Condition(f"saturation x{v}", "colour", lambda im, v=v: ImageEnhance.Color(im).enhance(v)) for v in (0.5, 1.5)]
     c += [Condition("white balance warm (yellow)", "colour", lambda im: white_balance(im, (1.0, 0.95, 0.75)))]
     c += [Condition(f"brightness x{b}", "colour", lambda im, b=b: ImageEnhance.Brightness(im).enhance(b)) for b in (0.8, 1.2)]
     c += [Condition(f"gamma {g}", "colour", lambda im, g=g: gamma(im, g)) for g in (0.7, 1.4)]

@@ -71,6 +71,19 @@ def test_colour_draw_is_seeded_and_in_its_documented_ranges():
         augment.draw(1, gen(0), torch.device("cpu"), colour="loud")
 
 
+def test_wide_colour_draws_the_same_stream_as_strong_with_wider_hue_and_saturation():
+    # Same numbers in the same order: only the hue and saturation scales differ, so the recipes are
+    # comparable image for image and a strong run's seed still reproduces it.
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    s, w = augment.draw(256, gen(), torch.device("cpu"), colour="strong"), augment.draw(256, gen(), torch.device("cpu"), colour="wide")
+    assert torch.equal(s.geometry.angle, w.geometry.angle) and torch.equal(s.colour.gamma, w.colour.gamma)
+    assert torch.equal(s.colour.hed_scale, w.colour.hed_scale) and torch.equal(s.colour.contrast, w.colour.contrast)
+    assert torch.allclose(w.colour.hue, s.colour.hue * (0.12 / 0.08), atol=1e-6)
+    u = (s.colour.saturation - 0.6) / 0.8  # the shared uniform draw
+    assert torch.allclose(w.colour.saturation, 0.25 + u * 1.35, atol=1e-5)
+    assert w.colour.saturation.min() < 0.4 and w.colour.saturation.max() > 1.45 and w.colour.hue.abs().max() > 0.1
+
+
 def test_colour_apply_is_pure_and_identity_parameters_are_the_identity():
     x = torch.rand(3, 3, 20, 24) * 250 + 3
     before = x.clone()

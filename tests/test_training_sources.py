@@ -126,7 +126,7 @@ def test_two_folder_run_records_sources_and_samples_by_balance(tmp_path):
     assert rec["size"] == [240, 320]  # derived from the images
     assert rec["sources"] == [{"path": str(SAMPLE), "files": 20, "per_class": {"LYMPHOCYTE": 10, "NEUTROPHIL": 10}},
                               {"path": str(b), "files": 8, "per_class": {"LYMPHOCYTE": 6, "NEUTROPHIL": 2}}]
-    assert rec["classes"] == ["LYMPHOCYTE", "NEUTROPHIL"] and rec["keep_aspect"] and rec["crop_follow"] and rec["colour"] == "strong"
+    assert rec["classes"] == ["LYMPHOCYTE", "NEUTROPHIL"] and rec["keep_aspect"] and rec["crop_follow"] and rec["colour"] == "wide"
     assert rec["colour_norm"] == "background" and len(rec["background"]) == 3 and all(150 < v <= 255 for v in rec["background"])
     # export rebuilds the run's validation split across both folders (calibration, threshold)
     from wbc_batch.training.calibrate import run_split
