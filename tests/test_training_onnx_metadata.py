@@ -77,3 +77,23 @@ def test_quantized_model_keeps_the_contract_and_records_how(tmp_path):
     assert doc["name"] == "color-test-int8" and doc["labels"] == read_metadata(onnx.load(str(src)))["labels"]
     assert doc["quantization"]["calibration"] == {"dir": str(SAMPLE), "images": 32, "method": "percentile 99.99"}
     assert load_model(res["output"]).labels == load_model(src).labels
+
+
+def test_quantize_calibrates_on_images_decoded_as_the_model_decodes_them(tmp_path, monkeypatch):
+    # The calibration decode dropped keep_aspect: a model that pads single-cell crops was calibrated on stretched ones.
+    pytest.importorskip("onnxruntime.quantization")
+    import wbc_batch.training.export as export_mod
+    from wbc_batch.inference.model import default_model_path
+    from wbc_batch.training.quantize import quantize_model
+
+    seen = []
+
+    def capture(paths, spec):
+        seen.append(spec)
+        raise RuntimeError("stop after the decode spec")
+
+    monkeypatch.setattr(export_mod, "_sample_images", capture)
+    with pytest.raises(RuntimeError, match="stop after"):
+        quantize_model(default_model_path(), SAMPLE, output=tmp_path / "q.onnx", n_calibration=4)
+    assert seen == [load_model(default_model_path()).metadata.preprocess] and seen[0].keep_aspect
+

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from ..inference.model import load_model, network_rate
-from ..inference.preprocess import PreprocessSpec
 
 
 class _Reader:
@@ -52,7 +51,7 @@ def quantize_model(
     out = Path(output) if output else float_path.with_name(float_path.stem + ".int8.onnx")
     fm = load_model(float_path, threads=1)
     md = fm.metadata
-    spec = PreprocessSpec(md.height, md.width, md.resize, md.jpeg_draft, md.max_pixels)
+    spec = md.preprocess  # the model's own decode (keep_aspect included), as classify feeds it
     calib = _sample_images(parity_paths(calibration_dir, n_calibration, seed), spec)
     with tempfile.TemporaryDirectory() as td:
         pre = Path(td) / "pre.onnx"
