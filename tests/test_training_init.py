@@ -111,6 +111,20 @@ def test_train_init_records_where_it_started(source, tmp_path, capsys):
     assert rec["init"]["background"] == "inherited" and rec["background"] == source_background and read_init(onnx_path).background == source_background
 
 
+def test_init_inherits_the_source_crop_unless_the_run_sets_one(source, tmp_path, capsys):
+    # A fine-tune that does not name a crop used the architecture's default, not the crop the source was trained
+    # with: the network then saw cells at another scale than it learned (the shipped v3 samples to 112, the default 128).
+    run, onnx_path = source
+    assert read_init(onnx_path).crop == read_init(run).crop == (0, 0)
+    train(_cfg(SAMPLE, tmp_path / "ft", init_from=str(onnx_path), crop=None), progress=False)
+    rec = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert rec["crop"] == [0, 0] and rec["init"]["crop"] == "inherited"
+    assert "crop (0, 0) inherited" in capsys.readouterr().err
+    train(_cfg(SAMPLE, tmp_path / "own", init_from=str(onnx_path), crop=(40, 32)), progress=False)
+    rec = json.loads((tmp_path / "own" / "config.json").read_text())
+    assert rec["crop"] == [40, 32] and "crop" not in rec["init"]
+
+
 def test_what_does_not_map_is_a_clear_error(source, tmp_path):
     run, _ = source
     with pytest.raises(InitError, match=r"is a wbc-net network; this run trains seed-cnn \(give --arch wbc-net\)"):

@@ -35,6 +35,7 @@ class InitSource:
     state: dict[str, torch.Tensor]
     folded: list[tuple[str, str]] = field(default_factory=list)  # (conv, batch norm) pairs folded by the exporter
     background: list[float] | None = None  # the background colour its inputs were balanced to (colour_norm background), else None
+    crop: tuple[int, int] | None = None  # (window, out) it was trained with, (0, 0): the whole field; None: not recorded
 
 
 def _conv_bn_pairs(net: nn.Module) -> list[tuple[str, str]]:
@@ -55,7 +56,9 @@ def _from_run(path: Path) -> InitSource:
     from .record import BEST_WEIGHTS, RunRecord, load_weights
 
     rec = RunRecord.read(path)
-    return InitSource(str(path), "run", rec.config.arch, tuple(rec.classes), load_weights(path / BEST_WEIGHTS), background=rec.background)
+    crop = tuple(rec.config.crop) if rec.config.crop is not None else None
+    return InitSource(str(path), "run", rec.config.arch, tuple(rec.classes), load_weights(path / BEST_WEIGHTS), background=rec.background,
+                      crop=crop)
 
 
 def _from_onnx(path: Path) -> InitSource:
@@ -73,7 +76,9 @@ def _from_onnx(path: Path) -> InitSource:
     if not state:
         raise InitError(f"{path}: no initializer is named after a network parameter ('net.*'); was it exported by wbc-batch?")
     ref = [numpy_helper.to_array(i).reshape(-1).tolist() for i in proto.graph.initializer if i.name == "balance.ref"]
-    return InitSource(str(path), "onnx", doc.get("arch", ""), tuple(doc["labels"]), state, background=[round(float(v), 2) for v in ref[0]] if ref else None)
+    crop = doc.get("training", {}).get("config", {}).get("crop")
+    return InitSource(str(path), "onnx", doc.get("arch", ""), tuple(doc["labels"]), state, background=[round(float(v), 2) for v in ref[0]] if ref else None,
+                      crop=tuple(crop) if crop is not None else None)
 
 
 def read_init(path: str | os.PathLike[str]) -> InitSource:

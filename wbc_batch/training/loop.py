@@ -318,13 +318,16 @@ def _inherits_background(cfg: TrainConfig, source: InitSource | None) -> bool:
     return cfg.colour_norm == "background" and source is not None and source.background is not None
 
 
-def _init(model: Deployable, source: InitSource, cfg: TrainConfig, data: TrainData, device: torch.device) -> dict:
+def _init(model: Deployable, source: InitSource, cfg: TrainConfig, data: TrainData, device: torch.device, crop_inherited: bool = False) -> dict:
     """Fine-tuning: the --init weights into ``model`` (head rebuilt for a new class set), said on stderr."""
     done = init_model(model, source, cfg.arch, data.classes, data.images[data.train_idx], device)
     if _inherits_background(cfg, source):
         done["background"] = "inherited"
+    if crop_inherited:
+        done["crop"] = "inherited"
     head = "same classes" if not done["new"] and done["kept"] == done["classes"] else f"head rebuilt: kept {done['kept']}, new {done['new']}"
-    print(f"init: {done['kind']} {done['from']} ({head})", file=sys.stderr)
+    crop = f"; crop {tuple(cfg.crop)} inherited" if crop_inherited else ""
+    print(f"init: {done['kind']} {done['from']} ({head}{crop})", file=sys.stderr)
     return done
 
 
@@ -397,20 +400,23 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     device = _device(cfg)
     files = scan_data(cfg)
+    source = read_init(cfg.init_from) if cfg.init_from else None
+    crop_inherited = cfg.crop is None and source is not None and source.crop is not None and source.arch == cfg.arch
+    if crop_inherited:  # the scale the source learned cells at: the crop it was trained with, unless the run names one
+        cfg = replace(cfg, crop=source.crop)
     if not cfg.size and cfg.resolved_crop():  # helper B's reconstruction: the decode size derived from the images
         cfg = replace(cfg, size=derived_size(files.paths))
     h, w = cfg.resolved_size()
     spec = PreprocessSpec(height=h, width=w, resize=cfg.resize, keep_aspect=cfg.keep_aspect)
     data = load_data(cfg, spec, files)
     _log_data(data)
-    source = read_init(cfg.init_from) if cfg.init_from else None
     background = background_colour(cfg, data, device, source)
     model = build_deployable(cfg.arch, len(data.classes), (h, w), cfg.resolved_crop(), probabilities=False, follow=cfg.crop_follow,
                              background=background).to(device)
     record = _record(cfg, spec, data, device)
     record.background = background
     if cfg.init_from:
-        record.init = _init(model, source, cfg, data, device)
+        record.init = _init(model, source, cfg, data, device, crop_inherited)
     t = _trainer(cfg, model, data, device)
     record.write(run_dir)
     history, best = _fit(cfg, t, data, record, run_dir, bar=progress and sys.stderr.isatty())
