@@ -176,9 +176,10 @@ class ColourRanges:
 #: v2's recipe (``--colour strong``).
 STRONG = ColourRanges(hue=0.08, saturation=(0.6, 1.4))
 #: ``--colour wide``: hue +-0.12 turn, so the bench's +-0.05 HSV turn lies well inside, not at the edge (v2 lost
-#: 3.3 points at -0.05); saturation 0.25-1.6, down to nearly grey, so the network cannot lean on how
-#: strongly one lab's cytoplasm takes the stain (v2 on wbc-tecom: 0.41 as published, 0.72-0.75 with its
-#: saturation halved or less by hand: the cells' tone, not their shape, misled it).
+#: 3.3 points at -0.05; v3, trained with this, still loses 6.0 there: the model card says what is known);
+#: saturation 0.25-1.6, down to nearly grey, so the network cannot lean on how strongly one lab's cytoplasm
+#: takes the stain (v2 on wbc-tecom: 0.41 as published, 0.72-0.75 with its saturation halved or less by hand:
+#: the cells' tone, not their shape, misled it; v3 0.57).
 WIDE = ColourRanges(hue=0.12, saturation=(0.25, 1.6))
 _RANGES = {"wide": WIDE, "strong": STRONG}
 
