@@ -55,7 +55,7 @@ def crop_option(window: int | None, size: int | None, arch: str) -> tuple[int, i
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs." + _default("epochs"))
 @click.option("--size", callback=_size, default=None, help="Decoded input HxW.  [default: derived from the images with a cell crop (see below), else the architecture's own: 60x80 seed-cnn, 96x128 wbc-net]")
 @click.option("--crop-window", type=click.IntRange(min=0), default=None, help="Side (pixels of the decoded field) of the square centred on the cell that the network sees (for a nucleus of 80 px when the window follows it); 0: the whole field.  [default: with --init, the crop that model was trained with (both flags unset); else 160 wbc-net, 0 seed-cnn]")
-@click.option("--crop-size", type=click.IntRange(min=8), default=None, help="The crop window is sampled to this many pixels a side.  [default: the architecture's, 128 for wbc-net]")
+@click.option("--crop-size", type=click.IntRange(min=8), default=None, help="The crop window is sampled to this many pixels a side.  [default: with --init, that model's (both crop flags unset); else the architecture's, 128 for wbc-net]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step." + _default("batch_size"))
 @click.option("--optimizer", type=click.Choice(["adamw", "adam", "sgd"]), default=None, help="Optimiser." + _default("optimizer"))
 @click.option("--lr", type=float, default=None, help="Peak learning rate." + _default("lr"))
