@@ -6,7 +6,7 @@ that loads a model file changed on disk since the run began). :class:`WorkerPool
 place that starts, replaces and ends them; :mod:`wbc_batch.inference.local_engine` only decides
 which batches to send and what a crash means for their rows.
 
-- Workers get the model as *bytes* read once by the main process, so every worker, first or
+- Workers get the model as *bytes* read once by the main process (through a queue, not the spawn pipe), so every worker, first or
   replacement, runs the model whose sha256 the sidecar records.
 - A worker exits when its parent dies, however it dies (SIGKILL included): on Linux the kernel
   sends it SIGKILL (``PR_SET_PDEATHSIG``); everywhere a watchdog thread notices the parent's pid
@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.queues import Queue
 
 from ..errors import ExitCode, WbcBatchError
 from .engine import run_batch
@@ -36,6 +37,7 @@ from .rows import BatchResult
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _WATCHDOG_S = 1.0
+_MODEL_WAIT_S = 600.0  # a worker waits this long for its copy of the model (the parent writes it at once)
 
 _worker_model: Model | None = None  # one per worker process, set by its initializer
 
@@ -64,10 +66,11 @@ def _watch_parent(parent_pid: int, every_s: float = _WATCHDOG_S) -> None:
     os._exit(1)
 
 
-def _init_worker(model_bytes: bytes, model_path: str, provider: str, threads: int, parent_pid: int) -> None:
+def _init_worker(models: Queue, model_path: str, provider: str, threads: int, parent_pid: int) -> None:
     global _worker_model
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     die_with_parent(parent_pid)
+    model_bytes = models.get(timeout=_MODEL_WAIT_S)  # one copy per worker (see WorkerPool._new)
     _worker_model = model_from_bytes(model_bytes, model_path, provider=provider, threads=threads, spinning=False)
 
 
@@ -99,14 +102,25 @@ class WorkerPool:
 
     def __init__(self, n: int, model: Model, provider: str, threads: int, task: Callable[[Sequence[str]], BatchResult] = work) -> None:
         self.n, self.task = n, task
-        data = model.data or model.path.read_bytes()  # a Model built by hand may not carry its bytes
-        self.initargs = (data, str(model.path), provider, threads, os.getpid())
+        self.data = model.data or model.path.read_bytes()  # a Model built by hand may not carry its bytes
+        self.spec = (str(model.path), provider, threads, os.getpid())
         self.ctx = multiprocessing.get_context("spawn")
         self.restarts = 0
-        self.executor = self._new()
+        self.executor, self.models = self._new()
 
-    def _new(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.n, mp_context=self.ctx, initializer=_init_worker, initargs=self.initargs)
+    def _new(self) -> tuple[ProcessPoolExecutor, Queue]:
+        """A new executor, and a queue holding one copy of the model's bytes per worker.
+
+        Why a queue, not the initializer's arguments: those travel in the spawn pipe, which the parent writes
+        before the worker has re-run the main script; a model larger than the pipe's buffer then blocked the
+        parent for good when the worker exited during that re-run (a script without a ``__main__`` guard).
+        A queue is written by a background thread, so a worker that never reads it blocks nothing.
+        """
+        models = self.ctx.Queue()
+        for _ in range(self.n):  # a broken executor is replaced whole (restart), never topped up
+            models.put(self.data)
+        executor = ProcessPoolExecutor(self.n, mp_context=self.ctx, initializer=_init_worker, initargs=(models, *self.spec))
+        return executor, models
 
     def start(self) -> None:
         """Wait for a first worker to be ready (or raise :class:`WorkerError` when none can start)."""
@@ -127,20 +141,28 @@ class WorkerPool:
 
     def restart(self) -> None:
         """Replace every worker (the futures of the old ones fail with BrokenProcessPool)."""
-        _end(self.executor)
+        _end(self.executor, self.models)
         self.restarts += 1
-        self.executor = self._new()
+        self.executor, self.models = self._new()
 
     def close(self, kill: bool = False) -> None:
         """Let the workers finish and exit, or (``kill``) end them now: an interrupted run does not wait on a batch."""
         if kill:
-            _end(self.executor)
+            _end(self.executor, self.models)
         else:
             self.executor.shutdown(wait=True)
+            _drop(self.models)
 
 
-def _end(executor: ProcessPoolExecutor) -> None:
+def _drop(models: Queue) -> None:
+    """Close the model queue without waiting for copies no worker took (else the interpreter's exit waits on them)."""
+    models.cancel_join_thread()
+    models.close()
+
+
+def _end(executor: ProcessPoolExecutor, models: Queue) -> None:
     """Stop ``executor`` without waiting for its tasks: cancel the queue, terminate the workers, reap them."""
+    _drop(models)
     procs = list((getattr(executor, "_processes", None) or {}).values())  # Python 3.14 has terminate_workers()
     executor.shutdown(wait=False, cancel_futures=True)
     for p in procs:
