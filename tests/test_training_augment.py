@@ -141,3 +141,26 @@ def test_jpeg_recompression_is_libjpeg_at_the_drawn_quality_and_keeps_padding_bl
     x[..., :16] = 0
     p = replace(augment.identity_colour(2), jpeg=torch.tensor([10.0, 10.0]))
     assert augment.apply_colour(x, p)[..., :16].abs().max() == 0
+
+
+def test_hsv_colour_is_wide_with_half_the_hue_turns_made_in_hsv():
+    gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    w, h = augment.draw(256, gen(), torch.device("cpu"), colour="wide"), augment.draw(256, gen(), torch.device("cpu"), colour="hsv")
+    for a, b in ((w.colour.hue, h.colour.hue), (w.colour.saturation, h.colour.saturation), (w.colour.blur, h.colour.blur)):
+        assert torch.equal(a, b)  # the mask is drawn last: wide's stream is untouched
+    assert w.colour.hsv is None and h.colour.hsv.dtype == torch.bool and 96 < int(h.colour.hsv.sum()) < 160
+    x = torch.rand(256, 3, 6, 6) * 240 + 10
+    yw, yh = augment.apply_colour(x, w.colour), augment.apply_colour(x, h.colour)
+    keep = ~h.colour.hsv
+    assert torch.allclose(yw[keep], yh[keep], atol=1e-3) and not torch.allclose(yw[~keep], yh[~keep], atol=1.0)
+
+
+def test_hsv_turn_is_torchvision_adjust_hue_batched():
+    tvf = pytest.importorskip("torchvision.transforms.v2.functional")
+    x = torch.rand(4, 3, 9, 11) * 255
+    turns = torch.tensor([-0.12, -0.05, 0.0, 0.3])
+    y = augment.turn_hue_hsv(x, turns)
+    for i, t in enumerate(turns.tolist()):
+        assert torch.allclose(y[i] / 255, tvf.adjust_hue(x[i] / 255, t), atol=1e-4)
+    assert torch.allclose(y.amax(1), x.amax(1), atol=1e-3) and torch.allclose(y.amin(1), x.amin(1), atol=1e-3)
+    assert torch.allclose(augment.turn_hue_hsv(x, torch.zeros(4)), x, atol=1e-3)
