@@ -11,7 +11,7 @@ import pytest
 from conftest import SAMPLE
 from PIL import Image
 
-from wbc_batch.evaluation.report_images import BLUR, MODEL_VIEW, WINDOW, _box_mean, cell_images, nucleus_centre
+from wbc_batch.evaluation.report_images import BLUR, MODEL_VIEW, WINDOW, _box_mean, cell_images, nucleus_centre, zoom_box
 from wbc_batch.inference.preprocess import load_image
 
 IMAGES = sorted(SAMPLE.rglob("*.jpeg"))
@@ -71,3 +71,22 @@ def test_cell_images_unreadable(tmp_path):
     (tmp_path / "bad.jpeg").write_bytes(b"not an image")
     assert cell_images(tmp_path / "bad.jpeg") is None
     assert cell_images(Path(tmp_path / "missing.jpeg")) is None
+
+
+def test_the_zoom_of_a_square_single_cell_image_is_square_and_on_the_cell(tmp_path):
+    # The model fits a square image into 320x240 with black bars; the zoom was found on a *stretched* view and
+    # cut a 150x200 box from a 300x300 image (a distorted picture of the cell).
+    rgb = np.full((300, 300, 3), (205, 130, 140), np.uint8)
+    rgb[180:220, 80:120] = (60, 40, 170)  # nucleus centred at (100, 200)
+    path = tmp_path / "cell.png"
+    Image.fromarray(rgb).save(path)
+    cx, cy = nucleus_centre(load_image(path, MODEL_VIEW))
+    x0, y0, x1, y1 = zoom_box(cx, cy, 300, 300)
+    assert x1 - x0 == y1 - y0 == 200  # the 160 px window at 300/240 source pixels per view pixel
+    assert abs((x0 + x1) / 2 - 100) <= 5 and abs((y0 + y1) / 2 - 200) <= 5
+    assert _decode(cell_images(path).zoom).size == (200, 200)
+
+
+def test_the_zoom_box_of_a_field_is_the_window_itself():
+    assert zoom_box(200.0, 100.0, 320, 240) == (120, 20, 280, 180)
+    assert zoom_box(200.0, 100.0, 640, 480) == (240, 40, 560, 360)

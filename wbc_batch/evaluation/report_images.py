@@ -4,8 +4,8 @@ Why a zoom: the shipped model does not look at the whole field. Its first layer
 (``training.models.CellCrop``) centres a 160-pixel window on the stained nucleus of the
 field resized to 320x240 and classifies that window, so a reviewer should see the same
 window. The evaluation side never imports torch, so the centre is found here the same
-simple way in numpy: the field is decoded and resized exactly as the model sees it
-(:func:`wbc_batch.inference.preprocess.load_image`), the blue-minus-red map is averaged over
+simple way in numpy: the field is decoded and fitted into the frame exactly as the model sees it
+(:func:`wbc_batch.inference.preprocess.load_image`, aspect kept), the blue-minus-red map is averaged over
 4x4 blocks and then over 9x9 blocks of those (at the edges, the mean of the blocks inside),
 and the window is centred on the first maximum. That is CellCrop's arithmetic with the
 shipped model's geometry (training config ``size [240, 320]``, ``crop [160, 128]``); for a
@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..inference.preprocess import PreprocessSpec, load_image
+from ..inference.preprocess import PreprocessSpec, fit_box, load_image
 
-#: The shipped model's view: the field resized to 320x240, a 160 px window, found on a 4x-pooled 9x9-smoothed map.
-MODEL_VIEW = PreprocessSpec(height=240, width=320)
+#: The shipped model's view: the image fitted into 320x240 (aspect kept, black padding), a 160 px window, found on
+#: a 4x-pooled 9x9-smoothed map.
+MODEL_VIEW = PreprocessSpec(height=240, width=320, keep_aspect=True)
 WINDOW = 160
 STRIDE = 4
 BLUR = 9
@@ -72,6 +73,15 @@ def _jpeg_uri(im) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def zoom_box(cx: float, cy: float, w: int, h: int) -> tuple[int, int, int, int]:
+    """The model's window around (cx, cy) of :data:`MODEL_VIEW`, in the pixels of the ``w x h`` image it was fitted from:
+    the same square there, whatever the image's shape (mapped back through the padding, as the model saw it)."""
+    x0, y0, nw, nh = fit_box(w, h, MODEL_VIEW.width, MODEL_VIEW.height)
+    sx, sy = w / nw, h / nh
+    half = WINDOW / 2
+    return (round((cx - x0 - half) * sx), round((cy - y0 - half) * sy), round((cx - x0 + half) * sx), round((cy - y0 + half) * sy))
+
+
 def cell_images(path: Path) -> CellImages | None:
     """The zoom and the field of the image at ``path``, or None when it cannot be read (moved, corrupt)."""
     from PIL import Image
@@ -81,9 +91,7 @@ def cell_images(path: Path) -> CellImages | None:
         with Image.open(path) as im:
             im.draft("RGB", (FIELD_MAX, FIELD_MAX))  # JPEG: decode at a reduced scale when large
             im = im.convert("RGB")
-            sx, sy = im.width / MODEL_VIEW.width, im.height / MODEL_VIEW.height
-            half = WINDOW / 2
-            box = (round((cx - half) * sx), round((cy - half) * sy), round((cx + half) * sx), round((cy + half) * sy))
+            box = zoom_box(cx, cy, im.width, im.height)
             side = min(ZOOM_MAX, max(box[2] - box[0], box[3] - box[1]))
             zoom = im.crop(box).resize((side, side), Image.Resampling.BILINEAR)
             im.thumbnail((FIELD_MAX, FIELD_MAX))
