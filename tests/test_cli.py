@@ -404,3 +404,20 @@ def test_info_card_names_each_data_folder_of_a_multi_folder_model(tmp_path):
     r = wbc("info", build_color_model(tmp_path / "two.onnx", metadata=md))
     assert r.exit_code == 0
     assert "training:   a/TRAIN, 10 files (fingerprint 0123456789ab...); pbc/train, 4 files; epoch 2" in r.stdout.splitlines()
+
+
+def test_adapt_writes_a_new_model_and_refuses_to_overwrite_its_source(tmp_path):
+    pytest.importorskip("onnx")
+    from wbc_batch.inference.model import default_model_path
+
+    shipped = default_model_path()
+    if not shipped.is_file():
+        pytest.skip("shipped model export/wbc-default.onnx missing")
+    out = tmp_path / "lab.onnx"
+    r = CliRunner().invoke(main, ["adapt", str(shipped), str(SAMPLE), "-o", str(out), "--max-images", "20"])
+    assert r.exit_code == 0, r.output
+    assert "adapted 8 batch norms on 20 images" in r.output and out.is_file()
+    copy = tmp_path / "m.onnx"
+    copy.write_bytes(shipped.read_bytes())
+    r = CliRunner().invoke(main, ["adapt", str(copy), str(SAMPLE), "-o", str(copy)])
+    assert r.exit_code == 5 and "is the model itself" in r.output and copy.read_bytes() == shipped.read_bytes()

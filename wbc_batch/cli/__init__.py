@@ -209,12 +209,14 @@ def report(predictions, out_dir, group_by, review_threshold, review_share, targe
 
 
 
+from .adapt import adapt_cmd  # noqa: E402  (onnx loads only when it runs)
 from .calibrate import calibrate_cmd  # noqa: E402  (onnx loads only when it runs)
 from .train import export_cmd, train_cmd  # noqa: E402  (click commands; torch loads only when they run)
 
 main.add_command(train_cmd)
 main.add_command(export_cmd)
 main.add_command(calibrate_cmd)
+main.add_command(adapt_cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover

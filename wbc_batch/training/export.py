@@ -193,6 +193,24 @@ def model_metadata(record, epoch: int | None, report: ExportReport, name: str) -
     )
 
 
+def batchnorm_record(net) -> list[dict]:
+    """Per batch norm the exporter folds into the convolution before it, what the fold loses: the trained shift
+    (``mean``), the size of the trained scale (``std``) and ``eps`` as seen from the folded output. ``wbc-batch adapt``
+    needs them to re-measure the statistics on a lab's own images (see :mod:`.adapt`)."""
+    import torch
+
+    from .init_weights import conv_bn_pairs
+
+    out = []
+    with torch.no_grad():
+        for conv, bn in conv_bn_pairs(net):
+            m = net.get_submodule(bn)
+            a = m.weight / torch.sqrt(m.running_var + m.eps)  # the folded scale
+            out.append({"conv": f"net.{conv}", **{k: [float(f"{x:.8g}") for x in v.double().tolist()]
+                                                   for k, v in (("mean", m.bias), ("std", m.weight.abs()), ("eps", a * a * m.eps))}})
+    return out
+
+
 def export_run(
     run_dir: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -224,6 +242,7 @@ def export_run(
     report = check_parity(model, data, images, output)
     report.eval_metrics = eval_metrics
     md = model_metadata(record, epoch, report, name or Path(output).stem)
+    md.extra["batchnorm"] = batchnorm_record(model.net)
     proto = onnx.load_model_from_string(data)
     set_metadata(proto, md.to_json_dict())
     proto.doc_string = f"wbc-batch {md.arch}: white blood cell classifier; labels and preprocessing in metadata key 'wbc_batch'"

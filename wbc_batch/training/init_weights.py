@@ -38,7 +38,7 @@ class InitSource:
     crop: tuple[int, int] | None = None  # (window, out) it was trained with, (0, 0): the whole field; None: not recorded
 
 
-def _conv_bn_pairs(net: nn.Module) -> list[tuple[str, str]]:
+def conv_bn_pairs(net: nn.Module) -> list[tuple[str, str]]:
     """(conv, batch norm) module names where a BatchNorm2d directly follows a Conv2d."""
     mods = [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
     return [(a, b) for (a, ma), (b, mb) in zip(mods, mods[1:], strict=False) if isinstance(ma, nn.Conv2d) and isinstance(mb, nn.BatchNorm2d)]
@@ -94,7 +94,7 @@ def read_init(path: str | os.PathLike[str]) -> InitSource:
 def _unfold(src: InitSource, net: nn.Module) -> dict[str, torch.Tensor]:
     """Source state with every exporter-folded batch norm written back as an identity (statistics set later)."""
     state = dict(src.state)
-    for conv, bn in _conv_bn_pairs(net):
+    for conv, bn in conv_bn_pairs(net):
         bias = state.pop(f"{conv}.weight_bias", None)
         if bias is None or f"{bn}.weight" in state:
             continue

@@ -1,0 +1,40 @@
+"""``wbc-batch adapt``: a model fitted to a lab's own images without labels (batch-norm statistics re-measured).
+
+Needs onnx (the ``train`` or ``test`` extra), not torch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from ..errors import ExitCode, WbcBatchError
+
+
+@click.command("adapt")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="The adapted model file (a new file).")
+@click.option("--max-images", type=click.IntRange(min=8), default=None,
+              help="Images to measure on, evenly spaced in path order.  [default: 512]")
+def adapt_cmd(model, inputs, output, max_images) -> None:
+    """Write OUTPUT: MODEL with its batch-norm statistics re-measured on the images under INPUTS (no labels needed).
+
+    For images from another microscope, stain or camera: classify them with the adapted model. INPUTS should be
+    a lab's own cells of the usual classes in their usual mix (a few hundred; a folder of one class, or of
+    non-cell images, would shift the statistics the wrong way). Labels, preprocessing, calibration and the
+    domain check are kept; the metadata records the adaptation ('adapted').
+    """
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise WbcBatchError("adapt needs onnx: pip install 'wbc-batch[train]'", exit_code=ExitCode.USAGE) from None
+    from ..training.adapt import DEFAULT_MAX_IMAGES, adapt_model
+
+    if os.path.exists(output) and os.path.samefile(output, model):
+        raise WbcBatchError(f"--output {output} is the model itself: write the adapted model to a new file", exit_code=ExitCode.OUTPUT)
+    report = adapt_model(model, inputs, output, max_images=max_images or DEFAULT_MAX_IMAGES)
+    click.echo(f"adapted {report.layers} batch norms on {report.images} images"
+               + (f" ({report.skipped} unreadable skipped)" if report.skipped else "") + f" in {report.seconds:.1f} s")
+    click.echo(f"wrote {output}")
