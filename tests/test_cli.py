@@ -421,3 +421,14 @@ def test_adapt_writes_a_new_model_and_refuses_to_overwrite_its_source(tmp_path):
     copy.write_bytes(shipped.read_bytes())
     r = CliRunner().invoke(main, ["adapt", str(copy), str(SAMPLE), "-o", str(copy)])
     assert r.exit_code == 5 and "is the model itself" in r.output and copy.read_bytes() == shipped.read_bytes()
+
+
+def test_info_summarises_the_batch_norm_record_of_the_shipped_model():
+    from wbc_batch.inference.model import default_model_path
+
+    if not default_model_path().is_file():
+        pytest.skip("shipped model export/wbc-default.onnx missing")
+    r = CliRunner().invoke(main, ["info", str(default_model_path())])
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("batchnorm:"))
+    assert line.endswith("8 folded batch norms recorded (656 channels): what wbc-batch adapt needs") and len(r.output) < 8000

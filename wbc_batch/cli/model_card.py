@@ -101,6 +101,9 @@ def card_lines(m: Model) -> list[str]:
             lines += metrics_lines(value, md.labels)
         elif key == "training" and isinstance(value, Mapping):
             lines += training_lines(value)
+        elif key == "batchnorm" and isinstance(value, list):  # thousands of numbers: what they are for, not them
+            lines.append(_row(key, f"{len(value)} folded batch norms recorded ({sum(len(x.get('mean', [])) for x in value)} "
+                                   "channels): what wbc-batch adapt needs"))
         elif isinstance(value, Mapping):
             lines.append(_row(key, _pairs(value)))
             lines += [_more(f"{k}: {_pairs(v)}") for k, v in value.items() if isinstance(v, Mapping)]
