@@ -12,6 +12,7 @@ onnx = pytest.importorskip("onnx")
 
 from onnx import numpy_helper  # noqa: E402
 
+from wbc_batch.errors import WbcBatchError  # noqa: E402
 from wbc_batch.inference.model import default_model_path, load_model  # noqa: E402
 from wbc_batch.training.adapt import AdaptError, _conv_output, adapt_model, channel_stats, decode  # noqa: E402
 
@@ -86,3 +87,10 @@ def test_no_usable_images_is_an_error(tmp_path):
     with pytest.raises(AdaptError, match="could be decoded"):
         adapt_model(SHIPPED, [tmp_path / "in"], tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_an_output_that_cannot_be_written_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(WbcBatchError, match="cannot write the model to") as e:
+        adapt_model(SHIPPED, [SAMPLE], tmp_path / "file" / "lab.onnx", max_images=8)
+    assert e.value.exit_code == 5

@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 import onnx.helper
 
+from ..errors import ExitCode, WbcBatchError
 from ..inference.metadata import METADATA_KEY
 
 
@@ -36,10 +37,15 @@ def set_metadata(proto: onnx.ModelProto, doc: dict) -> None:
 def save_checked(proto: onnx.ModelProto, path: str | os.PathLike[str], *, full_check: bool = False) -> None:
     """``onnx.checker`` first, then write beside ``path`` and rename: readers never see half a file."""
     onnx.checker.check_model(proto, full_check=full_check)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(path) + ".tmp")
-    onnx.save_model(proto, str(tmp))
-    os.replace(tmp, path)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        onnx.save_model(proto, str(tmp))
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a file where a folder should be, no permission: say so, leave nothing half-written
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise WbcBatchError(f"cannot write the model to {path}: {e.strerror or e}", exit_code=ExitCode.OUTPUT) from e
 
 
 def rewrite_metadata(
