@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -33,9 +32,9 @@ from onnx import numpy_helper
 
 from ..errors import ExitCode, WbcBatchError
 from ..inference.discover import iter_images
-from ..inference.metadata import METADATA_KEY, ModelMetadata
+from ..inference.metadata import ModelMetadata
 from ..inference.preprocess import ImageError, load_image
-from .onnx_metadata import save_checked, set_metadata
+from .onnx_metadata import read_metadata, save_checked, set_metadata
 
 DEFAULT_MAX_IMAGES = 512  # enough for stable channel statistics (150 cells gave the figures in the model card)
 BATCH = 64
@@ -133,15 +132,18 @@ def adapt_model(
     t0 = time.perf_counter()
     data = Path(model_path).read_bytes()
     model = onnx.load_model_from_string(data)
-    doc = json.loads({p.key: p.value for p in model.metadata_props}.get(METADATA_KEY) or "null") or {}
-    md = ModelMetadata.from_json_dict(doc) if doc else None
+    try:
+        doc = read_metadata(model)
+    except KeyError:
+        doc = {}
     layers = doc.get("batchnorm")
-    if md is None or not layers:
+    if not layers:
         raise AdaptError(f"{model_path} carries no batch-norm record (metadata 'batchnorm'): export it again from its run "
                          "folder with this wbc-batch (INT8 models cannot be adapted: adapt the float model, then quantise)")
     missing = [f"{x['conv']}.weight" for x in layers if f"{x['conv']}.weight" not in _initializers(model.graph)]
     if missing:
         raise AdaptError(f"{model_path}: weights {missing[:2]} not found in the graph (quantised or edited by hand?)")
+    md = ModelMetadata.from_json_dict(doc)
     paths = sample_paths(inputs, max_images)
     if not paths:
         raise AdaptError(f"no image files under {', '.join(map(str, inputs))}", exit_code=ExitCode.NO_IMAGES)

@@ -86,9 +86,9 @@ def draw_stain(n: int, gen: torch.Generator, dev: torch.device) -> StainParams:
 
 
 def draw(n: int, gen: torch.Generator, dev: torch.device, colour: str = "mild", jpeg: float = 0.0) -> AugmentParams:
-    """Geometry, then colour (``mild``: :func:`draw_stain`; ``wide`` and ``strong``: :func:`draw_colour` with
-    :data:`WIDE` or :data:`STRONG`, ``jpeg`` its share of re-compressed images; ``none``): the order is part of
-    what a seed reproduces."""
+    """Geometry, then colour (``mild``: :func:`draw_stain`; ``hsv``, ``wide`` and ``strong``: :func:`draw_colour` with
+    :data:`HSV`, :data:`WIDE` or :data:`STRONG`, ``jpeg`` its share of re-compressed images; ``none``): the order is
+    part of what a seed reproduces."""
     geometry = draw_geometry(n, gen, dev)
     if colour == "mild":
         return AugmentParams(geometry, draw_stain(n, gen, dev))
@@ -96,7 +96,7 @@ def draw(n: int, gen: torch.Generator, dev: torch.device, colour: str = "mild", 
         return AugmentParams(geometry, None, draw_colour(n, gen, dev, jpeg, _RANGES[colour]))
     if colour == "none":
         return AugmentParams(geometry, None)
-    raise ValueError(f"unknown colour augmentation {colour!r}; choose wide, strong, mild or none")
+    raise ValueError(f"unknown colour augmentation {colour!r}; choose {', '.join(_RANGES)}, mild or none")
 
 
 def apply(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:

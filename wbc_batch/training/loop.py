@@ -88,7 +88,7 @@ class Trainer:
     augment: bool
     loss_weights: torch.Tensor | None = None  # per class (imbalance), None: plain cross-entropy
     sample_weights: torch.Tensor | None = None  # per train-split image (source balance), None: a plain shuffle
-    colour: str = "mild"  # wide | strong | mild | none: which colour augmentation (with augment)
+    colour: str = "mild"  # hsv | wide | strong | mild | none: which colour augmentation (with augment)
     jpeg: float = 0.0  # with hsv, wide or strong colour: share of images re-compressed as JPEG
 
 
