@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -218,3 +219,45 @@ def test_an_unreadable_folder_is_itself_a_row(tmp_path, monkeypatch):
     assert _rels([tmp_path]) == ["a/1.jpg", "locked"]
     with pytest.raises(ImageError, match=r"^unreadable folder: Permission denied; the files in it are not classified$"):
         load_image(str(tmp_path / "locked"), PreprocessSpec(8, 8))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs and /dev are POSIX")
+def test_fifos_and_links_to_devices_with_image_names_are_rows(tmp_path):
+    """One row per file: a FIFO, a link to /dev/zero or /dev/null named like an image becomes an error row.
+    Without an image name they are not sniffed (reading a FIFO blocks, /dev/zero never ends): not inputs."""
+    _touch(tmp_path / "ok.jpg")
+    os.mkfifo(tmp_path / "pipe.jpeg")
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "zero.jpeg").symlink_to("/dev/zero")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "null.png").symlink_to("/dev/null")
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    assert _rels([tmp_path]) == ["ok.jpg", "pipe.jpeg", "sub/null.png", "zero.jpeg"]
+    for rel in ("pipe.jpeg", "sub/null.png", "zero.jpeg"):
+        with pytest.raises(ImageError, match="^unreadable: not a regular file$"):
+            load_image(str(tmp_path / rel), PreprocessSpec(8, 8))
+    # named on the command line as well: still one row each
+    assert _rels([tmp_path, tmp_path / "pipe.jpeg", tmp_path / "sub" / "null.png"]) == ["ok.jpg", "pipe.jpeg", "sub/null.png", "zero.jpeg"]
+    assert _rels([tmp_path, tmp_path / "pipe"]) == ["ok.jpg", "pipe.jpeg", "sub/null.png", "zero.jpeg", "pipe"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mknod") or os.geteuid() != 0, reason="creating a device node needs root")
+def test_a_device_node_with_an_image_name_is_a_row(tmp_path):
+    os.mknod(tmp_path / "null.jpeg", 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers on Linux
+    os.mknod(tmp_path / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    assert _rels([tmp_path]) == ["null.jpeg"]
+    with pytest.raises(ImageError, match="^unreadable: not a regular file$"):
+        load_image(str(tmp_path / "null.jpeg"), PreprocessSpec(8, 8))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_sniffing_never_reads_a_fifo(tmp_path):
+    """A file swapped for a FIFO after the walk saw it: sniffing must not read it (with no writer, a read blocks for ever)."""
+    fifo = tmp_path / "scan0001"
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDWR)  # a writer that holds JPEG magic in the pipe: a read would return it
+    try:
+        os.write(fd, JPEG_BYTES[:8])
+        assert not looks_like_image(str(fifo))
+    finally:
+        os.close(fd)

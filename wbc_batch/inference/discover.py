@@ -7,7 +7,8 @@ a link back to an ancestor (a loop), or a second link to a folder already walked
 (so links that branch cannot multiply one file into thousands of rows).
 
 No file is lost silently: a folder that cannot be listed (no permission, a path longer than the
-OS allows) is yielded itself, so it becomes an error row that names it and says why.
+OS allows) is yielded itself, so it becomes an error row that names it and says why; so is a
+FIFO, device or socket with an image name (or a link to one), which is never opened for reading.
 """
 
 from __future__ import annotations
@@ -38,13 +39,36 @@ class InputFile:
 
 
 def looks_like_image(path: str) -> bool:
-    """Content sniffing for files without an image extension."""
+    """Content sniffing for files without an image extension; only a regular file is ever read.
+
+    A FIFO would block the run for ever (no writer) and a device never ends (``/dev/zero``), so
+    the file is checked before it is opened and again once open (it may have been swapped in
+    between), and opened non-blocking: opening a FIFO that way returns at once.
+    """
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return False
+    try:
+        head = os.read(fd, 8) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
     return any(head.startswith(m) for m in IMAGE_MAGIC)
+
+
+def _is_input(name: str, path: str, st: os.stat_result) -> bool:
+    """Whether a walked entry that is no folder is an input (one row): an image name, or a regular file with image content.
+
+    A FIFO, a device or a socket (or a link to one) with an image name is an input, so that it
+    becomes an error row rather than vanish; without one it is not sniffed (see :func:`looks_like_image`).
+    """
+    if is_image_name(name):
+        return True
+    return stat.S_ISREG(st.st_mode) and looks_like_image(path)
 
 
 def is_image_name(name: str) -> bool:
@@ -90,9 +114,8 @@ def _walk(directory: str, root: str, visited: set[tuple[int, int]]) -> Iterator[
                 continue  # a loop, or a folder already walked by another path
             visited.add(key)
             yield from _walk(entry.path, root, visited)
-        elif stat.S_ISREG(st.st_mode):
-            if is_image_name(entry.name) or looks_like_image(entry.path):
-                yield InputFile(entry.path, _rel(entry.path, root))
+        elif _is_input(entry.name, entry.path, st):
+            yield InputFile(entry.path, _rel(entry.path, root))
 
 
 def _is_dir_entry(entry: os.DirEntry) -> bool:
@@ -113,9 +136,7 @@ def _found_by_walk(path: str, dirs: Sequence[str]) -> bool:
             st = os.stat(path)
         except OSError:  # the walk lists a dangling symlink with an image name, not a missing file
             return os.path.islink(path) and is_image_name(path)
-        if stat.S_ISDIR(st.st_mode):
-            return True
-        return stat.S_ISREG(st.st_mode) and (is_image_name(path) or looks_like_image(path))
+        return stat.S_ISDIR(st.st_mode) or _is_input(os.path.basename(path), path, st)
     return False
 
 
