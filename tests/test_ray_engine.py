@@ -27,7 +27,7 @@ try:
 except ImportError:
     ray = None
 
-requires_ray = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install 'wbc-batch[ray]')")
+requires_ray = pytest.mark.skipif(ray is None, reason="ray is not installed: pip install '.[ray]' in the checkout, or run scripts/test -e ray")
 
 
 def _env() -> dict:

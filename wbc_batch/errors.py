@@ -43,3 +43,29 @@ class UsageError(WbcBatchError):
     """Options that contradict each other or cannot apply (e.g. --resume with --overwrite)."""
 
     exit_code = ExitCode.USAGE
+
+
+#: The smallest install that provides each optional package, in a form that works for a user of this
+#: repository: wbc-batch is not on PyPI, so ``pip install 'wbc-batch[extra]'`` resolves nothing, and an
+#: extra would pull more than the command needs (the train extra is 5.7 GB of CUDA torch where a command
+#: needs only onnx).
+INSTALL = {
+    "onnx": "pip install onnx",
+    "torch": "pip install '.[train]' in the wbc-batch checkout "
+             "(on a machine without a GPU, first pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu)",
+    "matplotlib": "pip install matplotlib",
+    "ray": "pip install 'ray[data]'",
+}
+
+
+def require(module: str, why: str) -> None:
+    """Import ``module``, or stop with a usage error: ``why`` (what needs it), then the install that provides it.
+
+    Why here: every command that needs an optional package says so the same way, from the one table above.
+    """
+    from importlib import import_module
+
+    try:
+        import_module(module)
+    except ImportError:
+        raise UsageError(f"{why}: {INSTALL[module]}") from None

@@ -198,7 +198,7 @@ def report(predictions, out_dir, group_by, review_threshold, review_share, targe
     groups, differential.csv. Accuracy, F1 and the
     confusion matrices need true labels (class-named folders or classify --labels);
     without them the report shows the predicted distribution and confidences.
-    The figures need matplotlib (pip install 'wbc-batch[report]'); without it the
+    The figures need matplotlib (pip install matplotlib); without it the
     report is written without them and a warning says so.
     """
     if out_dir is None:

@@ -1,6 +1,6 @@
 """``wbc-batch adapt``: a model fitted to a lab's own images without labels (batch-norm statistics re-measured).
 
-Needs onnx (the ``train`` or ``test`` extra), not torch.
+Needs onnx, not torch.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 
 import click
 
-from ..errors import ExitCode, WbcBatchError
+from ..errors import ExitCode, WbcBatchError, require
 
 
 @click.command("adapt")
@@ -28,10 +28,7 @@ def adapt_cmd(model, inputs, output, max_images) -> None:
     images once the network is adapted); the metadata records the adaptation ('adapted'). With labelled cells,
     fine-tuning (train --init) does better.
     """
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        raise WbcBatchError("adapt needs onnx: pip install 'wbc-batch[train]'", exit_code=ExitCode.USAGE) from None
+    require("onnx", "adapt needs onnx (not torch)")
     from ..training.adapt import DEFAULT_MAX_IMAGES, adapt_model
 
     if os.path.exists(output) and os.path.samefile(output, model):

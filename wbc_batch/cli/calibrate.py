@@ -1,6 +1,6 @@
 """``wbc-batch calibrate``: add calibrated probabilities and a domain check to any exported model.
 
-Needs onnx (the ``train`` or ``test`` extra), not torch: a lab can upgrade a model file it was given
+Needs onnx, not torch: a lab can upgrade a model file it was given
 without the run folder it came from.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from ..errors import ExitCode, WbcBatchError
+from ..errors import ExitCode, WbcBatchError, require
 
 
 @click.command("calibrate")
@@ -27,10 +27,7 @@ def calibrate_cmd(model, reference_dir, calibration_dir, in_domain_quantile, out
     classify then writes ood_score and in_domain columns and warns when a run holds many images unlike
     the training data. The graph must end in Softmax(Gemm(features)), as every wbc-batch export does.
     """
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        raise WbcBatchError("calibrate needs onnx: pip install 'wbc-batch[train]'", exit_code=ExitCode.USAGE) from None
+    require("onnx", "calibrate needs onnx (not torch)")
     from ..training.calibrate import DEFAULT_IN_DOMAIN_QUANTILE, calibrate_model
 
     try:

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import click
 
-from ..errors import ExitCode, WbcBatchError
+from ..errors import require
 
 
 def _size(ctx, param, value: str | None) -> tuple[int, int] | None:
@@ -23,10 +23,7 @@ def _size(ctx, param, value: str | None) -> tuple[int, int] | None:
 
 
 def _need_torch() -> None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise WbcBatchError("training and export need the 'train' extra: pip install 'wbc-batch[train]'", exit_code=ExitCode.USAGE) from None
+    require("torch", "train and export need torch (the train extra)")
 
 
 def _default(name: str) -> str:

@@ -14,11 +14,12 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..errors import INSTALL
 from ..inference.predictions import ENCODING_ERRORS
 from .metrics import normalize_rows
 from .report_data import ReportData
 
-MATPLOTLIB_HINT = "matplotlib is not installed, so the report has no figures: pip install 'wbc-batch[report]'"
+MATPLOTLIB_HINT = f"matplotlib is not installed, so the report has no figures: {INSTALL['matplotlib']}"
 
 
 def _printable(value: object) -> object:

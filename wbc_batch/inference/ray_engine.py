@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ExitCode, WbcBatchError
+from ..errors import INSTALL, ExitCode, WbcBatchError
 from .discover import InputFile
 from .engine import RunnerOptions, available_cores, run_batch
 from .local_engine import CRASHED, MAX_CRASHES_IN_A_ROW
@@ -47,7 +47,9 @@ from .metadata import ModelError
 from .model import Model, load_model
 from .rows import BatchResult, Prediction, TruthFn, to_predictions
 
-try:  # the optional extra: pip install 'wbc-batch[ray]'
+RAY_HINT = f"--engine ray needs Ray: {INSTALL['ray']}"
+
+try:  # the optional extra (pip install '.[ray]' in the checkout)
     import ray
 except ImportError:  # pragma: no cover - exercised where ray is absent
     ray = None  # type: ignore[assignment]
@@ -68,7 +70,7 @@ class RayUnavailable(RayEngineError):
 
 def require_ray() -> None:
     if ray is None:
-        raise RayUnavailable("--engine ray needs Ray: pip install 'wbc-batch[ray]' (or pip install 'ray[data]')")
+        raise RayUnavailable(RAY_HINT)
 
 
 def _loopback_only() -> None:
