@@ -82,12 +82,34 @@ def test_precise_bn_replaces_running_averages_by_the_mean_over_fresh_batches(tmp
     model = build_deployable(cfg.arch, 2, (24, 32), None, probabilities=False)
     t = _trainer(cfg, model, data, torch.device("cpu"))
     first = next(m for m in model.net.modules() if isinstance(m, nn.BatchNorm2d))
-    precise_bn(t, data, batch_size=len(data.train_idx), batches=3, gen=torch.Generator().manual_seed(0))
+    precise_bn(t, data, batch_size=1, batches=3, gen=torch.Generator().manual_seed(0))
     assert int(first.num_batches_tracked) == 3 and first.momentum == 0.1  # recomputed, and the momentum restored
-    # no augmentation: each "batch" draws train images with replacement; the first BN's mean is their conv output's mean
+    # no augmentation: each batch is one train image; the first BN's mean is their conv output's mean
     x = torch.from_numpy(data.images[data.train_idx]).permute(0, 3, 1, 2).float() * model.scale - model.shift
     conv = model.net.features[0][0] if hasattr(model.net, "features") else next(m for m in model.net.modules() if isinstance(m, nn.Conv2d))
     per_image = conv(x).detach().mean(dim=(2, 3))
     lo, hi = per_image.min(0).values, per_image.max(0).values
     assert torch.all((first.running_mean >= lo - 1e-4) & (first.running_mean <= hi + 1e-4))
     assert not np.allclose(first.running_var.numpy(), 1.0)  # no longer the reset value
+
+
+def test_precise_bn_takes_at_most_one_pass_over_the_training_images(tmp_path):
+    """Asked for 20 batches of 4 with 4 training images: one batch (the same images 20 times add nothing but time)."""
+    from torch import nn
+
+    from wbc_batch.inference.preprocess import PreprocessSpec
+    from wbc_batch.training.loop import _trainer, build_deployable, load_data, precise_bn
+
+    cfg = _tiny(tmp_path)
+    data = load_data(cfg, PreprocessSpec(24, 32))
+    model = build_deployable(cfg.arch, 2, (24, 32), None, probabilities=False)
+    t = _trainer(cfg, model, data, torch.device("cpu"))
+    batches: list[int] = []
+    model.net.register_forward_hook(lambda _m, args, _out: batches.append(len(args[0])))
+    first = next(m for m in model.net.modules() if isinstance(m, nn.BatchNorm2d))
+    assert len(data.train_idx) == 4
+    for batch_size, asked, expected in ((4, 20, [4]), (8, 20, [4]), (3, 20, [3]), (2, 20, [2, 2]), (2, 1, [2]), (1, 3, [1, 1, 1])):
+        batches.clear()
+        precise_bn(t, data, batch_size=batch_size, batches=asked, gen=torch.Generator().manual_seed(0))
+        assert batches == expected, (batch_size, asked)
+        assert int(first.num_batches_tracked) == len(expected)

@@ -50,7 +50,7 @@ class TrainConfig:
     colour: str = "wide"  # with augment: hsv (wide, half the hue turns in HSV) | wide (strong, with hue +-0.12 and saturation 0.25-1.6) | strong (stain in HED space, white balance, hue, gamma, blur, ...: v2) | mild (pre-v2) | none
     jpeg: float = 0.5  # with colour hsv, wide or strong: share of training images re-compressed as JPEG, quality 10-90 (0: none, before v3)
     colour_norm: str = "background"  # background: in-graph white balance on the slide background (see models.BackgroundBalance) | none
-    precise_bn: int = 20  # after each epoch, BatchNorm statistics recomputed over this many training batches (0: running averages)
+    precise_bn: int = 20  # after each epoch, BatchNorm statistics recomputed over up to this many training batches (0: running averages)
     source_balance: bool = True  # several data dirs: each draws the same share of an epoch, classes balanced within it
     extra: dict = field(default_factory=dict)
 
