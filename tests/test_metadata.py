@@ -119,6 +119,27 @@ def test_malformed_documents(doc, message):
         ModelMetadata.from_props({METADATA_KEY: json.dumps(doc)})
 
 
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ("ABCD", "labels must be a list of class names, got a string: 'ABCD'"),
+        ({"A": 0, "B": 1}, r"labels must be a list of class names, got an object: \{'A': 0, 'B': 1\}"),
+        (None, "labels must be a list of class names, got null"),
+        ([["A"], ["B"]], r"labels must be non-empty strings, got \[\['A'\], \['B'\]\]"),
+        (["A", 2], r"labels must be non-empty strings, got \['A', 2\]"),
+    ],
+)
+def test_labels_must_be_a_list_of_names(labels, message):
+    """A string of labels is not read as one class per character (nor an object as its keys): the model is refused."""
+    with pytest.raises(ModelError, match="^invalid model metadata: " + message + "$"):
+        ModelMetadata.from_props({METADATA_KEY: json.dumps(_doc(labels=labels))})
+
+
+def test_labels_given_as_a_string_in_python_are_refused():
+    with pytest.raises(ModelError, match="^invalid model metadata: labels must be a list of class names, got a string: 'AB'$"):
+        ModelMetadata(labels="AB", height=1, width=2)
+
+
 def test_optional_fields_default():
     doc = {"schema_version": 1, "labels": ["A", "B"], "input": {"name": "img", "height": 8, "width": 9}, "output": {"name": "p"}}
     md = ModelMetadata.from_json_dict(doc)

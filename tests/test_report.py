@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import CHROMIUM, LABELS, ROOT, SAMPLE, dump_dom
+from conftest import CHROMIUM, LABELS, ROOT, SAMPLE, build_color_model, dump_dom
 
 from wbc_batch.cli import main
 from wbc_batch.evaluation import report as report_mod
@@ -496,6 +496,40 @@ def test_classify_with_report(tmp_path, color_model):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "rep" / "report.html").is_file()
     assert json.loads((tmp_path / "rep" / "metrics.json").read_text())["counts"]["files"] == 40
+
+
+#: Class names that matplotlib's mathtext cannot parse, and one it would typeset as math: all are drawn as written.
+MATH_LABELS = ("$EOS_{$", "$x^$", r"$\frac$", "$5 and $6")
+
+
+def test_labels_with_dollar_signs_are_drawn_as_written(tmp_path, monkeypatch):
+    """A label is text, never mathtext: labels with '$' used to end ``classify --report`` (exit 5) and ``report`` (exit 2)."""
+    import matplotlib.figure
+
+    drawn: list[list[tuple[str, bool]]] = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def recording_savefig(fig, *args, **kwargs):
+        ax = fig.axes[0]  # the matrix (the colour bar is the second)
+        drawn.extend([(t.get_text(), t.get_parse_math()) for t in ticks] for ticks in (ax.get_xticklabels(), ax.get_yticklabels()))
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
+    model = build_color_model(tmp_path / "m.onnx", labels=MATH_LABELS)
+    tree = tmp_path / "in"
+    for src, dst in zip(LABELS, MATH_LABELS, strict=True):
+        shutil.copytree(SAMPLE / src, tree / dst)
+    csv_path, rep = tmp_path / "p.csv", tmp_path / "rep"
+    args = ["classify", str(tree), "-m", str(model), "-o", str(csv_path), "--workers", "1", "-q", "--report", str(rep)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["report", str(csv_path), "-o", str(tmp_path / "again")])
+    assert res.exit_code == 0, res.output
+    for out in (rep, tmp_path / "again"):
+        page = (out / "report.html").read_text()
+        assert all(html.escape(lb) in page for lb in MATH_LABELS)
+        assert (out / "confusion_matrix.png").is_file() and (out / "confusion_matrix_normalized.png").is_file()
+    assert drawn == [[(lb, False) for lb in MATH_LABELS]] * 8  # 2 reports x 2 matrices x 2 axes
 
 
 # --------------------------------------------------------------------------- a real browser

@@ -7,12 +7,22 @@ from pathlib import Path
 
 import numpy as np
 
+#: Every text in our figures is drawn as written. Class names come from a model's metadata or from folder
+#: names; with mathtext on, a '$' pair in one is typeset as math and an unbalanced one ('$x^$') raises
+#: a parse error at savefig, which cost the whole report.
+_PLAIN_TEXT = {"text.parse_math": False}
+
 
 def plot_confusion(cm: np.ndarray, labels: Sequence[str], path: str | Path, *, normalized: bool = False, title: str = "") -> None:
     """Confusion matrix with class names on both axes and the value in every cell."""
     import matplotlib
 
     matplotlib.use("Agg")
+    with matplotlib.rc_context(_PLAIN_TEXT):
+        _draw_confusion(cm, labels, path, normalized=normalized, title=title)
+
+
+def _draw_confusion(cm: np.ndarray, labels: Sequence[str], path: str | Path, *, normalized: bool, title: str) -> None:
     import matplotlib.pyplot as plt
 
     from .metrics import normalize_rows

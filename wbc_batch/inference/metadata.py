@@ -52,6 +52,29 @@ class DomainCheck:
         return cls(out, float(thr))
 
 
+_JSON_KINDS = {str: "a string", dict: "an object", type(None): "null", bool: "a boolean", int: "a number", float: "a number"}
+
+
+def _label_problems(labels: object) -> list[str]:
+    """What is wrong with ``labels`` as a model's class names (index order = output order); empty when nothing.
+
+    Why a list is required: a string (``"ABCD"``) or an object iterates as characters or keys, and would
+    silently become a model with other classes than the one it was trained with.
+    """
+    if not isinstance(labels, (list, tuple)):
+        kind = _JSON_KINDS.get(type(labels), type(labels).__name__)
+        shown = "" if labels is None else f": {labels!r}"
+        return [f"labels must be a list of class names, got {kind}{shown}"]
+    problems = []
+    if len(labels) < 2:
+        problems.append("at least two labels are needed")
+    if any(not isinstance(lb, str) or not lb for lb in labels):
+        problems.append(f"labels must be non-empty strings, got {list(labels)}")
+    elif len(set(labels)) != len(labels):
+        problems.append(f"labels repeat: {list(labels)}")
+    return problems
+
+
 @dataclass(frozen=True)
 class ModelMetadata:
     """What a consumer needs to feed the network and read its answer."""
@@ -75,15 +98,9 @@ class ModelMetadata:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        labels = tuple(self.labels)
-        object.__setattr__(self, "labels", labels)
-        problems = []
-        if len(labels) < 2:
-            problems.append("at least two labels are needed")
-        if len(set(labels)) != len(labels):
-            problems.append(f"labels repeat: {list(labels)}")
-        if any(not isinstance(lb, str) or not lb for lb in labels):
-            problems.append("labels must be non-empty strings")
+        problems = _label_problems(self.labels)
+        if isinstance(self.labels, (list, tuple)):
+            object.__setattr__(self, "labels", tuple(self.labels))
         if self.layout not in LAYOUTS:
             problems.append(f"layout {self.layout!r} not in {LAYOUTS}")
         if self.dtype not in DTYPES:
@@ -158,7 +175,7 @@ class ModelMetadata:
                 raise ModelError(f"only 3-channel inputs are supported, metadata says {inp.get('channels')}")
             known = {"schema_version", "name", "arch", "labels", "input", "preprocess", "output"}
             return cls(
-                labels=tuple(d["labels"]),
+                labels=d["labels"],
                 height=int(inp["height"]),
                 width=int(inp["width"]),
                 input_name=str(inp["name"]),
