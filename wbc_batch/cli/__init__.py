@@ -82,7 +82,7 @@ def _write_report(predictions: str, out_dir: str, **kw):
 @click.option("--retry-errors", is_flag=True, help="With --resume: classify again the files whose rows are errors (e.g. after a crash or a fixed permission).")
 @click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False), default=None, help="CSV with path,label columns giving the true label of inputs.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None, help="Also write an evaluation report to this folder at the end.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar, log lines or summary.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, log lines or summary (warnings and errors are still printed).")
 @click.option("--engine", "engine_name", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="local: processes on this machine; ray: Ray actors (--workers of them; needs the ray extra).")
 @click.option("--address", default=None, help="With --engine ray: the Ray cluster to join (host:port or auto).  [default: a private Ray on 127.0.0.1]")
 @_review_options
@@ -122,15 +122,16 @@ def classify(inputs, model, output, workers, batch_size, provider, threads, resu
         raise UsageError("--address is only meaningful with --engine ray")
     engine = _ray_engine(address) if engine_name == "ray" else None
     summary = run_classify(cfg, engine=engine)
+    warning = summary.domain_warning() if summary.files else None
     if not quiet and summary.files:  # a run that found no image wrote nothing: the error below says so
         click.echo(f"wbc-batch: {summary.line(_scores(summary))}", err=True)
-        if warning := summary.domain_warning():
-            click.echo(f"wbc-batch: warning: {warning}", err=True)
+    if warning:  # -q silences progress and the summary, never a warning that the results are not to be trusted
+        _warn(warning)
     if summary.interrupted:
         _exit_interrupted(summary)
     require_images(summary)
     if report_dir:
-        _report_after_classify(cfg.output, report_dir, quiet, review)
+        _report_after_classify(cfg.output, report_dir, quiet, review, said=warning)
     sys.exit(int(ExitCode.OK))
 
 
@@ -142,8 +143,16 @@ def _exit_interrupted(summary: RunSummary) -> None:
     sys.exit(128 + summary.signal if summary.signal else int(ExitCode.INTERRUPTED))
 
 
+def _warn(message: str) -> None:
+    click.echo(f"wbc-batch: warning: {message}", err=True)
+
+
 def _scores(summary: RunSummary) -> str:
-    """Accuracy and macro-F1 over the rows with a true label (as the report computes them); '' without truth."""
+    """Accuracy and macro-F1 over the rows with a true label (as the report computes them); '' without truth.
+
+    After an interrupt they cover the rows written so far, which the line says (n of N files when the count
+    of the inputs had finished), so a partial figure is not read as the run's.
+    """
     if not summary.confusion:
         return ""
     import numpy as np
@@ -152,12 +161,20 @@ def _scores(summary: RunSummary) -> str:
 
     m = metrics_from_confusion(np.asarray(summary.confusion), summary.labels)
     share = "" if m.n == summary.ok else f" ({m.n} with a true label)"
+    if summary.interrupted:
+        share += f" (partial: {summary.files} of {summary.found} files)" if summary.found else f" (partial: {summary.files} files so far)"
     return f"accuracy {m.accuracy:.3f}  macro-F1 {m.macro_f1:.3f}{share}"
 
 
-def _report_after_classify(predictions: str, report_dir: str, quiet: bool, review: dict) -> None:
+def _report_after_classify(predictions: str, report_dir: str, quiet: bool, review: dict, said: str | None) -> None:
+    """The report of the run just written; its warnings are printed, except the domain warning the summary gave (``said``)."""
+
+    def warn(message: str) -> None:
+        if message != said:
+            _warn(message)
+
     try:
-        paths = _write_report(predictions, report_dir, **review)
+        paths = _write_report(predictions, report_dir, on_warning=warn, **review)
     except WbcBatchError as e:
         raise WbcBatchError(f"the predictions are written ({predictions}), but the report failed: {e}", exit_code=ExitCode.OUTPUT) from e
     if not quiet:

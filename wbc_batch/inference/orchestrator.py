@@ -87,6 +87,9 @@ class RunSummary:
     confusion: list[list[int]] = field(default_factory=list)
     domain_checked: bool = False  # the model carries a domain check (the CSV has ood_score and in_domain)
     out_of_domain: int = 0  # classified rows flagged out of domain, whole CSV
+    #: An interrupted run only: files under the inputs (rows already there included), so its scores read as
+    #: 'n of N'; 0 when not known (the background count had not finished). Set after the sidecar is written.
+    found: int = 0
 
     def domain_warning(self) -> str | None:
         """The warning for a run with many out-of-domain images (see rows.OUT_OF_DOMAIN_WARN_SHARE), else None."""
@@ -299,15 +302,24 @@ def run_classify(
         info = _run_info(cfg, model, root, inputs, engine)
         write_sidecar(cfg.output, info)
         progress = _Progress(cfg.progress, 0, cfg.log_every_s)
-        _count_in_background(inputs, root, done, progress)
+        counter = _count_in_background(inputs, root, done, progress)
         seen: set[str] = set()  # the rows already there whose files the walk still finds
         files: Iterator[InputFile] = (f for f in iter_images(inputs, root) if not _already_done(f.rel, done, seen))
         writer = _open_writer(cfg, model, info)
         run = _Run(cfg, engine, writer, progress, summary, truth_pairs, info, t0)
         run.execute(engine.batches(files, model, cfg.runner, truth), on_batch)
+        if run.state == "interrupted":
+            summary.found = _files_found(counter, progress, len(done))
         if run.state == "finished" and len(seen) < len(done):
             _drop_stale_rows(run, model, done - seen)
     return summary
+
+
+def _files_found(counter: threading.Thread, progress: _Progress, done: int) -> int:
+    """Files under the inputs, rows already there included, for an interrupted run's 'n of N'; 0 when the
+    background count does not finish within a second (a huge tree: the summary then says n alone)."""
+    counter.join(timeout=1.0)
+    return done + progress.total if progress.total is not None else 0
 
 
 def _open_writer(cfg: ClassifyConfig, model: Model, info: dict) -> PredictionWriter:
