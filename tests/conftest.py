@@ -157,3 +157,28 @@ def dump_dom(html: Path, profile: Path) -> str:
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stdout
 
+
+
+class _Payload:
+    """Unpickling this runs ``touch <marker>``: the shape of a weights file that carries code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def pickle_payload_run(run: Path, marker: Path) -> Path:
+    """A run folder (a valid config.json) whose best.pt, if it were unpickled, would create ``marker``."""
+    import torch
+
+    from wbc_batch.training.config import TrainConfig
+    from wbc_batch.training.record import RunRecord
+
+    run.mkdir(parents=True)
+    cfg = TrainConfig(str(SAMPLE), str(run), arch="wbc-net", size=(48, 64), crop=(0, 0), epochs=1, device="cpu")
+    spec = {"height": 48, "width": 64, "resize": "bilinear", "jpeg_draft": True, "max_pixels": 89478485}
+    RunRecord(cfg, LABELS, spec, 30, 10, False, [], "cpu", torch.__version__, best_epoch=1, last_epoch=1).write(run)
+    torch.save({"head.weight": _Payload(marker)}, run / "best.pt")
+    return run

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SAMPLE, build_color_model
+from click.testing import CliRunner
+from conftest import SAMPLE, build_color_model, pickle_payload_run
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
+from wbc_batch.cli import main  # noqa: E402
+from wbc_batch.inference.metadata import ModelError, ModelMetadata  # noqa: E402
 from wbc_batch.inference.preprocess import PreprocessSpec, load_image  # noqa: E402
 from wbc_batch.training.config import TrainConfig  # noqa: E402
 from wbc_batch.training.init_weights import InitError, init_model, read_init  # noqa: E402
@@ -138,6 +142,36 @@ def test_what_does_not_map_is_a_clear_error(source, tmp_path):
     src.state["extra.weight"] = torch.zeros(1)
     with pytest.raises(InitError, match=r"2 weights do not map onto this wbc-net: features.0.0.weight: shape \(24, 3, 2, 3\) in --init, \(24, 3, 3, 3\) here; extra.weight: not a parameter"):
         init_model(_fresh(), src, "wbc-net", CLASSES, _images(), torch.device("cpu"))
+
+
+def _train_init(init: Path, tmp_path: Path):
+    args = ["train", str(SAMPLE), "-o", str(tmp_path / "ft"), "--init", str(init), "--epochs", "1", "--size", "48x64", "--crop-window", "0", "-q"]
+    return CliRunner().invoke(main, args)
+
+
+def test_train_init_from_weights_that_would_run_code_is_a_message_and_exit_4(tmp_path):
+    run = pickle_payload_run(tmp_path / "run", tmp_path / "ran")
+    res = _train_init(run, tmp_path)
+    assert res.exit_code == 4, res.output
+    assert res.output.startswith(f"wbc-batch: error: {run / 'best.pt'}: refused: loading it would call ")
+    assert "Traceback" not in res.output and not (tmp_path / "ran").exists() and not (tmp_path / "ft" / "best.pt").exists()
+
+
+def test_train_init_from_a_file_that_is_not_a_model_is_a_message(tmp_path):
+    run = pickle_payload_run(tmp_path / "run", tmp_path / "ran")
+    (tmp_path / "payload.onnx").write_bytes((run / "best.pt").read_bytes())
+    res = _train_init(tmp_path / "payload.onnx", tmp_path)
+    assert res.exit_code == 4, res.output
+    assert res.output.startswith(f"wbc-batch: error: --init {tmp_path / 'payload.onnx'}: not an ONNX model (")
+    res = _train_init(SAMPLE / "LYMPHOCYTE" / "_0_1022.jpeg", tmp_path)
+    assert (res.exit_code, res.output) == (4, f"wbc-batch: error: --init {SAMPLE / 'LYMPHOCYTE' / '_0_1022.jpeg'}: expected a run folder or an exported .onnx model\n")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_init_from_onnx_labels_given_as_a_string_is_refused(tmp_path):
+    doc = ModelMetadata(labels=CLASSES, height=24, width=32).to_json_dict() | {"labels": "ABCD"}
+    with pytest.raises(ModelError, match="^invalid model metadata: labels must be a list of class names, got a string: 'ABCD'$"):
+        read_init(build_color_model(tmp_path / "m.onnx", metadata=doc))
 
 
 def test_balanced_class_weights():

@@ -11,6 +11,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
+from click.testing import CliRunner  # noqa: E402
+from conftest import pickle_payload_run  # noqa: E402
+
+from wbc_batch.cli import main  # noqa: E402
+from wbc_batch.errors import ExitCode  # noqa: E402
+from wbc_batch.inference.metadata import ModelError  # noqa: E402
 from wbc_batch.training.config import TrainConfig  # noqa: E402
 from wbc_batch.training.record import RunRecord, load_weights, save_weights  # noqa: E402
 
@@ -58,8 +64,44 @@ def test_weights_are_a_plain_state_dict_read_without_pickle(tmp_path):
 
 def test_weights_that_would_run_code_are_refused(tmp_path):
     torch.save({"weight": torch.zeros(1), "evil": Path("x")}, tmp_path / "evil.pt")
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(ModelError, match=r"evil.pt: refused: loading it would call pathlib\.\w*Path, .*weights are tensors only"):
         load_weights(tmp_path / "evil.pt")
+    run = pickle_payload_run(tmp_path / "run", tmp_path / "ran")
+    with pytest.raises(ModelError, match=r"best.pt: refused: loading it would call \w+\.system, which a file of weights never needs"):
+        load_weights(run / "best.pt")
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "empty or truncated"),
+        (b"hello world\n", "corrupt"),
+        (b"\x80\x02\xff", "refused: not a plain file of tensors"),
+        ("half", "corrupt"),
+    ],
+)
+def test_unreadable_weights_are_a_model_error(tmp_path, content, message):
+    path = tmp_path / "w.pt"
+    save_weights(torch.nn.Linear(3, 2).state_dict(), path)
+    path.write_bytes(path.read_bytes()[:100] if content == "half" else content)
+    with pytest.raises(ModelError, match=f"^{re.escape(str(path))}: .*{message}") as e:
+        load_weights(path)
+    assert e.value.exit_code == ExitCode.MODEL == 4
+
+
+def test_export_of_weights_that_would_run_code_is_a_message_and_exit_4(tmp_path):
+    run = pickle_payload_run(tmp_path / "run", tmp_path / "ran")
+    res = CliRunner().invoke(main, ["export", str(run), "-o", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 4, res.output
+    assert res.output.startswith(f"wbc-batch: error: {run / 'best.pt'}: refused: loading it would call ")
+    assert "Traceback" not in res.output and not (tmp_path / "m.onnx").exists() and not (tmp_path / "ran").exists()
+
+
+def test_export_of_a_folder_that_is_not_a_run_is_a_message(tmp_path):
+    res = CliRunner().invoke(main, ["export", str(tmp_path), "-o", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 4, res.output
+    assert res.output == f"wbc-batch: error: {tmp_path} is not a wbc-batch run folder: no config.json\n"
 
 
 def test_no_module_unpickles_with_weights_only_false():

@@ -19,11 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ExitCode, WbcBatchError
 from .models import Deployable
 
 
-class InitError(ValueError):
+class InitError(WbcBatchError, ValueError):
     """The --init source cannot seed this network: the message says what does not map."""
+
+    exit_code = ExitCode.MODEL
 
 
 @dataclass
@@ -65,19 +68,24 @@ def _from_onnx(path: Path) -> InitSource:
     import onnx
     from onnx import numpy_helper
 
+    from ..inference.metadata import ModelMetadata
     from .onnx_metadata import read_metadata
 
-    proto = onnx.load(str(path))
+    try:
+        proto = onnx.load(str(path))
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends: whatever the bytes are, they are no model
+        raise InitError(f"--init {path}: not an ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
     try:
         doc = read_metadata(proto)
     except KeyError:
         raise InitError(f"{path}: not a wbc-batch model (no 'wbc_batch' metadata)") from None
+    labels = ModelMetadata.from_json_dict(doc).labels  # checked as classify checks them: a string is not four classes
     state = {i.name[len("net."):]: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in proto.graph.initializer if i.name.startswith("net.")}
     if not state:
         raise InitError(f"{path}: no initializer is named after a network parameter ('net.*'); was it exported by wbc-batch?")
     ref = [numpy_helper.to_array(i).reshape(-1).tolist() for i in proto.graph.initializer if i.name == "balance.ref"]
     crop = doc.get("training", {}).get("config", {}).get("crop")
-    return InitSource(str(path), "onnx", doc.get("arch", ""), tuple(doc["labels"]), state, background=[round(float(v), 2) for v in ref[0]] if ref else None,
+    return InitSource(str(path), "onnx", doc.get("arch", ""), labels, state, background=[round(float(v), 2) for v in ref[0]] if ref else None,
                       crop=tuple(crop) if crop is not None else None)
 
 

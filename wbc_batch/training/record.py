@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
+from ..errors import ExitCode, WbcBatchError
+from ..inference.metadata import ModelError
 from ..inference.preprocess import PreprocessSpec
 from .config import TrainConfig
 
@@ -22,9 +26,17 @@ RECORD_FILE = "config.json"
 BEST_WEIGHTS = "best.pt"
 LAST_WEIGHTS = "last.pt"
 
+
+class RunFolderError(WbcBatchError, FileNotFoundError):
+    """A folder given as a run folder (export's RUN_DIR, ``train --init``) that holds no run record."""
+
+    exit_code = ExitCode.MODEL
+
+
 _CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
 #: What a run folder written before these settings existed was trained with (their defaults have changed).
-_LEGACY = {"keep_aspect": False, "crop_follow": False, "colour": "mild", "colour_norm": "none", "precise_bn": 0, "jpeg": 0.0}
+_LEGACY = {"keep_aspect": False, "crop_follow": False, "colour": "mild", "colour_norm": "none", "precise_bn": 0, "jpeg": 0.0,
+           "pretrained": "none"}
 
 
 @dataclass
@@ -90,7 +102,7 @@ class RunRecord:
     def read(cls, run_dir: str | os.PathLike[str]) -> RunRecord:
         path = Path(run_dir) / RECORD_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{run_dir} is not a wbc-batch run folder: no {RECORD_FILE}")
+            raise RunFolderError(f"{run_dir} is not a wbc-batch run folder: no {RECORD_FILE}")
         return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
@@ -104,10 +116,33 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike[st
 def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """A state dict, never unpickling code; run folders from before the record held ``{"state_dict": ...}``."""
     # TorchVersion (a str) sat in those old checkpoints' config: allowed, nothing else is.
-    with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for one verdict: this file is not usable weights
+        raise _load_error(path, e) from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: not a state dict of tensors")
+        raise ModelError(f"{path}: not a state dict of tensors")
     return obj
+
+
+def _load_error(path: str | os.PathLike[str], e: Exception) -> ModelError:
+    """Why ``torch.load(weights_only=True)`` refused ``path``, in a line (torch's own text is a paragraph on its defaults).
+
+    The refusal is the safety this module is for, so it is worded as one: the file asks to call
+    something (a pickle that could run code), or is not weights at all.
+    """
+    if isinstance(e, OSError):
+        return ModelError(f"{path}: cannot read the weights: {e.strerror or e}")
+    if isinstance(e, pickle.UnpicklingError):
+        called = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if called:
+            return ModelError(f"{path}: refused: loading it would call {called.group(1)}, which a file of weights never needs "
+                              "(a pickle can run code; weights are tensors only)")
+        return ModelError(f"{path}: refused: not a plain file of tensors (weights are tensors only)")
+    if isinstance(e, EOFError):
+        return ModelError(f"{path}: not a weights file: empty or truncated")
+    first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return ModelError(f"{path}: not a weights file: corrupt ({first[:200]})")
