@@ -432,3 +432,33 @@ def test_info_summarises_the_batch_norm_record_of_the_shipped_model():
     assert r.exit_code == 0, r.output
     line = next(x for x in r.output.splitlines() if x.startswith("batchnorm:"))
     assert line.endswith("8 folded batch norms recorded (656 channels): what wbc-batch adapt needs") and len(r.output) < 8000
+
+
+@pytest.fixture
+def keep_signal_handlers():
+    """The interrupted exit ignores further signals; pytest's own handlers come back after the test."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, h in previous.items():
+        signal.signal(s, h)
+
+
+@pytest.mark.parametrize("where", ["model", "ray"])
+def test_ctrl_c_during_start_up_exits_like_ctrl_c_during_the_run(tmp_path, color_model, sample_copy, monkeypatch, keep_signal_handlers, where):
+    import wbc_batch.cli as cli
+    from wbc_batch.inference import orchestrator
+
+    if where == "model":  # a real SIGINT while the model loads
+        real = orchestrator.load_model
+        monkeypatch.setattr(orchestrator, "load_model", lambda *a, **k: (os.kill(os.getpid(), signal.SIGINT), real(*a, **k))[1])
+    else:  # Ctrl-C while ray is imported, before the run began
+
+        def ray_engine(address):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(cli, "_ray_engine", ray_engine)
+    out = tmp_path / "p.csv"
+    r = classify(sample_copy, out, color_model, "--engine", "ray" if where == "ray" else "local")
+    assert (r.exit_code, r.stdout) == (130, "")
+    assert r.stderr == "wbc-batch: interrupted; rerun the same command with --resume to finish\n"
+    assert not out.exists() and not sidecar_path(out).exists()

@@ -156,7 +156,7 @@ def test_an_output_that_is_one_of_the_inputs_is_refused_even_with_overwrite(tmp_
     for inputs in (sample_copy, image):
         r = classify(inputs, image, color_model, "--overwrite")
         assert r.exit_code == 5, r.output
-        assert "is one of the input images" in r.output
+        assert "_0_1123.jpeg is one of the input files (" in r.output
     assert image.read_bytes() == before
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import shutil
+import signal
+from pathlib import Path
 
 import pytest
 from test_orchestrator import JPEG, _cfg, _first_rows, read_rows
 
 from wbc_batch.errors import UsageError
-from wbc_batch.inference import predictions
+from wbc_batch.inference import orchestrator, predictions
 from wbc_batch.inference.orchestrator import run_classify
 from wbc_batch.inference.output_guard import lock_path, output_lock
 from wbc_batch.inference.predictions import OutputError, sidecar_path
@@ -137,3 +140,120 @@ def test_a_run_holds_its_output_lock_and_refuses_a_second(tmp_path, color_model,
     lock_path(out).write_text("12345\n")  # left by a run that died: no process holds it
     run_classify(_cfg([sample_copy], out, color_model))
     assert len(read_rows(out)) == 40 and not lock_path(out).exists()
+
+
+# -- start-up: the writes before the first row, and a stop before the run's loop ------------------------------
+def _previous_run(tmp_path, color_model, sample_copy, bad: bool = False) -> tuple[Path, dict[Path, bytes]]:
+    """A finished run's CSV (with one error row if ``bad``) and the bytes of everything beside it."""
+    if bad:
+        (sample_copy / "NEUTROPHIL" / "zz_bad.jpeg").write_bytes(b"")
+    out = tmp_path / "p.csv"
+    run_classify(_cfg([sample_copy], out, color_model))
+    return out, {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+
+
+def _files(tmp_path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+
+
+def _fail_writes(monkeypatch, suffix: str, mode: str, err: int) -> None:
+    """Opening a file named ``*suffix`` in ``mode`` (in predictions) creates it, but its writes fail with ``err``."""
+    real_open = open
+
+    def fake_open(file, m="r", *args, **kw):
+        if str(file).endswith(suffix) and m == mode:
+            f = real_open(file, m, *args, **kw)
+            f.close()
+            raise OSError(err, os.strerror(err))
+        return real_open(file, m, *args, **kw)
+
+    monkeypatch.setattr(predictions, "open", fake_open, raising=False)
+
+
+def test_a_sidecar_that_cannot_be_written_at_start_up_changes_nothing(tmp_path, color_model, sample_copy, monkeypatch):
+    out, before = _previous_run(tmp_path, color_model, sample_copy)
+    real = Path.write_text
+
+    def full(self, *a, **k):
+        if self.name.endswith(".run.json.tmp"):
+            real(self, "")  # created, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OutputError, match=r"cannot write .*p\.csv\.run\.json: No space left on device") as e:
+        run_classify(_cfg([sample_copy], out, color_model, overwrite=True))
+    assert e.value.exit_code == 5 and _files(tmp_path) == before
+
+
+@pytest.mark.parametrize(("suffix", "mode", "err", "message"), [
+    (".rewrite.tmp", "wb", errno.ENOSPC, r"cannot rewrite .*p\.csv: No space left on device"),
+    (".csv", "r+b", errno.EIO, r"cannot cut the torn last line of .*p\.csv: Input/output error"),
+])
+def test_a_resume_that_cannot_rewrite_its_csv_is_an_output_error(tmp_path, color_model, sample_copy, monkeypatch, suffix, mode, err, message):
+    out, _ = _previous_run(tmp_path, color_model, sample_copy, bad=True)
+    with open(out, "ab") as f:
+        f.write(b"torn,li")  # a kill mid-write: the resume cuts it
+    before = _files(tmp_path)
+    _fail_writes(monkeypatch, suffix, mode, err)
+    with pytest.raises(OutputError, match=message) as e:
+        run_classify(_cfg([sample_copy], out, color_model, resume=True, retry_errors=True))
+    assert e.value.exit_code == 5
+    assert {p: b for p, b in _files(tmp_path).items() if p.name != "p.csv"} == {p: b for p, b in before.items() if p.name != "p.csv"}
+    assert out.read_bytes() in (before[out], before[out][: -len(b"torn,li")])  # the cut, if it was made, only
+
+
+def _signal_at(monkeypatch, module, name: str, signum: int) -> list[int]:
+    """Send ``signum`` to this process as ``module.name`` is first called; the returned list counts the calls."""
+    real, calls = getattr(module, name), []
+
+    def send(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signum)
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, send)
+    return calls
+
+
+class _Signalled(Exception):
+    """What SIGINT and SIGTERM raise in these tests outside the run's own handlers (the defaults would end pytest)."""
+
+
+@pytest.fixture
+def signals_raise():
+    def handler(signum, frame):
+        raise _Signalled(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, h in previous.items():
+        signal.signal(s, h)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("where", ["load_model", "iter_images", "refuse_input_as_output"])
+def test_a_stop_before_the_output_is_touched_leaves_it_and_its_sidecar_as_they_were(
+    tmp_path, color_model, sample_copy, monkeypatch, signals_raise, where, signum
+):
+    out, before = _previous_run(tmp_path, color_model, sample_copy)
+    _signal_at(monkeypatch, orchestrator, where, signum)
+    s = run_classify(_cfg([sample_copy], out, color_model, overwrite=True))
+    assert (s.interrupted, s.signal, s.processed, s.files) == (True, signum, 0, 0)
+    assert _files(tmp_path) == before  # no lock file left, CSV and sidecar as they were
+
+
+@pytest.mark.parametrize(("where", "resume"), [("write_sidecar", False), ("write_sidecar", True), ("drop_rows", True)])
+def test_a_stop_while_the_output_is_prepared_ends_the_run_as_interrupted(tmp_path, color_model, sample_copy, monkeypatch, signals_raise, where, resume):
+    out, _ = _previous_run(tmp_path, color_model, sample_copy, bad=True)
+    if resume:
+        predictions.drop_rows(out, lambda rec: rec[0].startswith("NEUTROPHIL/") and rec[-2] == "ok")  # 10 to do; the bad one's row to redo
+    _signal_at(monkeypatch, orchestrator, where, signal.SIGINT)
+    s = run_classify(_cfg([sample_copy], out, color_model, overwrite=not resume, resume=resume, retry_errors=resume))
+    rows = read_rows(out)
+    assert (s.interrupted, s.signal, s.processed, s.files, s.resumed) == (True, signal.SIGINT, 0, len(rows), len(rows))
+    assert len(rows) == (30 if resume else 0) and all(r["status"] == "ok" for r in rows)
+    side = json.loads(sidecar_path(out).read_text())
+    assert side["state"] == "interrupted" and side["summary"]["files"] == len(rows)
+    assert not lock_path(out).exists()

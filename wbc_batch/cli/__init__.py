@@ -120,8 +120,11 @@ def classify(inputs, model, output, workers, batch_size, provider, threads, resu
     )
     if address and engine_name != "ray":
         raise UsageError("--address is only meaningful with --engine ray")
-    engine = _ray_engine(address) if engine_name == "ray" else None
-    summary = run_classify(cfg, engine=engine)
+    try:
+        engine = _ray_engine(address) if engine_name == "ray" else None
+        summary = run_classify(cfg, engine=engine)  # a stop inside it is its summary's, however early
+    except KeyboardInterrupt:  # Ctrl-C while ray was imported: nothing was started or written
+        summary = RunSummary(output=cfg.output, interrupted=True)
     warning = summary.domain_warning() if summary.files else None
     if not quiet and summary.files:  # a run that found no image wrote nothing: the error below says so
         click.echo(f"wbc-batch: {summary.line(_scores(summary))}", err=True)

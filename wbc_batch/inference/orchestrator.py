@@ -25,7 +25,7 @@ from .discover import InputFile, common_root, iter_images
 from .engine import Engine, RunnerOptions
 from .local_engine import LocalEngine
 from .model import Model, load_model
-from .output_guard import output_lock, refuse_input_as_output
+from .output_guard import OutputLock, output_lock, refuse_input_as_output
 from .predictions import (
     ExistingRun,
     OutputError,
@@ -38,7 +38,7 @@ from .predictions import (
     write_sidecar,
 )
 from .rows import STATUS_OK, Prediction, TruthFn, domain_warning
-from .signals import stop_on_signals
+from .signals import StopState, stop_on_signals
 from .truth import read_labels_csv, truth_function
 
 
@@ -182,12 +182,9 @@ def _count_in_background(inputs: Sequence[str], root: Path, skip: set[str], prog
     return t
 
 
-def _prepare_output(cfg: ClassifyConfig, model: Model, root: Path, inputs: Sequence[str]) -> ExistingRun:
+def _prepare_output(cfg: ClassifyConfig, model: Model, root: Path) -> ExistingRun:
     """Check the output for --resume/--overwrite; returns what is already there (nothing for a fresh run)."""
     out = Path(cfg.output)
-    if out.is_dir():
-        raise OutputError(f"output {out} is a directory; give a CSV file path")
-    refuse_input_as_output(out, inputs)  # not even --overwrite may replace an input image
     if not out.exists() or cfg.overwrite:
         return ExistingRun(set(), 0, 0, 0, 0)
     if not cfg.resume:
@@ -281,8 +278,31 @@ def run_classify(
 
     ``engine`` (default: a :class:`LocalEngine`, processes on this machine) only executes the
     batches; output checks, --resume, true labels, the sidecar, progress and summary are decided here.
+
+    One signal policy holds from the first step (see :mod:`.signals`): a SIGINT or SIGTERM before
+    the output is touched (loading the model, the walk's first image, the checks) ends the run at
+    once, the output and its sidecar as they were; one while the output is prepared and opened is
+    taken by the run as its first event. Either way the summary says ``interrupted``.
     """
     engine = engine or LocalEngine()
+    summary = RunSummary(output=str(cfg.output))
+    with stop_on_signals() as stop:
+        try:
+            _classify_to_csv(cfg, model, on_batch, engine, summary, stop)
+        except KeyboardInterrupt as e:  # only before the output was touched: from then on the run's loop takes it
+            engine.close()
+            summary.interrupted, summary.signal = True, getattr(e, "signum", 0) or int(signal.SIGINT)
+    return summary
+
+
+def _classify_to_csv(
+    cfg: ClassifyConfig,
+    model: Model | None,
+    on_batch: Callable[[list[Prediction]], None] | None,
+    engine: Engine,
+    summary: RunSummary,
+    stop: StopState,
+) -> None:
     t0 = time.perf_counter()
     if model is None:
         model = _load_model(cfg)
@@ -291,28 +311,32 @@ def run_classify(
     # The labels file is checked before the output is touched: a bad one changes nothing.
     table = read_labels_csv(cfg.labels_csv, root, model.labels) if cfg.labels_csv else None
     truth = truth_function(model.labels, table)
-    summary = RunSummary(output=str(cfg.output), model_sha256=model.sha256, labels=list(model.labels), domain_checked=model.metadata.domain is not None)
+    summary.model_sha256, summary.labels, summary.domain_checked = model.sha256, list(model.labels), model.metadata.domain is not None
     if not any(True for _ in iter_images(inputs, root)):
-        return summary  # no image at all: no CSV, no sidecar (and an existing output stays as it was)
-    with output_lock(cfg.output):  # one run per output; the kernel drops it when this process ends
-        existing = _prepare_output(cfg, model, root, inputs)
+        return  # no image at all: no CSV, no sidecar (and an existing output stays as it was)
+    with output_lock(cfg.output) as lock:  # one run per output; the kernel drops it when this process ends
+        if Path(cfg.output).is_dir():
+            raise OutputError(f"output {cfg.output} is a directory; give a CSV file path")
+        # Not even --overwrite may replace a file the run reads.
+        refuse_input_as_output(cfg.output, inputs, root, model=model.path, labels=cfg.labels_csv)
+        stop.hold()  # from the first change to the output to the first batch, one step: execute() takes a stop asked meanwhile
+        existing = _prepare_output(cfg, model, root)
         done, truth_pairs = existing.done, existing.truth_pairs
         summary.resumed, summary.ok, summary.errors = len(done), existing.ok, existing.errors
         summary.out_of_domain = existing.out_of_domain
         info = _run_info(cfg, model, root, inputs, engine)
         write_sidecar(cfg.output, info)
         progress = _Progress(cfg.progress, 0, cfg.log_every_s)
+        writer = _open_writer(cfg, model, info, lock)
         counter = _count_in_background(inputs, root, done, progress)
         seen: set[str] = set()  # the rows already there whose files the walk still finds
         files: Iterator[InputFile] = (f for f in iter_images(inputs, root) if not _already_done(f.rel, done, seen))
-        writer = _open_writer(cfg, model, info)
         run = _Run(cfg, engine, writer, progress, summary, truth_pairs, info, t0)
-        run.execute(engine.batches(files, model, cfg.runner, truth), on_batch)
+        run.execute(engine.batches(files, model, cfg.runner, truth), on_batch, stop)
         if run.state == "interrupted":
             summary.found = _files_found(counter, progress, len(done))
         if run.state == "finished" and len(seen) < len(done):
             _drop_stale_rows(run, model, done - seen)
-    return summary
 
 
 def _files_found(counter: threading.Thread, progress: _Progress, done: int) -> int:
@@ -322,11 +346,13 @@ def _files_found(counter: threading.Thread, progress: _Progress, done: int) -> i
     return done + progress.total if progress.total is not None else 0
 
 
-def _open_writer(cfg: ClassifyConfig, model: Model, info: dict) -> PredictionWriter:
-    """The CSV writer; if the CSV cannot even be opened (a full disk, no permission) the sidecar says the run failed."""
+def _open_writer(cfg: ClassifyConfig, model: Model, info: dict, lock: OutputLock) -> PredictionWriter:
+    """The CSV writer, its file locked by inode (see OutputLock.cover); if the CSV cannot even be opened (a full disk, no permission) the sidecar says the run failed."""
     try:
         append = cfg.resume and not cfg.overwrite and Path(cfg.output).exists()
-        return PredictionWriter(cfg.output, model.labels, append=append, domain=model.metadata.domain is not None)
+        writer = PredictionWriter(cfg.output, model.labels, append=append, domain=model.metadata.domain is not None)
+        lock.cover()
+        return writer
     except OutputError as e:
         info.update(state="failed", finished=_now(), error=str(e))
         try:
@@ -369,24 +395,29 @@ class _Run:
     t0: float
     state: str = "running"
 
-    def execute(self, batches: Generator[list[Prediction], None, None], on_batch: Callable[[list[Prediction]], None] | None) -> None:
-        """Write every batch; the first SIGINT/SIGTERM stops (workers ended, whole rows kept), later ones are ignored."""
+    def execute(
+        self, batches: Generator[list[Prediction], None, None], on_batch: Callable[[list[Prediction]], None] | None, stop: StopState
+    ) -> None:
+        """Write every batch; the first SIGINT/SIGTERM stops (workers ended, whole rows kept), later ones are ignored.
+
+        ``stop`` comes held (StopState.hold) by the start-up: a signal that arrived during it stops the run here, before the first batch.
+        """
         error: BaseException | None = None
-        with stop_on_signals() as stop:
-            try:
-                for preds in batches:
-                    with stop.critical():  # a batch is written and counted, or neither
-                        self.writer.write(preds)
-                        self.progress.update(len(preds), _count_rows(self.summary, self.truth_pairs, preds))
-                    if on_batch is not None:
-                        on_batch(preds)
-            except KeyboardInterrupt as e:
-                self.summary.interrupted = True
-                self.summary.signal = getattr(e, "signum", 0) or int(signal.SIGINT)
-            except BaseException as e:
-                error = e
-            stop.stopping()  # from here on a signal is only counted: the cleanup runs to its end
-            self._finish(batches, error)
+        try:
+            stop.release()
+            for preds in batches:
+                with stop.critical():  # a batch is written and counted, or neither
+                    self.writer.write(preds)
+                    self.progress.update(len(preds), _count_rows(self.summary, self.truth_pairs, preds))
+                if on_batch is not None:
+                    on_batch(preds)
+        except KeyboardInterrupt as e:
+            self.summary.interrupted = True
+            self.summary.signal = getattr(e, "signum", 0) or int(signal.SIGINT)
+        except BaseException as e:
+            error = e
+        stop.stopping()  # from here on a signal is only counted: the cleanup runs to its end
+        self._finish(batches, error)
         if error is not None:
             raise error
 

@@ -217,8 +217,12 @@ def scan_existing(path: str | os.PathLike[str], labels: Sequence[str], domain: b
 
 
 def truncate_torn_tail(path: str | os.PathLike[str], good_bytes: int) -> None:
-    with open(path, "r+b") as f:
-        f.truncate(good_bytes)
+    """Cut what a kill left after the last whole row; OutputError (exit 5) when the file cannot be changed."""
+    try:
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    except OSError as e:
+        raise OutputError(f"cannot cut the torn last line of {path}: {e.strerror or e}") from e
 
 
 def write_sidecar(csv_path: str | os.PathLike[str], info: dict) -> None:
@@ -229,6 +233,7 @@ def write_sidecar(csv_path: str | os.PathLike[str], info: dict) -> None:
         tmp.write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
         os.replace(tmp, p)
     except OSError as e:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written description behind
         raise OutputError(f"cannot write {p}: {e.strerror or e}") from e
 
 
@@ -257,21 +262,26 @@ def drop_rows(path: str | os.PathLike[str], drop: Callable[[list[str]], bool]) -
     """Rewrite ``path`` without the records ``drop`` picks (header and every other row byte for byte); returns those dropped.
 
     For ``--retry-errors`` (error rows go, to be redone) and for rows of files that are gone. The
-    new file replaces the old one atomically, so a kill mid-way leaves one or the other.
+    new file replaces the old one atomically, so a kill mid-way leaves one or the other, and so does a
+    full disk (OutputError, exit 5; the partial copy is removed).
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".rewrite.tmp")
     dropped: list[list[str]] = []
-    with open(path, "rb") as f, open(path, "rb") as raw, open(tmp, "wb") as out:
-        at = 0
-        for i, (rec, end) in enumerate(_records_with_offsets(f)):
-            chunk = raw.read(end - at)
-            at = end
-            if i and drop(rec):
-                dropped.append(rec)
-            else:
-                out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(path, "rb") as f, open(path, "rb") as raw, open(tmp, "wb") as out:
+            at = 0
+            for i, (rec, end) in enumerate(_records_with_offsets(f)):
+                chunk = raw.read(end - at)
+                at = end
+                if i and drop(rec):
+                    dropped.append(rec)
+                else:
+                    out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot rewrite {path}: {e.strerror or e}") from e
     return dropped

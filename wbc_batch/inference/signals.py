@@ -9,6 +9,8 @@ wait on a slow batch is cut at once), and every later one is only counted.
 
 A batch's write and its count in the summary are one step (:meth:`StopState.critical`): a
 signal arriving during it takes effect right after, so the CSV and the summary never disagree.
+So is a run's start-up from the first change to its output to its first batch
+(:meth:`StopState.hold`): the sidecar then says ``interrupted`` with the counts of the CSV.
 """
 
 from __future__ import annotations
@@ -54,17 +56,31 @@ class StopState:
         self._deferred = True
         self._owed = False
 
-    @contextmanager
-    def critical(self) -> Iterator[None]:
-        """A step no signal may split; one that arrives during it is raised when it ends."""
+    def hold(self) -> None:
+        """A step no signal may split begins; a stop signal from now on is kept until :meth:`release`.
+
+        For a step that ends elsewhere than it began (a run's start-up, ended by its loop, which takes the
+        signal as its first event); :meth:`critical` is the same for a block.
+        """
         self._deferred = True
-        try:
-            yield
-        finally:
-            self._deferred = False
+
+    def release(self) -> None:
+        """The step begun by :meth:`hold` is over: a stop signal that arrived during it is raised now."""
+        self._deferred = False
         if self._owed:
             self._owed = False
             raise Interrupted(self.signum)
+
+    @contextmanager
+    def critical(self) -> Iterator[None]:
+        """A step no signal may split; one that arrives during it is raised when it ends."""
+        self.hold()
+        try:
+            yield
+        except BaseException:
+            self._deferred = False
+            raise
+        self.release()
 
 
 @contextmanager
