@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import shutil
 import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import SAMPLE
+from conftest import LABELS, ROOT, SAMPLE
 from test_cli import keep_signal_handlers  # noqa: F401  (a fixture)
 from test_orchestrator import _non_cells
 
@@ -68,3 +70,61 @@ def test_an_interrupted_run_says_its_scores_are_partial(monkeypatch, tmp_path, c
     assert r.exit_code == 130
     summary = r.stderr.splitlines()[0]
     assert summary.startswith("wbc-batch: files 12  ok 12  errors 0  accuracy ") and "(partial: 12 of 40 files)" in summary
+
+
+# -- the model card (info) ------------------------------------------------------------------------------------------------
+
+SHIPPED_DIR = ROOT / "export"
+
+
+def _section(card: str, key: str) -> list[str]:
+    """The card's lines for one key: its own and the indented ones after it."""
+    lines = card.splitlines()
+    i = next(i for i, x in enumerate(lines) if x.startswith(f"{key}:"))
+    return [lines[i], *itertools.takewhile(lambda x: x.startswith(" "), lines[i + 1:])]
+
+
+@pytest.mark.parametrize("name", ["wbc-default.onnx", "wbc-v1.onnx"])
+def test_info_tells_training_and_domain_in_words_on_lines_of_sane_length(name):
+    path = SHIPPED_DIR / name
+    if not path.is_file():
+        pytest.skip(f"export/{name} missing")
+    r = run("info", path)
+    assert r.exit_code == 0, r.output
+    assert max(len(x) for x in r.stdout.splitlines()) <= 120
+    for key in ("training", "domain"):
+        assert not any(c in x for x in _section(r.stdout, key) for c in '{["'), key  # no raw JSON
+
+
+def test_info_counts_the_images_the_shipped_model_was_trained_on():
+    path = SHIPPED_DIR / "wbc-default.onnx"
+    if not path.is_file():
+        pytest.skip("export/wbc-default.onnx missing")
+    card = run("info", path).stdout
+    training = _section(card, "training")
+    assert training[0] == "training:   13517 images in 2 folders (11560 train, 1957 validation); weights of epoch 6 of 8"
+    assert "            fine-tuned from export/wbc-v1.onnx" in training
+    assert any(x.startswith("            ../shared/data/pbc/train: 3560 images (EOSINOPHIL 1000, LYMPHOCYTE 700, MONOCYTE 860,")
+               for x in training)
+    assert "4160" not in card  # the whole folder, 4 classes of it unused
+    assert _section(card, "domain")[0] == "domain:     in domain when ood_score <= 1.21974 (the 0.995 quantile of 1957 held-out images)"
+
+
+def test_info_of_the_first_shipped_model_says_its_domain_check_came_from_training_images():
+    path = SHIPPED_DIR / "wbc-v1.onnx"
+    if not path.is_file():
+        pytest.skip("export/wbc-v1.onnx missing")
+    domain = _section(run("info", path).stdout, "domain")
+    assert domain[0] == "domain:     in domain when ood_score <= 1.95318 (the 0.995 quantile of 9957 training images)"
+
+
+def test_the_data_fingerprint_covers_only_the_classes_trained_on(tmp_path):
+    from wbc_batch.training.export import data_fingerprint
+
+    four, five = tmp_path / "four", tmp_path / "five"
+    shutil.copytree(SAMPLE, four, ignore=shutil.ignore_patterns("README*"))
+    shutil.copytree(four, five)
+    shutil.copytree(five / "MONOCYTE", five / "BASOPHIL")
+    got = data_fingerprint(five, classes=LABELS)
+    assert got["files"] == 40 and got["sha256_names_sizes"] == data_fingerprint(four)["sha256_names_sizes"]
+    assert data_fingerprint(five)["files"] == 50

@@ -43,24 +43,30 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
 
 
-def data_fingerprint(data_dir: str | os.PathLike[str]) -> dict:
-    """A cheap identity of a class-folder data set: sha256 over (relative path, size) of the files training reads."""
+def data_fingerprint(data_dir: str | os.PathLike[str], classes: Sequence[str] | None = None) -> dict:
+    """A cheap identity of a class-folder data set: sha256 over (relative path, size) of the files training reads.
+
+    ``classes``: the class folders the run trained on (default: all). A folder with more classes than the
+    model's (pbc/train has 8, a model 4 of them) must not count the others as training data.
+    """
     from .data import scan_class_folders
 
     root = Path(data_dir)
     try:
-        paths = scan_class_folders(root).paths
+        scan = scan_class_folders(root)
     except (FileNotFoundError, ValueError):  # moved or reshaped since training: name it only
         return {"path": str(root)}
+    keep = set(scan.classes if classes is None else classes)
+    paths = [p for p, t in zip(scan.paths, scan.targets, strict=True) if scan.classes[t] in keep]
     h = hashlib.sha256()
     for p in paths:
         h.update(f"{Path(p).relative_to(root).as_posix()}\0{os.path.getsize(p)}\n".encode())
     return {"path": str(root), "files": len(paths), "sha256_names_sizes": h.hexdigest()}
 
 
-def _fingerprints(dirs: Sequence[str]) -> dict | list[dict]:
+def _fingerprints(dirs: Sequence[str], classes: Sequence[str]) -> dict | list[dict]:
     """One data folder's fingerprint as before; several: one per folder, in training order."""
-    prints = [data_fingerprint(d) for d in dirs]
+    prints = [data_fingerprint(d, classes) for d in dirs]
     return prints[0] if len(prints) == 1 else prints
 
 
@@ -171,7 +177,7 @@ def model_metadata(record, epoch: int | None, report: ExportReport, name: str) -
     cfg = record.to_dict()
     versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime_export_check": ort.__version__}
     training = {
-        "data": _fingerprints(record.config.data_dirs()),
+        "data": _fingerprints(record.config.data_dirs(), record.classes),
         **({"sources": record.sources} if record.sources else {}),
         "epoch": epoch,
         # "crop": [window, out] of the in-graph cell crop ([0, 0]: whole field); informative only.
