@@ -128,3 +128,31 @@ def test_the_data_fingerprint_covers_only_the_classes_trained_on(tmp_path):
     got = data_fingerprint(five, classes=LABELS)
     assert got["files"] == 40 and got["sha256_names_sizes"] == data_fingerprint(four)["sha256_names_sizes"]
     assert data_fingerprint(five)["files"] == 50
+
+
+# -- model names ------------------------------------------------------------------------------------------------------------
+
+
+def test_adapt_names_its_model_after_the_source_and_the_images_or_as_told(tmp_path):
+    pytest.importorskip("onnx")
+    from wbc_batch.inference.model import default_model_path, load_model
+
+    if not default_model_path().is_file():
+        pytest.skip("shipped model export/wbc-default.onnx missing")
+    lab = tmp_path / "lab3"
+    shutil.copytree(SAMPLE / "NEUTROPHIL", lab)
+    r = run("adapt", default_model_path(), lab, "-o", tmp_path / "a.onnx", "--max-images", "8")
+    assert r.exit_code == 0, r.output
+    assert load_model(tmp_path / "a.onnx").metadata.name == "wbc-default-adapted-lab3"
+    assert "wrote {} (model name wbc-default-adapted-lab3)".format(tmp_path / "a.onnx") in r.stdout
+    r = run("adapt", default_model_path(), lab, "-o", tmp_path / "b.onnx", "--max-images", "8", "--name", "lab-3-v2")
+    assert r.exit_code == 0 and load_model(tmp_path / "b.onnx").metadata.name == "lab-3-v2"
+
+
+def test_each_shipped_model_is_named_after_its_file():
+    from wbc_batch.inference.model import load_model
+
+    shipped = sorted(SHIPPED_DIR.glob("*.onnx"))
+    if not shipped:
+        pytest.skip("no shipped model under export/")
+    assert {p.stem: load_model(p, threads=1).metadata.name for p in shipped} == {p.stem: p.stem for p in shipped}

@@ -62,6 +62,13 @@ def test_the_adapted_model_keeps_everything_but_the_folded_weights(adapted):
     assert a.labels == b.labels and a.preprocess == b.preprocess and a.domain == b.domain
     ad = _doc(out)["adapted"]
     assert ad["images"] == 40 and ad["source"]["name"] == "wbc-default" and len(ad["source"]["sha256"]) == 64
+    assert b.name == "wbc-default-adapted-sample_data"  # a report can tell it from its source
+
+
+def test_an_adapted_model_takes_the_name_it_is_given(tmp_path):
+    out = tmp_path / "lab.onnx"
+    adapt_model(SHIPPED, [SAMPLE / "EOSINOPHIL", SAMPLE / "MONOCYTE"], out, max_images=8, name="lab-3")
+    assert load_model(out).metadata.name == "lab-3"
 
 
 def test_adapting_again_on_the_same_images_changes_nothing(adapted, tmp_path):

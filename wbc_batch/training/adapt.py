@@ -31,7 +31,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from ..errors import ExitCode, WbcBatchError
-from ..inference.discover import iter_images
+from ..inference.discover import common_root, iter_images
 from ..inference.metadata import ModelMetadata
 from ..inference.preprocess import ImageError, load_image
 from .onnx_metadata import read_metadata, save_checked, set_metadata
@@ -53,6 +53,7 @@ class AdaptReport:
     skipped: int  # unreadable files among those sampled
     layers: int
     seconds: float
+    name: str  # the adapted model's, in its metadata
 
 
 def sample_paths(inputs: Sequence[str | os.PathLike[str]], max_images: int) -> list[str]:
@@ -61,6 +62,15 @@ def sample_paths(inputs: Sequence[str | os.PathLike[str]], max_images: int) -> l
     if max_images and len(paths) > max_images:
         paths = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, max_images).round().astype(int))]
     return paths
+
+
+def adapted_name(source: str, inputs: Sequence[str | os.PathLike[str]]) -> str:
+    """The default name of an adapted model: ``SOURCE-adapted-FOLDER``, FOLDER the inputs' common folder.
+
+    Why not the source's name: reports and sidecars name the model that wrote a CSV, and the source and
+    its adaptations to several labs must not read as one model.
+    """
+    return f"{source}-adapted-{common_root(inputs).name or 'images'}"
 
 
 def decode(paths: Sequence[str], md: ModelMetadata) -> tuple[np.ndarray, int]:
@@ -127,8 +137,12 @@ def adapt_model(
     *,
     max_images: int = DEFAULT_MAX_IMAGES,
     threads: int = 0,
+    name: str | None = None,
 ) -> AdaptReport:
-    """Write ``output``: ``model_path`` with every folded batch norm re-measured on the images under ``inputs``."""
+    """Write ``output``: ``model_path`` with every folded batch norm re-measured on the images under ``inputs``.
+
+    ``name``: the adapted model's name in its metadata (default: :func:`adapted_name`).
+    """
     t0 = time.perf_counter()
     data = Path(model_path).read_bytes()
     model = onnx.load_model_from_string(data)
@@ -154,7 +168,8 @@ def adapt_model(
     doc["adapted"] = {"images": len(images), "skipped": skipped, "layers": len(layers), "max_images": max_images,
                       "source": {"name": md.name, "sha256": hashlib.sha256(data).hexdigest()},
                       "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    doc["name"] = name or adapted_name(md.name, inputs)
     ModelMetadata.from_json_dict(doc)  # still reads back
     set_metadata(model, doc)
     save_checked(model, output)
-    return AdaptReport(str(output), len(images), skipped, len(layers), time.perf_counter() - t0)
+    return AdaptReport(str(output), len(images), skipped, len(layers), time.perf_counter() - t0, doc["name"])
