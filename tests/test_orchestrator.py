@@ -394,3 +394,47 @@ def test_python_api_yields_the_domain_check(trust_model):
     preds = list(classify(SAMPLE, trust_model, options=ONE))
     assert len(preds) == 40 and sum(p.in_domain is False for p in preds) == TRUST_OUT_OF_DOMAIN
     assert all(p.ood_score is not None and p.risk == pytest.approx(1 - p.confidence) for p in preds)
+
+
+#: File and folder names that a spreadsheet would read as formulas, one per first character.
+FORMULA_FIRSTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def make_formula_tree(d: Path) -> list[str]:
+    """Folders and files whose names start with each formula character (and a live-link folder): their run-relative paths."""
+    rels = [f"{c}slide/{c}cell.jpeg" for c in FORMULA_FIRSTS] + [f"{c}top.jpeg" for c in FORMULA_FIRSTS]
+    rels += ['=HYPERLINK("http:\\\\x","open")/a.jpeg', "EOSINOPHIL/-1.jpeg"]
+    for rel in rels:
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(JPEG, d / rel)
+    return sorted(rels)
+
+
+def test_formula_names_are_written_so_no_cell_starts_a_formula_and_resume_is_a_no_op(tmp_path, color_model):
+    d = tmp_path / "in"
+    rels = make_formula_tree(d)
+    out = tmp_path / "p.csv"
+    run_classify(_cfg([d], out, color_model))
+    rows = read_rows(out)
+    assert sorted(r["path"] for r in rows) == sorted(p if p[0] not in FORMULA_FIRSTS else "./" + p for p in rels)
+    assert all(os.path.isfile(d / r["path"]) for r in rows)  # still the file, relative to the input root
+    with open(out, encoding="utf-8", newline="") as f:
+        assert not [c for rec in csv.reader(f) for c in rec if c[:1] in FORMULA_FIRSTS]
+    before = out.read_bytes()
+    s = run_classify(_cfg([d], out, color_model, resume=True))
+    assert (s.resumed, s.processed, s.files, s.stale) == (len(rels), 0, len(rels), 0)
+    assert out.read_bytes() == before
+
+
+def test_resume_refuses_repeated_rows_and_leaves_the_csv_as_it_was(tmp_path, color_model, sample_copy):
+    out = tmp_path / "p.csv"
+    run_classify(_cfg([sample_copy], out, color_model))
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:21] + lines[1:11] + lines[21:]))  # 10 rows copied into the middle
+    before = out.read_bytes()
+    with pytest.raises(OutputError) as e:
+        run_classify(_cfg([sample_copy], out, color_model, resume=True))
+    assert e.value.exit_code == 5
+    assert f"cannot resume: {out} has 10 row(s) that no wbc-batch run writes: line 22: " in str(e.value)
+    assert "(first on line 2)" in str(e.value) and "line 31: " in str(e.value)
+    assert out.read_bytes() == before

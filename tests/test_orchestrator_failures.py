@@ -257,3 +257,64 @@ def test_a_stop_while_the_output_is_prepared_ends_the_run_as_interrupted(tmp_pat
     side = json.loads(sidecar_path(out).read_text())
     assert side["state"] == "interrupted" and side["summary"]["files"] == len(rows)
     assert not lock_path(out).exists()
+
+
+def test_resume_drops_the_row_of_a_deleted_file_whose_name_would_start_a_formula(tmp_path, color_model, sample_copy):
+    gone = sample_copy / "EOSINOPHIL" / "=gone.jpeg"
+    shutil.copy(JPEG, gone)
+    out = tmp_path / "p.csv"
+    run_classify(_cfg([sample_copy], out, color_model))
+    assert "./EOSINOPHIL" not in out.read_text() and len(read_rows(out)) == 41
+    top = sample_copy / "-top.jpeg"
+    shutil.copy(JPEG, top)
+    run_classify(_cfg([sample_copy], out, color_model, resume=True))
+    assert read_rows(out)[-1]["path"] == "./-top.jpeg"
+    top.unlink()
+    s = run_classify(_cfg([sample_copy], out, color_model, resume=True))
+    assert s.stale == 1 and "./-top.jpeg" not in {r["path"] for r in read_rows(out)} and len(read_rows(out)) == 41
+
+
+def _error_row_run(tmp_path, color_model, sample_copy):
+    """A finished run with one error row whose file is a good image by now."""
+    bad = sample_copy / "NEUTROPHIL" / "zz_later.jpeg"
+    bad.write_bytes(b"")
+    out = tmp_path / "p.csv"
+    run_classify(_cfg([sample_copy], out, color_model))
+    shutil.copy(JPEG, bad)
+    return out
+
+
+def test_a_kill_after_retry_errors_dropped_the_rows_leaves_a_sidecar_that_does_not_say_finished(tmp_path, color_model, sample_copy, monkeypatch):
+    out = _error_row_run(tmp_path, color_model, sample_copy)
+    assert json.loads(sidecar_path(out).read_text())["state"] == "finished"
+    real_drop = orchestrator.drop_rows
+
+    def drop_then_die(path, drop, **kw):
+        real_drop(path, drop, **kw)
+        raise SystemExit("killed")  # the process ends here, as a SIGKILL would end it
+
+    monkeypatch.setattr(orchestrator, "drop_rows", drop_then_die)
+    with pytest.raises(SystemExit):
+        run_classify(_cfg([sample_copy], out, color_model, resume=True, retry_errors=True))
+    assert len(read_rows(out)) == 40  # the error row is gone ...
+    assert json.loads(sidecar_path(out).read_text())["state"] == "running"  # ... and the sidecar does not claim the old 41 as finished
+    monkeypatch.undo()
+    s = run_classify(_cfg([sample_copy], out, color_model, resume=True))
+    assert (s.resumed, s.processed, s.files, s.errors) == (40, 1, 41, 0)
+
+
+def test_a_kill_while_stale_rows_are_dropped_leaves_a_sidecar_that_does_not_say_finished(tmp_path, color_model, sample_copy, monkeypatch):
+    out = tmp_path / "p.csv"
+    run_classify(_cfg([sample_copy], out, color_model))
+    (sample_copy / read_rows(out)[0]["path"]).unlink()
+    real_drop = orchestrator.drop_rows
+
+    def drop_then_die(path, drop, **kw):
+        real_drop(path, drop, **kw)
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(orchestrator, "drop_rows", drop_then_die)
+    with pytest.raises(SystemExit):
+        run_classify(_cfg([sample_copy], out, color_model, resume=True))
+    side = json.loads(sidecar_path(out).read_text())
+    assert len(read_rows(out)) == 39 and side["state"] == "running"

@@ -13,6 +13,7 @@ from wbc_batch.inference.predictions import (
     Prediction,
     PredictionWriter,
     columns,
+    drop_rows,
     format_header,
     format_rows,
     read_sidecar,
@@ -200,3 +201,104 @@ def test_resume_scan_of_a_domain_csv_counts_the_out_of_domain_rows(tmp_path):
         scan_existing(out, LABELS)  # the same labels without the check: another model
     with pytest.raises(OutputError, match="written by a different model"):
         scan_existing(_intact(tmp_path), LABELS, domain=True)  # an older model's CSV (rewrites p.csv)
+
+
+FORMULA_NAMES = [c + name for c in ("=", "+", "-", "@", "\t", "\r") for name in ("x.jpg", "slide/x.jpg")] + ['=HYPERLINK("http:\\\\x","open")/y.jpg']
+
+
+def test_paths_that_would_start_a_formula_are_written_from_dot_slash_and_read_back(tmp_path):
+    out = tmp_path / "p.csv"
+    with PredictionWriter(out, LABELS) as w:
+        w.write([Prediction(p, "EOSINOPHIL", 1.0, [1.0, 0.0, 0.0, 0.0]) for p in FORMULA_NAMES])
+        w.write([Prediction("-err.jpg", status="error", error="empty file")])
+    rows = _read(out)
+    assert [r[0] for r in rows[1:]] == ["./" + p for p in FORMULA_NAMES] + ["./-err.jpg"]  # the same files, relative to the root
+    assert not [c for r in rows for c in r if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    run = scan_existing(out, LABELS)
+    assert run.done == {*FORMULA_NAMES, "-err.jpg"} and (run.ok, run.errors, run.torn_bytes) == (len(FORMULA_NAMES), 1, 0)
+
+
+def _lines(*rows: str) -> str:
+    return HEADER + "".join(r + "\n" for r in rows)
+
+
+ROW_A = "a.jpg,MONOCYTE,0.700000,0.100000,0.050000,0.700000,0.150000,,ok,"
+ROW_B = "b.jpg,,,,,,,,error,empty file"
+ROW_C = "c.jpg,EOSINOPHIL,0.900000,0.900000,0.050000,0.030000,0.020000,EOSINOPHIL,ok,"
+
+
+def test_scan_refuses_duplicate_paths_naming_their_lines(tmp_path):
+    out = tmp_path / "p.csv"
+    out.write_text(_lines(ROW_A, ROW_B, ROW_C, ROW_A, "./" + ROW_C, ROW_A))
+    before = out.read_bytes()
+    with pytest.raises(OutputError) as e:
+        scan_existing(out, LABELS)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot resume: {out} has 3 row(s) that no wbc-batch run writes: ")
+    assert "line 5: 'a.jpg' again (first on line 2)" in msg and "line 6: 'c.jpg' again (first on line 4)" in msg
+    assert "line 7: 'a.jpg' again (first on line 2)" in msg
+    assert e.value.exit_code == 5 and out.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "row, why",
+    [
+        (ROW_A.replace("MONOCYTE", "FOO", 1), "label 'FOO' is not one of the model's labels"),
+        (ROW_A.replace("0.700000", "abc", 1), "confidence 'abc' is not a number from 0 to 1"),
+        (ROW_A.replace("0.700000", "1.5", 1), "confidence '1.5' is not a number from 0 to 1"),
+        (ROW_A.replace("0.700000", "nan", 1), "confidence 'nan' is not a number from 0 to 1"),
+        (ROW_A.replace("0.100000", "-0.1", 1), "prob_EOSINOPHIL '-0.1' is not a number from 0 to 1"),
+        (ROW_A.replace(",,ok,", ",BASOPHIL,ok,"), "true_label 'BASOPHIL' is not one of the model's labels"),
+        (ROW_A.replace(",ok,", ",done,"), "status 'done' is neither ok nor error"),
+        (ROW_B.replace("b.jpg,,", "b.jpg,MONOCYTE,"), "an error row with a label, confidence or probabilities"),
+        (ROW_A.replace("a.jpg", ""), "no path"),
+        (ROW_A.replace("a.jpg", "\0\0a.jpg"), "a path with NUL bytes"),
+        (ROW_A[:30], "4 fields instead of 10"),
+    ],
+)
+def test_scan_refuses_a_row_no_run_writes_naming_its_line(tmp_path, row, why):
+    out = tmp_path / "p.csv"
+    out.write_text(_lines(ROW_B, row, ROW_C), encoding="utf-8")
+    before = out.read_bytes()
+    with pytest.raises(OutputError) as e:
+        scan_existing(out, LABELS)
+    assert str(e.value).startswith(f"cannot resume: {out} has 1 row(s) that no wbc-batch run writes: line 3: {why}")
+    assert "remove or correct those lines" in str(e.value)
+    assert out.read_bytes() == before  # refused, not cut: the rows after it are kept
+
+
+def test_scan_refuses_bad_domain_columns(tmp_path):
+    out = tmp_path / "p.csv"
+    with PredictionWriter(out, LABELS, domain=True) as w:
+        w.write([TRUSTED, ERR])
+    text = out.read_text()
+    out.write_text(text.replace(",false,", ",maybe,"))
+    with pytest.raises(OutputError, match="line 2: in_domain 'maybe' is neither true nor false"):
+        scan_existing(out, LABELS, domain=True)
+    out.write_text(text.replace("12.500000", "x"))
+    with pytest.raises(OutputError, match="line 2: ood_score 'x' is not a number"):
+        scan_existing(out, LABELS, domain=True)
+
+
+def test_many_bad_rows_are_named_ten_at_a_time(tmp_path):
+    out = tmp_path / "p.csv"
+    out.write_text(_lines(*[ROW_A] * 25))
+    with pytest.raises(OutputError, match=r"has 24 row\(s\) that no wbc-batch run writes: line 3: .* line 12: [^;]*; and 14 more;"):
+        scan_existing(out, LABELS)
+
+
+def test_drop_rows_calls_before_replace_once_the_new_file_is_complete_and_keeps_the_old_if_it_fails(tmp_path):
+    out = tmp_path / "p.csv"
+    out.write_text(_lines(ROW_A, ROW_B, "./-" + ROW_C))
+    before = out.read_bytes()
+    seen = []
+
+    def refuse():
+        seen.append((tmp_path / "p.csv.rewrite.tmp").read_text())
+        raise OutputError("cannot write the sidecar")
+
+    with pytest.raises(OutputError, match="cannot write the sidecar"):
+        drop_rows(out, lambda rec: rec[-2] == "error", before_replace=refuse)
+    assert seen == [_lines(ROW_A, "./-" + ROW_C)] and out.read_bytes() == before and not (tmp_path / "p.csv.rewrite.tmp").exists()
+    assert drop_rows(out, lambda rec: rec[-2] == "error", before_replace=lambda: seen.append("ok")) == [ROW_B.split(",")]
+    assert out.read_text() == _lines(ROW_A, "./-" + ROW_C) and seen[-1] == "ok"

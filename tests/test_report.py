@@ -318,8 +318,12 @@ def test_classify_path_does_not_import_matplotlib():
 
 
 def _synthetic_csv(path: Path, n: int, seed: int = 0) -> Path:
+    """``n`` rows of one file each (links to sample_data/'s 40 images under a root beside ``path``)."""
     rng = np.random.default_rng(seed)
     imgs = {lb: sorted((SAMPLE / lb).glob("*.jpeg")) for lb in LABELS}
+    root = path.parent / "images"
+    for lb in LABELS:
+        (root / lb).mkdir(parents=True, exist_ok=True)
     t = rng.choice(4, size=n, p=[0.05, 0.3, 0.1, 0.55])
     logits = rng.normal(0, 1, size=(n, 4))
     logits[np.arange(n), t] += rng.gamma(2.0, 0.8, size=n)
@@ -327,10 +331,11 @@ def _synthetic_csv(path: Path, n: int, seed: int = 0) -> Path:
     preds = []
     for i in range(n):
         lb = LABELS[t[i]]
-        rel = f"{lb}/{imgs[lb][i % 10].name}"
+        rel = f"{lb}/{i:05d}{imgs[lb][i % 10].name}"
         if i % 97 == 5:
             preds.append(Prediction(path=f"{lb}/bad_{i}.jpeg", true_label=lb, status="error", error=f"cannot identify image file #{i}"))
         else:
+            (root / rel).symlink_to(imgs[lb][i % 10])
             j = int(prob[i].argmax())
             preds.append(
                 Prediction(
@@ -343,7 +348,7 @@ def _synthetic_csv(path: Path, n: int, seed: int = 0) -> Path:
         path,
         {
             "model": {"name": "synthetic", "sha256": "ab" * 32, "labels": list(LABELS), "arch": "x"},
-            "root": str(SAMPLE),
+            "root": str(root),
             "summary": {"images_per_s": 123.0},
         },
     )
@@ -578,3 +583,48 @@ def test_non_utf8_file_name(tmp_path):
     with open(paths["review"], encoding="utf-8", errors="surrogateescape", newline="") as f:
         assert [r["path"] for r in csv.DictReader(f)] == [rel]
     assert json.loads(paths["metrics"].read_text())["counts"]["ok"] == 2
+
+
+# --------------------------------------------------------------------------- CSV integrity and formula cells
+
+
+def test_a_path_twice_is_refused_naming_its_lines(tmp_path):
+    csv_path = tmp_path / "pred.csv"
+    row = Prediction("EOSINOPHIL/a.jpeg", "EOSINOPHIL", 0.9, [0.9, 0.05, 0.03, 0.02], "EOSINOPHIL")
+    other = Prediction("EOSINOPHIL/b.jpeg", status="error", error="empty file")
+    with PredictionWriter(csv_path, LABELS) as w:
+        w.write([row, other, row, Prediction("=x.jpeg", "MONOCYTE", 0.5, [0.2, 0.2, 0.5, 0.1]), other])
+    with open(csv_path, "a", encoding="utf-8") as f:
+        f.write("=x.jpeg,MONOCYTE,0.5,0.2,0.2,0.5,0.1,,ok,\n")  # the same file as ./=x.jpeg
+    with pytest.raises(report_mod.ReportError) as e:
+        write_report(csv_path, tmp_path / "r", on_warning=None)
+    assert str(e.value) == (
+        f"{csv_path} names a file more than once, so its rows would be counted twice: "
+        "'EOSINOPHIL/a.jpeg' on lines 2, 4; 'EOSINOPHIL/b.jpeg' on lines 3, 6; '=x.jpeg' on lines 5, 7; "
+        "keep one row per file (wbc-batch classify writes one) and report again"
+    )
+    res = CliRunner().invoke(main, ["report", str(csv_path), "-o", str(tmp_path / "r2")])
+    assert res.exit_code == 2 and "names a file more than once" in res.output and not (tmp_path / "r2" / "report.html").exists()
+
+
+def _cells(path: Path) -> list[list[str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_report_csvs_hold_no_cell_that_starts_a_formula(tmp_path, color_model):
+    from test_orchestrator import FORMULA_FIRSTS, make_formula_tree
+
+    rels = make_formula_tree(tmp_path / "in")
+    pred = classify(tmp_path / "in", color_model, tmp_path / "pred.csv")
+    paths = write_report(pred, tmp_path / "r", group_by=1, review_share=1.0, on_warning=None)
+    for kind in ("review", "differential", "per_class"):
+        starts = [c for row in _cells(paths[kind]) for c in row if c[:1] in FORMULA_FIRSTS]
+        assert all(re.fullmatch(r"-\d+\.\d+", c) for c in starts), (kind, starts)  # only numbers such as -0.5
+    review = {r["path"]: r for r in read_rows(paths["review"])}
+    assert sorted(review) == sorted("'" + p if p[0] in FORMULA_FIRSTS else p for p in rels)
+    assert review["'=slide/=cell.jpeg"]["group"] == "'=slide" and review["'-top.jpeg"]["group"] == "."
+    groups = [r["group"] for r in read_rows(paths["differential"])]
+    assert sorted(groups) == sorted(["'" + c + "slide" for c in FORMULA_FIRSTS] + ["'=HYPERLINK(\"http:\\\\x\",\"open\")", "EOSINOPHIL", "."])
+    page = paths["html"].read_text()
+    assert "=slide/=cell.jpeg" in page and "&#39;=slide" not in page  # the page shows the names as they are

@@ -75,3 +75,10 @@ def test_labels_csv_not_utf8(tmp_path):
 def test_labels_csv_missing(tmp_path):
     with pytest.raises(LabelsError, match=r"nope\.csv: cannot read \(No such file or directory\)"):
         read_labels_csv(tmp_path / "nope.csv", tmp_path, LABELS)
+
+
+def test_labels_csv_paths_in_predictions_csv_form_name_the_same_files(tmp_path):
+    """predictions.csv writes a path that would start a spreadsheet formula from ./; as --labels it names the same file."""
+    f = tmp_path / "labels.csv"
+    f.write_text('path,label\n./=a.jpeg,eosinophil\n"./\tslide/b.jpeg",MONOCYTE\n./-c.jpeg,NEUTROPHIL\n', encoding="utf-8")
+    assert read_labels_csv(f, tmp_path, LABELS) == {"=a.jpeg": "EOSINOPHIL", "\tslide/b.jpeg": "MONOCYTE", "-c.jpeg": "NEUTROPHIL"}

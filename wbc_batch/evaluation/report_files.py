@@ -8,13 +8,13 @@ only when it is installed.
 from __future__ import annotations
 
 import base64
-import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from ..csv_safety import CsvWriter
 from ..inference.predictions import ENCODING_ERRORS
 from .report_data import ReportData
 
@@ -33,7 +33,7 @@ def _writer(path: Path):
 
 def write_per_class(data: ReportData, path: Path) -> Path:
     with _writer(path) as f:
-        w = csv.writer(f, lineterminator="\n")
+        w = CsvWriter(f)
         w.writerow(["label", "precision", "recall", "f1", "support", "predicted", "predicted_percent", "mean_confidence"])
         for r in data.classes:
             scores = [f"{r.precision:.6f}", f"{r.recall:.6f}", f"{r.f1:.6f}", r.support] if data.has_truth else ["", "", "", ""]
@@ -46,7 +46,7 @@ def write_differential(data: ReportData, path: Path) -> Path:
     """One row per group: predicted counts and percents, errors, low confidence; then true counts and accuracy (empty without truth)."""
     labels = data.labels
     with _writer(path) as f:
-        w = csv.writer(f, lineterminator="\n")
+        w = CsvWriter(f)
         head = ["group", "n", "ok", *[f"count_{lb}" for lb in labels], *[f"pct_{lb}" for lb in labels], "errors", "low_confidence"]
         w.writerow([*head, "with_truth", *[f"true_count_{lb}" for lb in labels], "correct", "accuracy"])
         for g in data.groups or []:

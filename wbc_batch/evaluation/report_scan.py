@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+
+from ..csv_safety import CsvWriter, plain_path
 from ..errors import ExitCode, WbcBatchError
-from ..inference.predictions import ENCODING_ERRORS, PROB_PREFIX, STATUS_OK
+from ..inference.predictions import ENCODING_ERRORS, PROB_PREFIX, STATUS_OK, path_lines
 from ..inference.rows import risk as risk_of
 
 HIST_BINS = 20
@@ -85,6 +88,8 @@ class Scan:
     correct: array = field(default_factory=lambda: array("b"))  # 1 right, 0 wrong, -1 no true label
     in_domain: array = field(default_factory=lambda: array("b"))  # 1, 0, or -1 without a domain check
     record: array = field(default_factory=lambda: array("q"))  # the row's record number in the CSV (header = 0)
+    # One entry per row of the header's width: hash() of its path, to find a file named twice without a set of paths.
+    path_hash: array = field(default_factory=lambda: array("q"))
 
 
 def group_key(rel: str, level: int) -> str:
@@ -135,7 +140,8 @@ class _Scanner:
             s.malformed += 1  # e.g. a torn last line of an interrupted run
             return
         i_path, i_label, i_conf, i_true, i_status, i_err = self.cols
-        rel = rec[i_path]
+        rel = plain_path(rec[i_path])
+        s.path_hash.append(hash(rel))
         gk = group_key(rel, self.level)
         g = s.groups.get(gk)
         if g is None:
@@ -216,7 +222,34 @@ def scan(csv_path: Path, level: int, threshold: float, limits: ReportLimits) -> 
         scanner = _Scanner(header, csv_path, level, threshold, limits)
         for rec in reader:
             scanner.row(rec)
+    refuse_repeated_paths(csv_path, scanner.s.path_hash)
     return scanner.s
+
+
+#: How many repeated files, and lines of each, a refusal names.
+SHOWN_REPEATS = 5
+
+
+def refuse_repeated_paths(csv_path: Path, path_hash: array) -> None:
+    """ReportError naming the lines when a file has more than one row: every count would take it twice.
+
+    Why refused rather than counted once: which of the rows is right is unknown (a merged or edited
+    CSV, a resume of an older version); classify writes one row per file. Equal hashes are only
+    candidates, confirmed by their paths in a second read that runs only then.
+    """
+    h = np.sort(np.frombuffer(path_hash, dtype=np.int64))
+    candidates = set(h[1:][h[1:] == h[:-1]].tolist())
+    if not candidates:
+        return
+    repeated = [(rel, lines) for rel, lines in path_lines(csv_path, lambda rel: hash(rel) in candidates).items() if len(lines) > 1]
+    if not repeated:
+        return
+    named = [f"{rel!r} on lines {', '.join(map(str, lines[:SHOWN_REPEATS]))}{', ...' if len(lines) > SHOWN_REPEATS else ''}" for rel, lines in repeated[:SHOWN_REPEATS]]
+    more = [f"and {len(repeated) - SHOWN_REPEATS} more files"] if len(repeated) > SHOWN_REPEATS else []
+    raise ReportError(
+        f"{csv_path} names a file more than once, so its rows would be counted twice: {'; '.join(named + more)}; "
+        "keep one row per file (wbc-batch classify writes one) and report again"
+    )
 
 
 def write_review(csv_path: Path, s: Scan, queue: Sequence[int], level: int, review_csv: Path, keep: int) -> list[dict[str, str]]:
@@ -236,10 +269,11 @@ def write_review(csv_path: Path, s: Scan, queue: Sequence[int], level: int, revi
             r = rank.get(n)
             if r is not None:
                 path, label, conf, truth = (rec[col[c]] for c in fields)
+                path = plain_path(path)
                 picked[r] = [path, label, conf, f"{s.risk[queue[r]]:.6f}", truth, group_key(path, level), *(rec[col[c]] for c in extra)]
     names = REVIEW_COLUMNS + (REVIEW_DOMAIN_COLUMNS if s.domain else [])
     with open(review_csv, "w", encoding="utf-8", errors=ENCODING_ERRORS, newline="") as rf:
-        w = csv.writer(rf, lineterminator="\n")
+        w = CsvWriter(rf)
         w.writerow(names)
-        w.writerows(row for row in picked if row is not None)
+        w.writerows(row for row in picked if row is not None)  # neutralised in the CSV; the HTML gets the cells as they are
     return [dict(zip(names, row, strict=True)) for row in picked[:keep] if row is not None]

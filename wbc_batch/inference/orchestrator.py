@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import __version__
+from ..csv_safety import plain_path
 from ..errors import ExitCode, UsageError, WbcBatchError
 from .discover import InputFile, common_root, iter_images
 from .engine import Engine, RunnerOptions
@@ -204,9 +205,18 @@ def _prepare_output(cfg: ClassifyConfig, model: Model, root: Path) -> ExistingRu
     if existing.torn_bytes:
         truncate_torn_tail(out, existing.good_bytes)
     if cfg.retry_errors and existing.errors:
-        drop_rows(out, lambda rec: rec[-2] != STATUS_OK)  # --retry-errors: their files are classified again
+        _drop_rows_while_running(out, side, lambda rec: rec[-2] != STATUS_OK)  # --retry-errors: their files are classified again
         existing = _scan(out, model)
     return existing
+
+
+def _drop_rows_while_running(out: Path, info: dict, drop: Callable[[list[str]], bool]) -> None:
+    """Drop rows from the CSV, the sidecar saying ``running`` before the new CSV takes the old one's place.
+
+    Why: a kill between the two writes must not leave a sidecar that calls the run finished with the
+    counts of the rows before; a rewrite that fails (a full disk) changes neither file.
+    """
+    drop_rows(out, drop, before_replace=lambda: write_sidecar(out, {**info, "state": "running"}))
 
 
 def _scan(out: Path, model: Model) -> ExistingRun:
@@ -372,7 +382,7 @@ def _already_done(rel: str, done: set[str], seen: set[str]) -> bool:
 def _drop_stale_rows(run: _Run, model: Model, stale: set[str]) -> None:
     """Rows for files no longer under the inputs (deleted since that run) leave the CSV; the summary says how many."""
     out = Path(run.cfg.output)
-    drop_rows(out, lambda rec: rec[0] in stale)
+    _drop_rows_while_running(out, run.info, lambda rec: plain_path(rec[0]) in stale)
     _recount(run.summary, run.truth_pairs, _scan(out, model))
     run.summary.stale = len(stale)
     run.summary.resumed -= len(stale)

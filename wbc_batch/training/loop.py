@@ -9,7 +9,6 @@ from the run folder.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import sys
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..csv_safety import CsvWriter
 from ..evaluation.metrics import Metrics, compute_metrics
 from ..inference.preprocess import PreprocessSpec
 from . import augment
@@ -346,10 +346,11 @@ def _log_data(data: TrainData) -> None:
 
 
 def _write_history(history: list[dict], path: Path) -> None:
+    names = list(history[0])
     with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(history[0]))
-        wr.writeheader()
-        wr.writerows(history)
+        wr = CsvWriter(f)
+        wr.writerow(names)
+        wr.writerows([row.get(k, "") for k in names] for row in history)
 
 
 def _log_epoch(row: dict, improved: bool) -> None:
