@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import LABELS, SAMPLE, _color_weights, build_color_model
+from conftest import LABELS, ROOT, SAMPLE, _color_weights, build_color_model
 
 from wbc_batch.inference.preprocess import PreprocessSpec, load_image
-from wbc_batch.training.calibrate import calibrate_model, labelled_set
+from wbc_batch.training.calibrate import LabelledSet, _calibration, calibrate_model, labelled_set, quantile_note
 from wbc_batch.training.trust import (
     DomainCheck,
     add_trust_outputs,
@@ -23,6 +23,7 @@ from wbc_batch.training.trust import (
     fit_reference,
     fit_temperature,
     nucleus_model,
+    strip_trust_outputs,
     with_probe_outputs,
 )
 
@@ -167,21 +168,72 @@ def test_temperature_none_keeps_one_and_records_what_fitting_would_give(tmp_path
         calibrate_model(src, SAMPLE, tmp_path / "x.onnx", temperature="auto")
 
 
-def test_a_held_out_set_with_too_few_errors_keeps_temperature_one():
-    """All right on 23 cells: the NLL keeps falling as T shrinks; fitting would make every probability 1."""
-    from wbc_batch.training.calibrate import MIN_CALIBRATION_ERRORS, LabelledSet, _calibration
+def _held_out(labels) -> LabelledSet:
+    return LabelledSet(root="lab", paths=[f"{i}.png" for i in range(len(labels))], labels=list(map(int, labels)))
 
+
+def _brute_force_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The NLL minimum over a grid of 4,001 temperatures in fit_temperature's range (steps of 0.15%)."""
+    ts = np.exp(np.linspace(np.log(0.05), np.log(20.0), 4001))
+    s = logits[None] / ts[:, None, None]
+    s = s - s.max(2, keepdims=True)
+    nll = (np.log(np.exp(s).sum(2)) - s[:, np.arange(len(labels)), labels]).mean(1)
+    return float(ts[np.argmin(nll)])
+
+
+def test_a_temperature_is_the_nll_minimum_and_applied_when_it_lowers_held_out_ece():
+    rng = np.random.default_rng(11)
+    z = rng.normal(0, 3, (400, 4))
+    y = np.array([rng.choice(4, p=p) for p in _softmax(z, 2.0)])  # labels drawn at T = 2: the logits are overconfident
+    t, section = _calibration(_held_out(y), z, "fit", "")
+    assert section["method"] == "temperature" and t == section["temperature"] == round(fit_temperature(z, y), 6)
+    assert t == pytest.approx(_brute_force_temperature(z, y), rel=2e-3) and t == pytest.approx(2.0, rel=0.15)
+    assert section["ece_after"] < section["ece_before"]
+    assert "sample" not in section  # 400 images: enough
+
+
+def test_a_held_out_set_with_few_errors_keeps_temperature_one_and_says_why():
+    """3 errors in 60: the NLL keeps falling as T shrinks over the right ones; fitting would push every probability to 1."""
     rng = np.random.default_rng(4)
-    labels = rng.integers(0, 4, 23)
-    logits = rng.normal(0, 1, (23, 4))
-    logits[np.arange(23), labels] += 6.0  # every image right
-    cal = LabelledSet(root="lab", paths=[f"{i}.png" for i in range(23)], labels=labels.tolist())
-    t, section = _calibration(cal, logits, "fit", "")
-    assert t == 1.0 and section["method"] == "none" and "too few held-out errors to fit a temperature (0 in 23 images" in section["why"]
-    assert section["held_out"]["temperature"] < 0.2  # what fitting would have done
-    noisy = np.where(np.arange(23)[:, None] < MIN_CALIBRATION_ERRORS, logits[:, ::-1], logits)  # 10 images now wrong
-    t, section = _calibration(cal, noisy, "fit", "")
-    assert section["method"] == "temperature" and t == section["temperature"] and t > 0.2
+    labels = rng.integers(0, 4, 60)
+    logits = rng.normal(0, 1, (60, 4))
+    logits[np.arange(60), labels] += 6.0
+    logits[:3] = logits[:3, ::-1]  # the label's +6 moves to another column: 3 images wrong
+    assert int((logits.argmax(1) != labels).sum()) == 3
+    t, section = _calibration(_held_out(labels), logits, "fit", "")
+    assert t == 1.0 and (section["method"], section["temperature"]) == ("none", 1.0)
+    assert section["why"] == ("too few held-out errors to fit a temperature (3 in 60 images; it takes 10): "
+                              "give more held-out images with --calibration-dir")
+    assert section["held_out"]["temperature"] == pytest.approx(_brute_force_temperature(logits, labels), rel=2e-3)  # what fitting gives
+
+
+def test_a_temperature_that_makes_held_out_calibration_worse_is_not_applied():
+    """80 right images (40 at confidence 0.75, 40 at 0.9997) and 10 wrong at 0.99: the NLL fit softens every
+    probability to pay for the confident errors, and the right ones' underconfidence then outweighs the gain."""
+    margin = np.r_[np.full(40, np.log(3)), np.full(40, 8.0), np.full(10, np.log(99))]
+    logits = np.stack([margin, np.zeros_like(margin)], 1)
+    labels = np.r_[np.zeros(80, int), np.ones(10, int)]
+    t, section = _calibration(_held_out(labels), logits, "fit", "")
+    fit = section["held_out"]
+    assert t == 1.0 and (section["method"], section["temperature"]) == ("none", 1.0)
+    assert fit["method"] == "temperature" and fit["temperature"] == pytest.approx(_brute_force_temperature(logits, labels), rel=2e-3)
+    assert (fit["ece_before"], fit["ece_after"]) == (0.221, 0.3009)
+    assert section["why"] == (f"the temperature that fits the held-out images best ({fit['temperature']:.3f}) makes their calibration "
+                              "worse (ECE 0.221 -> 0.301 on 90 held-out images), so it is not applied: temperature 1; few images: "
+                              "a temperature fitted on 90 held-out images (10 wrong) is a rough estimate; 200 or more "
+                              "(--calibration-dir) place it")
+
+
+def test_small_sets_say_how_many_images_a_fit_needs():
+    assert quantile_note(44, 0.995) == ("few images: a 0.995 quantile of 44 scores lies between their two largest (it is all but their "
+                                        "maximum, as the nucleus rule's 0.005 quantile is all but their minimum); it takes more than 200 "
+                                        "held-out images (--calibration-dir) to place it")
+    assert quantile_note(200, 0.995) is not None and quantile_note(201, 0.995) is None and quantile_note(40, 0.9) is None
+    assert quantile_note(10, 1.0) is None  # the maximum by definition, whatever the count
+    # the claim holds: up to 200 scores, numpy's 0.995 quantile lies between the two largest; from 201 it does not
+    for n, between in ((44, True), (200, True), (201, False)):
+        s = np.sort(np.random.default_rng(n).normal(size=n))
+        assert (s[-2] < np.quantile(s, 0.995) <= s[-1]) == between
 
 
 def _conv_model(h: int = 24, w: int = 32) -> onnx.ModelProto:
@@ -237,3 +289,30 @@ def test_calibrate_records_each_layer_of_the_domain_check(tmp_path):
     sections = calibrate_model(src, SAMPLE, tmp_path / "out.onnx", calibration_dir=SAMPLE)
     layers = sections["domain"]["layers"]
     assert [(d["tensor"], d["features"]) for d in layers] == [("r2", 6), ("feats", 5)] and all(d["scale"] > 0 for d in layers)
+
+
+def test_stripping_the_trust_outputs_gives_back_the_bare_network():
+    """Temperature, every domain layer and the nucleus term go; the graph is byte for byte the one they were added to."""
+    model = _conv_model(240, 320)
+    head = find_head(model, "probabilities")
+    rng = np.random.default_rng(9)
+    feats = [rng.normal(size=(40, 6)), rng.normal(size=(40, 5))]
+    check = fit_domain_check(("r2", "feats"), feats, np.arange(40) % 4, 4, feats, 0.9)
+    full = add_trust_outputs(model, head, 1.7, check, (2.0, 30.0))
+    assert len(full.graph.node) > len(model.graph.node) + 20 and [o.name for o in full.graph.output] == ["probabilities", "ood_score"]
+    assert strip_trust_outputs(full, "probabilities").SerializeToString() == model.SerializeToString()
+    assert strip_trust_outputs(model, "probabilities").SerializeToString() == model.SerializeToString()  # nothing to strip
+
+
+@pytest.mark.parametrize("name", ["wbc-default.onnx", "wbc-v1.onnx"])
+def test_stripping_a_shipped_model_keeps_its_probabilities(name):
+    """Both shipped models (a 4-layer check with the nucleus term; an older 1-layer one) strip to the network alone."""
+    shipped = onnx.load(str(ROOT / "export" / name))
+    bare = strip_trust_outputs(shipped, "probabilities")
+    onnx.checker.check_model(bare, full_check=True)
+    names = {n.name for n in bare.graph.node} | {i.name for i in bare.graph.initializer}
+    assert [o.name for o in bare.graph.output] == ["probabilities"] and not any(n.startswith(("domain", "nucleus", "calibration")) for n in names)
+    find_head(bare, "probabilities")  # the Softmax reads the Gemm again
+    x = np.stack([load_image(p, PreprocessSpec(240, 320, keep_aspect=name == "wbc-default.onnx")) for p in sorted(SAMPLE.rglob("*.jpeg"))[:4]])
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["probabilities"], {"image": x})[0]  # noqa: E731
+    np.testing.assert_allclose(run(bare), run(shipped), atol=1e-6)  # the shipped models' temperature is 1

@@ -1,4 +1,4 @@
-"""``wbc-batch calibrate``: add calibrated probabilities and a domain check to any exported model.
+"""``wbc-batch calibrate``: add (or fit anew) calibrated probabilities and a domain check in any exported model.
 
 Needs onnx, not torch: a lab can upgrade a model file it was given
 without the run folder it came from.
@@ -26,19 +26,15 @@ def calibrate_cmd(model, reference_dir, calibration_dir, in_domain_quantile, out
 
     classify then writes ood_score and in_domain columns and warns when a run holds many images unlike
     the training data. The graph must end in Softmax(Gemm(features)), as every wbc-batch export does.
+    A MODEL that already carries a temperature and a check (every export, the shipped models) is
+    fitted anew from its bare network.
     """
     require("onnx", "calibrate needs onnx (not torch)")
-    from ..training.calibrate import DEFAULT_IN_DOMAIN_QUANTILE, calibrate_model
+    from ..training.calibrate import DEFAULT_IN_DOMAIN_QUANTILE, calibrate_model, trust_lines
 
     try:
         sections = calibrate_model(model, reference_dir, output, calibration_dir=calibration_dir,
                                    quantile=in_domain_quantile or DEFAULT_IN_DOMAIN_QUANTILE)
     except ValueError as e:
         raise WbcBatchError(str(e), exit_code=ExitCode.USAGE) from e
-    cal, dom = sections["calibration"], sections["domain"]
-    click.echo(f"calibration: {cal['method']}, temperature {cal['temperature']:.3f}"
-               + (f", ECE on {cal['data']['files']} held-out images {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}" if "ece_after" in cal else ""))
-    click.echo(f"domain check: ood_score <= {dom['threshold']:.3f} is in domain "
-               f"(reference {dom['reference']['files']} images; threshold = {dom['threshold_from']['quantile']} quantile of "
-               f"{'held-out' if dom['threshold_from']['held_out'] else 'reference'} scores)")
-    click.echo(f"wrote {output}")
+    click.echo("\n".join([*trust_lines(sections), f"wrote {output}"]))

@@ -150,16 +150,13 @@ def export_cmd(run_dir, output, checkpoint, name, check_dir, eval_dir, int8_dir,
 
 def export_summary(out: dict, output: str, eval_dir: str | None) -> list[str]:
     """What a person reads after an export: one line per check, ending with the file written."""
-    p, cal, dom = out["parity"], out["trust"]["calibration"], out["trust"]["domain"]
+    from ..training.calibrate import trust_lines
+
+    p = out["parity"]
     lines = [
         f"parity: onnxruntime vs torch on {p['parity_images']} images, max difference {p['max_abs_diff_all']:.1e} "
         f"(tolerance {p['tolerance']:.0e}), same label on {p['argmax_agreement']:.1%}; opset {p['opset']}, IR {p['ir_version']}",
-        f"calibration: temperature {cal['temperature']:.3f}"
-        + (f" fitted on {cal['data']['files']} held-out images (ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f})" if "ece_after" in cal
-           else f" (none: {cal.get('why', 'no held-out data')})"),
-        f"domain check: in domain when ood_score <= {dom['threshold']:.3f} "
-        f"({dom['threshold_from']['quantile']:.3g} quantile of {dom['threshold_from']['files']} "
-        f"{'held-out' if dom['threshold_from']['held_out'] else 'training'} images)",
+        *trust_lines(out["trust"]),
     ]
     if "eval" in out:
         e = out["eval"]

@@ -42,6 +42,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OOD_OUTPUT = "ood_score"
+#: The initializer holding T; the Div that reads it is how :func:`strip_trust_outputs` finds the temperature.
+TEMPERATURE = "calibration_temperature"
 PROBE_NUCLEUS = "probe_nucleus_signal"
 #: Ridge added to the covariance, relative to its mean eigenvalue: keeps the whitening finite when
 #: some feature directions barely vary (ReLU features often have near-constant units).
@@ -98,14 +100,18 @@ def fit_domain_check(
 
 
 def block_outputs(model: onnx.ModelProto) -> list[str]:
-    """Each resolution stage's output: a Relu feeding a downsampling op (a strided Conv or a MaxPool).
+    """Each resolution stage's output: a convolution's activation (Relu, or Clip as ReLU6 exports) feeding a downsampling
+    op (a strided Conv or a MaxPool).
 
     One layer per scale, as a feature pyramid takes them; the last stage is pooled into the penultimate
     features, a layer already. Measured on the shipped network: these three catch what all seven conv
     blocks do (a third lab's cells 98.7% vs 99.7% flagged) at half the cost (each pooled map is a pass
-    over a feature map in another memory layout).
+    over a feature map in another memory layout). In an inverted-residual network (EfficientNet-Lite) the
+    activation feeding a strided depthwise convolution is the expanded view of the stage before it.
+    The activation must read a Conv: a clamp elsewhere in the graph (the background balance) is no stage.
     """
     consumers: dict[str, list[onnx.NodeProto]] = {}
+    producers = {o: n for n in model.graph.node for o in n.output}
     for n in model.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
@@ -114,7 +120,11 @@ def block_outputs(model: onnx.ModelProto) -> list[str]:
         strides = next((list(a.ints) for a in n.attribute if a.name == "strides"), [1])
         return n.op_type == "MaxPool" or (n.op_type == "Conv" and max(strides) > 1)
 
-    return [n.output[0] for n in model.graph.node if n.op_type == "Relu" and any(downsamples(c) for c in consumers.get(n.output[0], []))]
+    def conv_activation(n: onnx.NodeProto) -> bool:
+        src = producers.get(n.input[0]) if n.input else None
+        return n.op_type in ("Relu", "Clip") and src is not None and src.op_type == "Conv"
+
+    return [n.output[0] for n in model.graph.node if conv_activation(n) and any(downsamples(c) for c in consumers.get(n.output[0], []))]
 
 
 def find_head(model: onnx.ModelProto, output_name: str) -> GraphHead:
@@ -266,10 +276,10 @@ def add_trust_outputs(
     out.CopyFrom(model)
     g = out.graph
     scaled = f"{head.logits}_over_temperature"
-    g.initializer.append(numpy_helper.from_array(np.array(temperature, dtype=np.float32), "calibration_temperature"))
+    g.initializer.append(numpy_helper.from_array(np.array(temperature, dtype=np.float32), TEMPERATURE))
     # The Div goes right before the Softmax it feeds, so the nodes stay in the dependency order ONNX requires.
     at = next(i for i, n in enumerate(g.node) if list(n.output) == list(head.softmax.output))
-    g.node.insert(at, helper.make_node("Div", [head.logits, "calibration_temperature"], [scaled], name="calibration_div"))
+    g.node.insert(at, helper.make_node("Div", [head.logits, TEMPERATURE], [scaled], name="calibration_div"))
     g.node[at + 1].input[0] = scaled
     if domain is not None:
         # after everything: it reads the features, made earlier; with the nucleus term its score is one input of the final max
@@ -279,6 +289,53 @@ def add_trust_outputs(
         g.output.append(helper.make_tensor_value_info(OOD_OUTPUT, TensorProto.FLOAT, ["N"]))
     onnx.checker.check_model(out, full_check=True)
     return out
+
+
+def strip_trust_outputs(model: onnx.ModelProto, output_name: str, drop: Sequence[str] = (OOD_OUTPUT,)) -> onnx.ModelProto:
+    """The model without what :func:`add_trust_outputs` added: the bare network, ready to be fitted anew.
+
+    Why: every export and both shipped models already carry a check, and refitting it (other
+    reference or held-out images) must start from the network's own logits. The temperature's Div
+    is bypassed, the ``drop`` outputs removed, and every node and initializer that no output still
+    needs goes with them: found by what the outputs need, not by name, so checks written by older
+    versions (one layer, no nucleus term) strip alike.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    producers = {o: n for n in g.node for o in n.output}
+    softmax = producers.get(output_name)
+    div = producers.get(softmax.input[0]) if softmax is not None and softmax.input else None
+    if div is not None and div.op_type == "Div" and list(div.input)[1:] == [TEMPERATURE]:
+        softmax.input[0] = div.input[0]
+    kept_outputs = [o for o in g.output if o.name not in drop]
+    del g.output[:]
+    g.output.extend(kept_outputs)
+    needed = {o.name for o in g.output}
+    nodes = []
+    for n in reversed(g.node):  # ONNX keeps nodes in dependency order: walking back, a node's consumers come first
+        if needed & set(n.output):
+            nodes.append(n)
+            needed |= _reads(n)
+    del g.node[:]
+    g.node.extend(reversed(nodes))
+    made = {o for n in g.node for o in n.output}
+    for name, kept in (("initializer", [i for i in g.initializer if i.name in needed]),
+                       ("value_info", [v for v in g.value_info if v.name in made])):
+        field = getattr(g, name)
+        del field[:]
+        field.extend(kept)
+    return out
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The tensors ``node`` reads, those its subgraphs (If, Loop, Scan) read from the outer graph included."""
+    names = {i for i in node.input if i}
+    for a in node.attribute:
+        for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+            for n in sub.node:
+                names |= _reads(n)
+    return names
 
 
 def crop_stain_map(g: onnx.GraphProto) -> str | None:
