@@ -297,7 +297,8 @@ def test_a_kill_after_retry_errors_dropped_the_rows_leaves_a_sidecar_that_does_n
     with pytest.raises(SystemExit):
         run_classify(_cfg([sample_copy], out, color_model, resume=True, retry_errors=True))
     assert len(read_rows(out)) == 40  # the error row is gone ...
-    assert json.loads(sidecar_path(out).read_text())["state"] == "running"  # ... and the sidecar does not claim the old 41 as finished
+    side = json.loads(sidecar_path(out).read_text())
+    assert side["state"] == "running" and "summary" not in side  # ... and the sidecar does not claim the old 41 as finished
     monkeypatch.undo()
     s = run_classify(_cfg([sample_copy], out, color_model, resume=True))
     assert (s.resumed, s.processed, s.files, s.errors) == (40, 1, 41, 0)
@@ -317,4 +318,4 @@ def test_a_kill_while_stale_rows_are_dropped_leaves_a_sidecar_that_does_not_say_
     with pytest.raises(SystemExit):
         run_classify(_cfg([sample_copy], out, color_model, resume=True))
     side = json.loads(sidecar_path(out).read_text())
-    assert len(read_rows(out)) == 39 and side["state"] == "running"
+    assert len(read_rows(out)) == 39 and side["state"] == "running" and "summary" not in side and "finished" not in side

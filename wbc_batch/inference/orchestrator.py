@@ -214,9 +214,11 @@ def _drop_rows_while_running(out: Path, info: dict, drop: Callable[[list[str]], 
     """Drop rows from the CSV, the sidecar saying ``running`` before the new CSV takes the old one's place.
 
     Why: a kill between the two writes must not leave a sidecar that calls the run finished with the
-    counts of the rows before; a rewrite that fails (a full disk) changes neither file.
+    counts of the rows before (so the final summary and end time go too, as in a run that has not ended);
+    a rewrite that fails (a full disk) changes neither file.
     """
-    drop_rows(out, drop, before_replace=lambda: write_sidecar(out, {**info, "state": "running"}))
+    running = {k: v for k, v in info.items() if k not in ("summary", "finished", "error")} | {"state": "running"}
+    drop_rows(out, drop, before_replace=lambda: write_sidecar(out, running))
 
 
 def _scan(out: Path, model: Model) -> ExistingRun:
@@ -232,7 +234,7 @@ def _recount(summary: RunSummary, truth_pairs: Counter[tuple[str, str]], existin
 
 def _load_model(cfg: ClassifyConfig) -> Model:
     opts = cfg.runner
-    in_process = opts.resolved_workers() <= 1
+    in_process = opts.in_process  # else the session here only checks the model: the workers build their own
     return load_model(cfg.model, provider=opts.provider, threads=opts.session_threads() if not in_process else opts.threads)
 
 
