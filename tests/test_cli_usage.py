@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -156,3 +158,70 @@ def test_each_shipped_model_is_named_after_its_file():
     if not shipped:
         pytest.skip("no shipped model under export/")
     assert {p.stem: load_model(p, threads=1).metadata.name for p in shipped} == {p.stem: p.stem for p in shipped}
+
+
+# -- report folders -----------------------------------------------------------------------------------------------------------
+
+
+def _not_empty(folder) -> str:
+    return f"wbc-batch: error: report folder {folder} is not empty: give --overwrite to replace the report in it, or another folder\n"
+
+
+def test_report_refuses_a_folder_that_holds_files_unless_overwrite(tmp_path, color_model):
+    predictions, rep = tmp_path / "p.csv", tmp_path / "rep"
+    assert run("classify", SAMPLE, "-m", color_model, "-o", predictions, "--workers", "1", "-q").exit_code == 0
+    rep.mkdir()
+    (rep / "notes.txt").write_text("mine")
+    r = run("report", predictions, "-o", rep)
+    assert (r.exit_code, r.stderr) == (5, _not_empty(rep))
+    assert sorted(os.listdir(rep)) == ["notes.txt"]
+    (rep / "differential.csv").write_text("an earlier report's, which this one does not write")
+    r = run("report", predictions, "-o", rep, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert (rep / "notes.txt").read_text() == "mine" and not (rep / "differential.csv").exists() and (rep / "report.html").is_file()
+    assert run("report", predictions, "-o", tmp_path / "empty").exit_code == 0  # a new folder needs no flag
+
+
+def test_classify_replaces_a_report_folder_only_with_overwrite_or_resume(tmp_path, color_model):
+    out, rep = tmp_path / "p.csv", tmp_path / "rep"
+    rep.mkdir()
+    (rep / "report.html").write_text("old")
+    args = ["classify", SAMPLE, "-m", color_model, "-o", out, "--workers", "1", "-q", "--report", rep]
+    r = run(*args)
+    assert (r.exit_code, r.stderr) == (5, _not_empty(rep))
+    assert not out.exists() and (rep / "report.html").read_text() == "old"  # refused before the run
+    r = run(*args, "--overwrite")
+    assert r.exit_code == 0 and (rep / "report.html").read_text() != "old"
+    (rep / "report.html").write_text("old")
+    r = run(*args, "--resume")  # the same run's report, brought up to date
+    assert r.exit_code == 0 and (rep / "report.html").read_text() != "old"
+
+
+def test_report_files_names_every_file_a_report_writes(tmp_path, color_model):
+    from wbc_batch.evaluation.report import REPORT_FILES, write_report
+
+    for i, src in enumerate(sorted(SAMPLE.rglob("*.jpeg"))):  # slide folders of class folders: truth and a differential
+        dst = tmp_path / "in" / f"slide_{i % 2}" / src.parent.name / src.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "history.csv").write_text("epoch,train_loss,train_accuracy,val_loss,val_accuracy,val_macro_f1,lr,seconds\n"
+                                         "1,1.0,0.5,1.1,0.45,0.4,0.001,60\n2,0.5,0.6,0.6,0.55,0.5,0.001,60\n")
+    assert run("classify", tmp_path / "in", "-m", color_model, "-o", tmp_path / "p.csv", "--workers", "1", "-q").exit_code == 0
+    write_report(tmp_path / "p.csv", tmp_path / "rep", run_dir=run_dir, on_warning=None)
+    assert sorted(os.listdir(tmp_path / "rep")) == sorted(REPORT_FILES)
+
+
+def test_the_quick_start_outputs_are_ignored_by_git():
+    """README's quick start writes predictions.csv (with its sidecar and lock) and report/ in the checkout."""
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout (an sdist): nothing to ignore")
+    from wbc_batch.inference.output_guard import lock_path
+    from wbc_batch.inference.predictions import sidecar_path
+
+    csv_ = ROOT / "predictions.csv"
+    names = [csv_, sidecar_path(csv_), lock_path(csv_), ROOT / "report" / "report.html", ROOT / "predictions-report" / "report.html"]
+    names = [str(p.relative_to(ROOT)) for p in names]
+    r = subprocess.run(["git", "check-ignore", "--no-index", *names], cwd=ROOT, capture_output=True, text=True)
+    assert r.stdout.split() == names

@@ -98,16 +98,7 @@ def classify(inputs, model, output, workers, batch_size, provider, threads, resu
     or none could be read; 4 model unusable; 5 output unusable or resume refused;
     130 interrupted by Ctrl-C, 143 by SIGTERM (rerun with --resume).
     """
-    review = _given(review_share=review_share, target_accuracy=target_accuracy)
-    if review and not report_dir:
-        raise UsageError("--review-share and --target-accuracy choose the report's review queue: give --report DIR too")
-    if review:
-        from ..evaluation.report_trust import ReviewPolicy
-
-        try:
-            ReviewPolicy(review_share, target_accuracy)  # contradictory choices fail before the run, not after it
-        except ValueError as e:
-            raise UsageError(str(e)) from e
+    review = _report_options(report_dir, review_share, target_accuracy, replace=overwrite or resume)
     runner = RunnerOptions(**_given(workers=workers, batch_size=batch_size, provider=provider, threads=threads))
     cfg = ClassifyConfig(
         inputs=list(inputs),
@@ -136,6 +127,27 @@ def classify(inputs, model, output, workers, batch_size, provider, threads, resu
     if report_dir:
         _report_after_classify(cfg.output, report_dir, quiet, review, said=warning)
     sys.exit(int(ExitCode.OK))
+
+
+def _report_options(report_dir: str | None, review_share: float | None, target_accuracy: float | None, replace: bool) -> dict:
+    """classify's report choices, checked before the run rather than after it: the review queue (returned as
+    write_report's keywords), and a report folder that holds files only with --overwrite or --resume (which
+    replace the report, as they replace or continue the CSV)."""
+    review = _given(review_share=review_share, target_accuracy=target_accuracy)
+    if review and not report_dir:
+        raise UsageError("--review-share and --target-accuracy choose the report's review queue: give --report DIR too")
+    if review:
+        from ..evaluation.report_trust import ReviewPolicy
+
+        try:
+            ReviewPolicy(review_share, target_accuracy)  # contradictory choices fail before the run, not after it
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+    if report_dir:
+        from ..evaluation.report import prepare_report_dir
+
+        prepare_report_dir(report_dir, replace=replace, clear=False)
+    return review
 
 
 def _exit_interrupted(summary: RunSummary) -> None:
@@ -176,7 +188,10 @@ def _report_after_classify(predictions: str, report_dir: str, quiet: bool, revie
         if message != said:
             _warn(message)
 
+    from ..evaluation.report import prepare_report_dir
+
     try:
+        prepare_report_dir(report_dir, replace=True)  # checked at the run's start (_report_options)
         paths = _write_report(predictions, report_dir, on_warning=warn, **review)
     except WbcBatchError as e:
         raise WbcBatchError(f"the predictions are written ({predictions}), but the report failed: {e}", exit_code=ExitCode.OUTPUT) from e
@@ -209,7 +224,8 @@ def info(model, as_json) -> None:
               help="Review queue: every prediction with a lower confidence (instead of --review-share).  [default: a share; 0.5 marks low confidence]")
 @_review_options
 @click.option("--run-dir", type=click.Path(exists=True, file_okay=False), default=None, help="Training run dir: show its curves.png (or history.csv) in the report.")
-def report(predictions, out_dir, group_by, review_threshold, review_share, target_accuracy, run_dir) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace the report in an output folder that holds files (its other files stay) instead of refusing.")
+def report(predictions, out_dir, group_by, review_threshold, review_share, target_accuracy, run_dir, overwrite) -> None:
     """Evaluation report for a PREDICTIONS CSV written by `classify`.
 
     Writes report.html (self-contained: open it offline, or mail it), metrics.json,
@@ -223,6 +239,9 @@ def report(predictions, out_dir, group_by, review_threshold, review_share, targe
     """
     if out_dir is None:
         out_dir = (predictions[:-4] if predictions.lower().endswith(".csv") else predictions) + "-report"
+    from ..evaluation.report import prepare_report_dir
+
+    prepare_report_dir(out_dir, replace=overwrite)
     paths = _write_report(predictions, out_dir, group_by=group_by, run_dir=run_dir,
                           **_given(review_threshold=review_threshold, review_share=review_share, target_accuracy=target_accuracy))
     click.echo(f"wbc-batch: report -> {paths['html']}", err=True)

@@ -37,6 +37,10 @@ from .report_trust import DEFAULT_REVIEW_SHARE, ReviewPolicy, build_trust
 #: Predictions below this confidence are counted (and coloured in the histogram) as low confidence.
 LOW_CONFIDENCE = 0.5
 
+#: Every file a report may write into its folder (a test checks a full report writes exactly these).
+REPORT_FILES = ("report.html", "metrics.json", "per_class.csv", "review.csv", "differential.csv",
+                "confusion_matrix.png", "confusion_matrix_normalized.png", "training_curves.png")
+
 #: The default caps on what the HTML shows (the CSVs hold everything); see :class:`ReportLimits`.
 GALLERY_PER_PAIR = ReportLimits.gallery_per_pair
 GALLERY_MAX = ReportLimits.gallery_max
@@ -51,6 +55,7 @@ __all__ = [
     "GALLERY_PER_PAIR",
     "HIST_BINS",
     "MATPLOTLIB_HINT",
+    "REPORT_FILES",
     "REVIEW_IMAGES",
     "REVIEW_MAX",
     "TOP_CONFUSIONS",
@@ -61,8 +66,32 @@ __all__ = [
     "ReportLimits",
     "group_key",
     "matplotlib_available",
+    "prepare_report_dir",
     "write_report",
 ]
+
+
+def prepare_report_dir(out_dir: str | os.PathLike[str], *, replace: bool, clear: bool = True) -> None:
+    """Refuse a report folder that holds files unless ``replace``; with it (and ``clear``) remove an earlier
+    report's files, so no file of it (a differential the new report has no groups for) passes for the new one's.
+
+    Why refuse: a folder given by mistake (one of a lab's own, or another run's report) must not be written
+    into silently. Files a report never writes stay, even with ``replace``. ``clear=False`` checks only (before
+    a classify run whose report comes at its end).
+    """
+    out = Path(out_dir)
+    try:
+        holds_files = out.is_dir() and any(out.iterdir())
+    except OSError as e:
+        raise OutputError(f"cannot read report folder {out}: {e.strerror or e}") from e
+    if holds_files and not replace:
+        raise OutputError(f"report folder {out} is not empty: give --overwrite to replace the report in it, or another folder")
+    if holds_files and clear:
+        try:
+            for name in REPORT_FILES:
+                (out / name).unlink(missing_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot replace the report in {out}: {e.strerror or e}") from e
 
 
 def _stderr_warning(msg: str) -> None:
