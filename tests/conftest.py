@@ -133,8 +133,17 @@ def sample_images() -> list[Path]:
     return sorted(p for p in SAMPLE.rglob("*.jpeg"))
 
 
-def needs_shared_data():
-    return pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/blood-cells not present (user clone)")
+#: The data sets some tests read beside the checkout (never copied into it), and how to get each.
+SHARED_SETS = {
+    "blood-cells": "Paul Mooney's Kaggle set 'blood-cells' (dataset2-master: TRAIN/ and TEST/ of class folders)",
+    "pbc": "the PBC set's class folders (Acevedo et al. 2020, doi:10.17632/snkd93bnjr.1) as train/ and test/",
+}
+
+
+def needs_shared_data(name: str = "blood-cells"):
+    """Skip where the data set ``name`` is not at ../shared/data/NAME; the reason says how to get it there."""
+    where = SHARED_DATA.parent / name
+    return pytest.mark.skipif(not where.is_dir(), reason=f"{where} not present: to run this test, put {SHARED_SETS[name]} at {where}")
 
 
 def cpu_count() -> int:
@@ -142,6 +151,12 @@ def cpu_count() -> int:
 
 
 CHROMIUM = Path("/usr/bin/chromium")
+
+
+def needs_chromium():
+    """Skip where headless chromium is absent; the reason says how to install it."""
+    return pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} not installed: to run this test, apt-get install chromium "
+                                                           "(what .ci/run does), or put a chromium at that path")
 
 
 def dump_dom(html: Path, profile: Path) -> str:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -225,3 +226,36 @@ def test_the_quick_start_outputs_are_ignored_by_git():
     names = [str(p.relative_to(ROOT)) for p in names]
     r = subprocess.run(["git", "check-ignore", "--no-index", *names], cwd=ROOT, capture_output=True, text=True)
     assert r.stdout.split() == names
+
+
+# -- the README and the test suite's own skips ----------------------------------------------------------------------------
+
+
+def _readme_section(title: str, end: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"\n## {title}\n")
+    return text[start:text.index(end, start)]
+
+
+def test_the_readme_table_lists_every_classify_option():
+    import click
+
+    from wbc_batch.cli import classify
+
+    rows = [line.split("|")[1].strip().strip("`") for line in _readme_section("Classify", "What it does:").splitlines()
+            if line.startswith("| `")]
+    documented = {flag.split()[0] for row in rows for flag in row.split(", ") if flag.startswith("-")}
+    assert documented == {o for p in classify.params if isinstance(p, click.Option) for o in p.opts}
+
+
+def test_skips_for_missing_data_or_browser_say_how_to_enable_them():
+    from conftest import needs_chromium, needs_shared_data
+
+    assert "put Paul Mooney's Kaggle set 'blood-cells' (dataset2-master: TRAIN/ and TEST/ of class folders) at" \
+        in needs_shared_data().kwargs["reason"]
+    assert "put the PBC set's class folders (Acevedo et al. 2020, doi:10.17632/snkd93bnjr.1) as train/ and test/ at" \
+        in needs_shared_data("pbc").kwargs["reason"]
+    assert "apt-get install chromium" in needs_chromium().kwargs["reason"]
+    for path in sorted(set((ROOT / "tests").glob("test_*.py")) - {Path(__file__)}):  # every such skip goes through those markers
+        text = path.read_text(encoding="utf-8")
+        assert "CHROMIUM.exists()" not in text and ".is_dir(), reason=" not in text, path.name

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import CHROMIUM, LABELS, ROOT, SAMPLE, build_color_model, dump_dom
+from conftest import LABELS, ROOT, SAMPLE, build_color_model, dump_dom, needs_chromium
 
 from wbc_batch.cli import main
 from wbc_batch.evaluation import report as report_mod
@@ -540,7 +540,7 @@ def test_labels_with_dollar_signs_are_drawn_as_written(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- a real browser
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium not installed")
+@needs_chromium()
 def test_report_renders_offline_in_chromium(sample_report, tmp_path):
     paths, _ = sample_report
     dom = dump_dom(paths["html"], tmp_path / "profile")

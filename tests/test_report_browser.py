@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CHROMIUM, SAMPLE, SHARED_DATA, dump_dom, needs_shared_data
+from conftest import SAMPLE, SHARED_DATA, dump_dom, needs_chromium, needs_shared_data
 
 from wbc_batch.evaluation.report import GALLERY_MAX, GALLERY_PER_PAIR, REVIEW_IMAGES, write_report
 from wbc_batch.inference.local_engine import RunnerOptions
@@ -20,7 +20,7 @@ from wbc_batch.inference.model import default_model_path
 from wbc_batch.inference.orchestrator import ClassifyConfig, run_classify
 
 THRESHOLD = 0.86
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium not installed")
+pytestmark = needs_chromium()
 
 
 def _report(inputs: Path, model: Path, work: Path) -> tuple[Path, list[dict]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SAMPLE, SHARED_DATA
+from conftest import SAMPLE, SHARED_DATA, needs_shared_data
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
@@ -137,7 +137,7 @@ def test_two_folder_run_records_sources_and_samples_by_balance(tmp_path):
     assert not set(train_set.paths) & set(val_set.paths) and any(str(b) in q for q in val_set.paths)
 
 
-@pytest.mark.skipif(not PBC.is_dir(), reason="needs ../shared/data/pbc")
+@needs_shared_data("pbc")
 def test_blood_cells_and_pbc_derive_their_own_sizes():
     assert derived_size(scan_sources([SHARED_DATA / "TRAIN", PBC / "train"]).paths) == (240, 320)
     assert derived_size(scan_sources([PBC / "train"]).paths) == (320, 320)
