@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import sample_images
-from PIL import Image
+from PIL import Image, ImageFile
 
 from wbc_batch.inference.preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessSpec, load_image, load_image_bytes
 
@@ -20,14 +20,14 @@ SPEC = PreprocessSpec(height=24, width=32)
 JPEG = sample_images()[0]  # a real 320x240 RGB JPEG
 
 
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
 def _png_header_only(path: Path, width: int, height: int, color_type: int = 2) -> Path:
     """A PNG whose IHDR claims ``width x height`` but whose data is a few bytes: a bomb's header."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 16)) + _png_chunk(b"IEND", b""))
     return path
 
 
@@ -384,3 +384,121 @@ def test_exif_orientation_is_applied(tmp_path):
     stored.save(tmp_path / "untagged.png")
     np.testing.assert_array_equal(load_image(tmp_path / "tagged.png", spec), load_image(tmp_path / "upright.png", spec))
     assert load_image(tmp_path / "untagged.png", PreprocessSpec(40, 30, jpeg_draft=False)).shape == (40, 30, 3)
+
+
+# -- what one decode may cost ----------------------------------------------------------------------
+def _black_png(path: Path, width: int, height: int, bit_depth: int = 16) -> Path:
+    """A real greyscale PNG of black pixels: its data compresses to ~170 KB at 9400 x 9400 x 16 bit.
+
+    Built from one compressed block of rows repeated (each ends in a full flush, so the blocks are
+    independent), so making it costs milliseconds, not a compression of the whole image.
+    """
+    rows = 100
+    assert height % rows == 0
+    block = b"\0" * ((1 + width * bit_depth // 8) * rows)
+    z = zlib.compressobj(9, zlib.DEFLATED, -15)
+    packed = z.compress(block) + z.flush(zlib.Z_FULL_FLUSH)
+    adler = 1
+    for _ in range(height // rows):
+        adler = zlib.adler32(block, adler)
+    data = b"\x78\xda" + packed * (height // rows) + z.flush() + struct.pack(">I", adler)
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b""))
+    return path
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("the image was decoded (or opened) although its header already refused it")
+
+
+def test_black_png_helper_makes_a_real_image(tmp_path):
+    with Image.open(_black_png(tmp_path / "b.png", 300, 200)) as im:
+        assert (im.mode, im.size) == ("I;16", (300, 200)) and np.asarray(im).max() == 0
+
+
+def test_sixteen_bit_png_over_the_memory_budget_is_refused_from_its_header(tmp_path, monkeypatch):
+    """9400 x 9400 is under the pixel limit, but as 16-bit greyscale its decode and conversion to 8-bit held 2.3 GB."""
+    p = _black_png(tmp_path / "big16.png", 9400, 9400)
+    assert p.stat().st_size < 200_000
+    monkeypatch.setattr(ImageFile.ImageFile, "load", _never)
+    with pytest.raises(ImageError, match=r"^image too large: 9400x9400 pixels of mode I;16 need 2359 MiB to decode, over the limit of 1024 MiB$"):
+        load_image(p, SPEC)
+
+
+def test_the_memory_budget_counts_bytes_per_pixel_of_the_mode(tmp_path, monkeypatch):
+    """The same pixel count is refused as RGBA (composited on white through three full-size copies) and decoded as RGB."""
+    monkeypatch.setattr(ImageFile.ImageFile, "load", _never)
+    rgba = _png_header_only(tmp_path / "rgba.png", 8000, 8000, color_type=6)
+    with pytest.raises(ImageError, match=r"^image too large: 8000x8000 pixels of mode RGBA need 1465 MiB to decode, over the limit of 1024 MiB$"):
+        load_image(rgba, SPEC)
+    rgb = _png_header_only(tmp_path / "rgb.png", 8000, 8000, color_type=2)
+    with pytest.raises(AssertionError, match="the image was decoded"):
+        load_image(rgb, SPEC)  # within the budget: it goes on to decode
+
+
+def test_a_huge_file_is_refused_before_it_is_opened(tmp_path, monkeypatch):
+    """3 GB of JPEG magic and zeros (a sparse file) took 4.5 minutes to be found no image; its size refuses it unread."""
+    p = tmp_path / "huge.jpeg"
+    p.write_bytes(b"\xff\xd8\xff")
+    os.truncate(p, 3 * 2**30)
+    monkeypatch.setattr(Image, "open", _never)
+    with pytest.raises(ImageError, match=r"^file too large: 3221225472 bytes, over the limit of 536870912 bytes \(512 MiB\) for one image$"):
+        load_image(p, SPEC)
+    with pytest.raises(ImageError, match=r"^file too large: 3221225472 bytes, over"):
+        with open(p, "rb") as f:
+            load_image(f, SPEC)
+
+
+class _CountingFile(io.FileIO):
+    """A file that counts the bytes read from it (under its buffer): how far a parser went into it."""
+
+    served = 0
+
+    def readinto(self, b) -> int | None:
+        n = super().readinto(b)
+        self.served += n or 0
+        return n
+
+
+def test_junk_after_the_jpeg_magic_is_given_up_after_a_bounded_read(tmp_path, monkeypatch):
+    """Under the byte budget, 256 MiB of zeros after the magic were read one byte at a time by the JPEG header parser."""
+    from wbc_batch.inference import preprocess
+
+    p = tmp_path / "junk.jpeg"
+    p.write_bytes(b"\xff\xd8\xff")
+    os.truncate(p, 256 * 2**20)
+    raws: list[_CountingFile] = []
+
+    def counting_open(path, mode="r"):
+        assert mode == "rb"
+        raws.append(_CountingFile(path))
+        return io.BufferedReader(raws[-1])
+
+    monkeypatch.setattr(preprocess, "open", counting_open, raising=False)
+    with pytest.raises(ImageError, match=r"^corrupt image: starts like a JPEG file but its header cannot be parsed$"):
+        load_image(p, SPEC)
+    assert raws[0].closed and raws[0].served <= 2**20  # not the 256 MiB
+    with counting_open(p, "rb") as f:
+        with pytest.raises(ImageError, match=r"^corrupt image: starts like a JPEG file but its header cannot be parsed$"):
+            load_image(f, SPEC)
+    assert raws[1].served <= 2**20
+
+
+def test_ordinary_images_decode_exactly_as_before(tmp_path):
+    """The budgets change nothing for the images a lab has: camera JPEGs, 16-bit greyscale of ordinary size, sample_data."""
+    spec = PreprocessSpec(240, 320)
+    field = Image.open(JPEG).convert("RGB")
+    for w, h in ((2048, 1536), (4000, 3000)):
+        field.resize((w, h)).save(tmp_path / f"{w}.jpeg", quality=90)
+        for draft in (True, False):
+            s = PreprocessSpec(240, 320, jpeg_draft=draft)
+            np.testing.assert_array_equal(load_image(tmp_path / f"{w}.jpeg", s), _pil_reference(tmp_path / f"{w}.jpeg", s))
+    rng = np.random.default_rng(0)
+    grey = np.asarray(field.convert("L").resize((2048, 1536)), dtype=np.uint16) * 257 + rng.integers(0, 257, (1536, 2048), dtype=np.uint16)
+    want = Image.fromarray(np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    want = np.asarray(want.resize((320, 240), Image.Resampling.BILINEAR))
+    for name in ("grey16.png", "grey16.tif"):
+        Image.frombytes("I;16", (2048, 1536), grey.tobytes()).save(tmp_path / name)
+        np.testing.assert_array_equal(load_image(tmp_path / name, spec), want)
+    for p in sample_images():
+        np.testing.assert_array_equal(load_image(p, spec), _pil_reference(p, spec))

@@ -36,6 +36,34 @@ _FILTERS = {
 #: Pixel count above which a file is refused as a decompression bomb (PIL's own default).
 DEFAULT_MAX_PIXELS = 89_478_485
 
+# What one file may cost, checked before the work it would cost (README: "What one image may cost").
+#: Bytes one image file may have, from its size before it is opened. A 20 MP camera field is ~10 MB as
+#: JPEG and 120 MB as uncompressed 16-bit RGB TIFF; over this, a file is refused unread (3 GB of JPEG
+#: magic and zeros took 4.5 minutes to be found no image; Pillow's WebP reader reads a file whole).
+MAX_FILE_BYTES = 512 * 2**20
+#: Memory one decode may hold: pixels (after the JPEG draft) x the bytes a pixel of the decoded mode costs
+#: on the way to 8-bit RGB (:data:`DECODE_BYTES_PER_PIXEL`), from the header, before anything is decoded.
+#: No 8-bit RGB, CMYK, L or P image under the pixel limit reaches it; 16-bit greyscale over ~38 MP and RGBA
+#: over ~45 MP do (a 9400 x 9400 16-bit PNG is 172 KB on disk and held 2.3 GB to decode).
+MAX_DECODE_BYTES = 2**30
+#: Peak bytes per pixel of :func:`load_image` by decoded mode: Pillow's storage (4 bytes for RGB, CMYK,
+#: RGBA, I and F; 2 for 16-bit; 1 for L, P and 1), a second copy when EXIF turns the image, and what the
+#: conversion to 8-bit RGB holds at once (16-bit and float go through float64 arrays, alpha is composited on
+#: a full-size white image). Measured (peak RSS) on 3000 x 3000 files, rotated, rounded up; a mode not
+#: listed counts as the largest.
+DECODE_BYTES_PER_PIXEL = {
+    **dict.fromkeys(("1", "L"), 6),
+    **dict.fromkeys(("P", "RGB", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"), 9),
+    "P transparent": 21,  # expanded to RGBA before compositing
+    **dict.fromkeys(("RGBA", "RGBa", "LA", "La", "PA"), 24),
+    **dict.fromkeys(("I;16", "I;16L", "I;16B", "I;16N"), 28),
+    "I": 29,
+    "F": 30,
+}
+#: Reads a header parser may make: a real header takes tens. Pillow's JPEG parser reads junk after the
+#: magic one byte per read (4.5 minutes for 3 GB of zeros); this gives up on it after 64 KiB.
+HEADER_READS = 2**16
+
 
 class ImageError(Exception):
     """A file that cannot be turned into a model input; the message is shown to the user.
@@ -127,9 +155,11 @@ def load_image(src: PathOrFile, spec: PreprocessSpec) -> np.ndarray:
     """Decode ``src`` and resize it to the spec: an ``(H, W, 3)`` uint8 array.
 
     Raises :class:`ImageError` with a short, specific reason for empty, truncated,
-    corrupt, non-image, unreadable and oversized files.
+    corrupt, non-image, unreadable and oversized files (over the pixel limit, :data:`MAX_FILE_BYTES`
+    or :data:`MAX_DECODE_BYTES`), each found before the work it would cost.
     """
     if not isinstance(src, (str, os.PathLike)):
+        _check_file_bytes(_size_of(src))
         return _decode(src, spec)
     # Open it ourselves, so that "cannot open" (missing, permission, a directory, a FIFO
     # that would block for ever) is never mistaken for "cannot decode".
@@ -139,6 +169,7 @@ def load_image(src: PathOrFile, spec: PreprocessSpec) -> np.ndarray:
             raise ImageError(_not_a_file(src, st))
         if st.st_size == 0:
             raise ImageError("empty file")
+        _check_file_bytes(st.st_size)
         f = open(src, "rb")
     except OSError as e:
         raise ImageError(f"unreadable: {e.strerror or e}") from e
@@ -156,6 +187,58 @@ def _not_a_file(path: str | os.PathLike[str], st: os.stat_result) -> str:
     except OSError as e:
         return f"unreadable folder: {e.strerror or e}; the files in it are not classified"
     return "unreadable: a directory"
+
+
+def _check_file_bytes(size: int | None) -> None:
+    if size is not None and size > MAX_FILE_BYTES:
+        raise ImageError(f"file too large: {size} bytes, over the limit of {MAX_FILE_BYTES} bytes ({MAX_FILE_BYTES >> 20} MiB) for one image")
+
+
+def _size_of(f: BinaryIO) -> int | None:
+    """Bytes in an open file from where it stands (None when it cannot seek): its size, without reading it."""
+    try:
+        here = f.tell()
+        end = f.seek(0, os.SEEK_END)
+        f.seek(here)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return end - here
+
+
+def _check_decode_bytes(im: Image.Image) -> None:
+    """Refuse, from the header, an image whose decode would hold more than :data:`MAX_DECODE_BYTES`."""
+    mode = "P transparent" if im.mode == "P" and "transparency" in im.info else im.mode
+    need = im.width * im.height * DECODE_BYTES_PER_PIXEL.get(mode, max(DECODE_BYTES_PER_PIXEL.values()))
+    if need > MAX_DECODE_BYTES:
+        raise ImageError(
+            f"image too large: {im.width}x{im.height} pixels of mode {im.mode} need {need / 2**20:.0f} MiB to decode, "
+            f"over the limit of {MAX_DECODE_BYTES >> 20} MiB"
+        )
+
+
+class _HeaderReads:
+    """The file as Pillow's header parsers see it: at most :data:`HEADER_READS` reads, then the file is no image.
+
+    Why: Pillow's JPEG parser skips junk one byte per read, so the time to refuse a file of JPEG magic and
+    zeros grew with its size. :meth:`parsed` lifts the bound once the header is read; everything else
+    (seek, tell, fileno for libtiff) is the file's own.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._left: float = HEADER_READS
+
+    def read(self, n: int = -1) -> bytes:
+        self._left -= 1
+        if self._left < 0:
+            raise UnidentifiedImageError(f"no image header in the first {HEADER_READS} reads")
+        return self._f.read(n)
+
+    def parsed(self) -> None:
+        self._left = math.inf
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
 
 
 def _sniff_format(f: BinaryIO) -> str | None:
@@ -176,7 +259,9 @@ def _decode(f: BinaryIO, spec: PreprocessSpec) -> np.ndarray:
             # Our own max_pixels check below is the limit; PIL's warning threshold would
             # otherwise refuse images a model's metadata explicitly allows.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(f) as im:
+            header = _HeaderReads(f)
+            with Image.open(header) as im:
+                header.parsed()
                 w, h = im.size
                 if w * h > spec.max_pixels:
                     raise ImageError(
@@ -185,6 +270,7 @@ def _decode(f: BinaryIO, spec: PreprocessSpec) -> np.ndarray:
                     )
                 if spec.jpeg_draft and im.format == "JPEG":
                     im.draft("RGB", (spec.width, spec.height))
+                _check_decode_bytes(im)
                 im.load()
                 rgb = _resized(_to_rgb(_upright(im)), spec)
                 arr = np.asarray(rgb, dtype=np.uint8)
