@@ -65,6 +65,7 @@ def test_runner_options(monkeypatch):
     assert RunnerOptions(workers=3).session_threads() == 2
     assert RunnerOptions(workers=16).session_threads() == 1
     assert RunnerOptions(workers=2, threads=5).session_threads() == 5
+    assert RunnerOptions(workers=4, in_process=True).resolved_workers() == 1 and RunnerOptions(in_process=True).session_threads() == 8
 
 
 def test_local_engine_is_an_engine():

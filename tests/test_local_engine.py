@@ -51,9 +51,10 @@ def _files(root: Path) -> list[InputFile]:
     return [InputFile(str(p), p.relative_to(root).as_posix()) for p in sorted(root.rglob("*.jpeg"))]
 
 
-def test_in_process_batches_keep_input_order(model, sample_copy):
+@pytest.mark.parametrize("options", [RunnerOptions(in_process=True, batch_size=6), RunnerOptions(workers=1, batch_size=6)])
+def test_batches_keep_input_order_in_this_process_and_in_one_worker(model, sample_copy, options):
     files = _files(sample_copy)
-    batches = list(iter_prediction_batches(files, model, RunnerOptions(workers=1, batch_size=6)))
+    batches = list(iter_prediction_batches(files, model, options))
     assert [len(b) for b in batches] == [6] * 6 + [4]
     preds = [p for b in batches for p in b]
     assert [p.path for p in preds] == [f.rel for f in files]
@@ -61,9 +62,9 @@ def test_in_process_batches_keep_input_order(model, sample_copy):
 
 
 @pytest.mark.slow
-def test_two_workers_give_the_same_predictions_as_one(model, sample_copy):
+def test_two_workers_give_the_same_predictions_as_this_process(model, sample_copy):
     files = _files(sample_copy)
-    one = [asdict(p) for b in iter_prediction_batches(files, model, RunnerOptions(workers=1, batch_size=5)) for p in b]
+    one = [asdict(p) for b in iter_prediction_batches(files, model, RunnerOptions(in_process=True, batch_size=5)) for p in b]
     two = [asdict(p) for b in iter_prediction_batches(files, model, RunnerOptions(workers=2, batch_size=5)) for p in b]
     assert len(one) == 40 and one == two
 
@@ -175,9 +176,9 @@ def test_package_exposes_classify_lazily():
 
 
 # -- real worker processes that die ----------------------------------------------------------------------
-def _run(tmp_path, inputs, color_model, engine, on_batch=None, batch_size=4):
+def _run(tmp_path, inputs, color_model, engine, on_batch=None, batch_size=4, workers=2):
     cfg = ClassifyConfig(inputs=[str(inputs)], output=str(tmp_path / "p.csv"), model=str(color_model),
-                         runner=RunnerOptions(workers=2, batch_size=batch_size), progress="none")
+                         runner=RunnerOptions(workers=workers, batch_size=batch_size), progress="none")
     return run_classify(cfg, engine=engine, on_batch=on_batch), read_rows(tmp_path / "p.csv")
 
 
@@ -210,6 +211,16 @@ def test_only_the_poison_file_becomes_an_error_row(tmp_path, color_model, sample
     for r in rows[:6]:
         if r["status"] == "ok":
             np.testing.assert_allclose([float(r[f"prob_{lb}"]) for lb in LABELS], _expected(sample_copy / r["path"], m), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_one_worker_isolates_a_file_that_crashes_the_decoder_too(tmp_path, color_model, sample_copy):
+    """``workers=1`` (and the default on a one-core machine) runs in a worker process as well: a crash is one row, not the run."""
+    shutil.copy(JPEG, sample_copy / "EOSINOPHIL" / "_0_poison.jpeg")
+    s, rows = _run(tmp_path, sample_copy, color_model, LocalEngine(task=die_on_poison), workers=1)
+    assert [(r["path"], r["error"]) for r in rows if r["status"] == "error"] == [("EOSINOPHIL/_0_poison.jpeg", "the decoding worker crashed on this file")]
+    assert [r["path"] for r in rows] == sorted(r["path"] for r in rows) and (s.files, s.ok, s.errors) == (41, 40, 1)
+    assert json.loads(sidecar_path(tmp_path / "p.csv").read_text())["state"] == "finished"
 
 
 @pytest.mark.slow

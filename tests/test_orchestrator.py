@@ -24,7 +24,7 @@ from wbc_batch.inference.preprocess import load_image
 from wbc_batch.inference.truth import LabelsError
 
 JPEG = sample_images()[0]
-ONE = RunnerOptions(workers=1, batch_size=4)
+ONE = RunnerOptions(in_process=True, batch_size=4)  # orchestration, not worker isolation (test_local_engine, test_pool): no worker start-up per test
 
 
 def read_rows(path) -> list[dict[str, str]]:

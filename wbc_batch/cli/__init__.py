@@ -73,7 +73,7 @@ def _write_report(predictions: str, out_dir: str, **kw):
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("-m", "--model", type=click.Path(exists=True, dir_okay=False), default=None, help="ONNX model file.  [default: the shipped model]")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help=f"Predictions CSV to write.  [default: {ClassifyConfig.output}]")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help=f"Processes that decode and infer; 0 = all cores, 1 = in this process.  [default: {RunnerOptions.workers}]")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help=f"Worker processes that decode and infer (a file that crashes the decoder costs its row, not the run); 0 = all cores.  [default: {RunnerOptions.workers}]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help=f"Images per onnxruntime call (and per CSV flush).  [default: {RunnerOptions.batch_size}]")
 @click.option("--provider", default=None, help=f"onnxruntime execution provider: cpu, cuda, tensorrt, openvino, or a full provider name.  [default: {RunnerOptions.provider}]")
 @click.option("--threads", type=click.IntRange(min=0), default=None, help=f"onnxruntime threads per session; 0 = cores / workers.  [default: {RunnerOptions.threads}]")

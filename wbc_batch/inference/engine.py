@@ -36,12 +36,18 @@ def available_cores() -> int:
 class RunnerOptions:
     """How to run: parallelism and the onnxruntime provider."""
 
-    workers: int = 0  # processes (or Ray actors); 0 = all cores; 1 = in this process
+    workers: int = 0  # processes (or Ray actors); 0 = all cores
     batch_size: int = 32
     provider: str = "cpu"
     threads: int = 0  # onnxruntime threads per session; 0 = cores / workers
+    #: Decode and infer in the calling process instead of worker processes (``workers`` is then ignored):
+    #: no worker start-up and no ``__main__`` guard needed in a script, but no crash isolation either, so a
+    #: file that crashes the decoder (a segfault) ends the run. The local engine only; the CLI never does it.
+    in_process: bool = False
 
     def resolved_workers(self) -> int:
+        if self.in_process:
+            return 1
         return self.workers if self.workers > 0 else available_cores()
 
     def session_threads(self) -> int:

@@ -5,6 +5,9 @@ onnxruntime session on it, so only paths go in and a few floats per image come b
 pixels cross a process boundary), and N workers keep N cores busy with no oversubscription.
 At most ``2 * workers`` batches are in flight, so memory stays flat however many files
 there are. The workers themselves (start, replace, end) are :mod:`wbc_batch.inference.pool`'s.
+``workers=1`` (the default on a one-core machine) is one worker process too, not this process:
+a file that crashes the decoder must cost its row, not the run (and every ``--resume`` after it).
+Only ``RunnerOptions(in_process=True)``, for library callers, runs batches here, without that isolation.
 
 What a worker death means for the rows: when the pool breaks (a decoder crash, the OOM
 killer; in flight or while idle between batches) every batch it held fails alike, so none of
@@ -30,7 +33,7 @@ import numpy as np
 from .discover import InputFile
 from .engine import RunnerOptions, available_cores, chunks, run_batch
 from .model import Model
-from .pool import WorkerError, WorkerPool, is_spawned_worker_bootstrapping, work
+from .pool import WorkerError, WorkerPool, exit_if_bootstrapping, work
 from .rows import BatchResult, Prediction, TruthFn, to_predictions
 
 __all__ = ["LocalEngine", "RunnerOptions", "available_cores"]  # the last two: their long-standing import path
@@ -41,7 +44,7 @@ MAX_CRASHES_IN_A_ROW = 5
 
 
 class LocalEngine:
-    """Runs batches in this process (``workers=1``) or in a pool of worker processes.
+    """Runs batches in a pool of worker processes (one or more), or in this process when ``options.in_process``.
 
     ``task`` is what a worker runs on a batch (tests pass one that dies on a chosen file).
     """
@@ -64,14 +67,11 @@ class LocalEngine:
         labels = model.labels
         batches = chunks(files, max(1, options.batch_size))
         workers = options.resolved_workers()
-        if workers <= 1:
+        if options.in_process:
             for batch in batches:
                 yield to_predictions(batch, run_batch(model, [f.path for f in batch]), labels, truth)
             return
-        if is_spawned_worker_bootstrapping():
-            # This is a worker re-running a script without a __main__ guard: it must not start
-            # workers of its own. Exit quietly; the main process names the cause.
-            raise SystemExit(1)
+        exit_if_bootstrapping()  # a worker re-running a script without a __main__ guard starts no workers of its own
         pool = self._pool = WorkerPool(workers, model, options.provider, options.session_threads(), self._task)
         try:
             pool.start()

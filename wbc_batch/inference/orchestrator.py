@@ -234,7 +234,7 @@ def _recount(summary: RunSummary, truth_pairs: Counter[tuple[str, str]], existin
 
 def _load_model(cfg: ClassifyConfig) -> Model:
     opts = cfg.runner
-    in_process = opts.resolved_workers() <= 1
+    in_process = opts.in_process  # else the session here only checks the model: the workers build their own
     return load_model(cfg.model, provider=opts.provider, threads=opts.session_threads() if not in_process else opts.threads)
 
 
