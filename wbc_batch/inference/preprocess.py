@@ -60,9 +60,10 @@ DECODE_BYTES_PER_PIXEL = {
     "I": 29,
     "F": 30,
 }
-#: Reads a header parser may make: a real header takes tens. Pillow's JPEG parser reads junk after the
-#: magic one byte per read (4.5 minutes for 3 GB of zeros); this gives up on it after 64 KiB.
-HEADER_READS = 2**16
+#: Bytes Pillow may read from a file to find its size and mode (its header): a camera JPEG's, with EXIF
+#: and a colour profile, is tens of KB. Pillow's JPEG parser skips junk after the magic one byte at a time
+#: (4.5 minutes for 3 GB of zeros); this stops it after a fraction of a second.
+HEADER_BYTES = 4 * 2**20
 
 
 class ImageError(Exception):
@@ -160,7 +161,8 @@ def load_image(src: PathOrFile, spec: PreprocessSpec) -> np.ndarray:
     """
     if not isinstance(src, (str, os.PathLike)):
         _check_file_bytes(_size_of(src))
-        return _decode(src, spec)
+        counted = _CountedReads(src)
+        return _decode(counted, counted, spec)
     # Open it ourselves, so that "cannot open" (missing, permission, a directory, a FIFO
     # that would block for ever) is never mistaken for "cannot decode".
     try:
@@ -170,11 +172,11 @@ def load_image(src: PathOrFile, spec: PreprocessSpec) -> np.ndarray:
         if st.st_size == 0:
             raise ImageError("empty file")
         _check_file_bytes(st.st_size)
-        f = open(src, "rb")
+        raw = _CountedFile(src)
     except OSError as e:
         raise ImageError(f"unreadable: {e.strerror or e}") from e
-    with f:
-        return _decode(f, spec)
+    with io.BufferedReader(raw) as f:
+        return _decode(f, raw, spec)
 
 
 def _not_a_file(path: str | os.PathLike[str], st: os.stat_result) -> str:
@@ -216,26 +218,46 @@ def _check_decode_bytes(im: Image.Image) -> None:
         )
 
 
-class _HeaderReads:
-    """The file as Pillow's header parsers see it: at most :data:`HEADER_READS` reads, then the file is no image.
+class _HeaderBudget:
+    """What Pillow has read of a file while it parses the header: over :data:`HEADER_BYTES`, the file is no image.
 
-    Why: Pillow's JPEG parser skips junk one byte per read, so the time to refuse a file of JPEG magic and
-    zeros grew with its size. :meth:`parsed` lifts the bound once the header is read; everything else
-    (seek, tell, fileno for libtiff) is the file's own.
+    Why: Pillow's JPEG parser skips junk one byte at a time, so the time to refuse a file of JPEG
+    magic and zeros grew with its size. :meth:`parsed` lifts the bound once the header is read.
+    Counted where it is cheap: for a path, at the disk under the file's buffer (one call per buffer
+    refill, not one per byte Pillow asks for; a decode costs the same as with a plain ``open``).
     """
+
+    taken = 0
+    limit: float = HEADER_BYTES
+
+    def _spend(self, n: int) -> None:
+        self.taken += n
+        if self.taken > self.limit:
+            raise ImageError(f"corrupt image: no image header in its first {HEADER_BYTES >> 20} MiB")
+
+    def parsed(self) -> None:
+        self.limit = math.inf
+
+
+class _CountedFile(io.FileIO, _HeaderBudget):
+    """An image file opened by path, counting what its buffer takes from the disk."""
+
+    def readinto(self, b: Any) -> int | None:
+        n = super().readinto(b)
+        self._spend(n or 0)
+        return n
+
+
+class _CountedReads(_HeaderBudget):
+    """A file object given by the caller, counting what is read through it; the rest is the file's own."""
 
     def __init__(self, f: BinaryIO) -> None:
         self._f = f
-        self._left: float = HEADER_READS
 
     def read(self, n: int = -1) -> bytes:
-        self._left -= 1
-        if self._left < 0:
-            raise UnidentifiedImageError(f"no image header in the first {HEADER_READS} reads")
-        return self._f.read(n)
-
-    def parsed(self) -> None:
-        self._left = math.inf
+        data = self._f.read(n)
+        self._spend(len(data))
+        return data
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._f, name)
@@ -253,14 +275,13 @@ def _sniff_format(f: BinaryIO) -> str | None:
     return next((fmt for magic, fmt in IMAGE_MAGIC.items() if head.startswith(magic)), None)
 
 
-def _decode(f: BinaryIO, spec: PreprocessSpec) -> np.ndarray:
+def _decode(f: BinaryIO, header: _HeaderBudget, spec: PreprocessSpec) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below is the limit; PIL's warning threshold would
             # otherwise refuse images a model's metadata explicitly allows.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            header = _HeaderReads(f)
-            with Image.open(header) as im:
+            with Image.open(f) as im:
                 header.parsed()
                 w, h = im.size
                 if w * h > spec.max_pixels:
@@ -279,6 +300,7 @@ def _decode(f: BinaryIO, spec: PreprocessSpec) -> np.ndarray:
     except Image.DecompressionBombError as e:
         raise ImageError(f"image too large (possible decompression bomb): {e}") from e
     except UnidentifiedImageError:
+        header.parsed()
         fmt = _sniff_format(f)
         if fmt == "":
             raise ImageError("empty file") from None
