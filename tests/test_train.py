@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from adabn_reference import remeasured_outputs
 from conftest import SAMPLE, SHARED_DATA, needs_shared_data
 
 torch = pytest.importorskip("torch")
@@ -367,23 +368,7 @@ def test_adapt_refolds_what_torch_batch_norm_measures(tiny_run, tmp_path):
     paths = sorted(str(p) for p in SAMPLE.rglob("*.jpeg"))
     model, _, _ = load_run(tiny_run)
     x = torch.from_numpy(np.stack([load_image(p, PreprocessSpec(48, 64)) for p in paths]))
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert bns
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    counts = {}
-    hooks = [m.register_forward_hook(lambda m, i, o: counts.__setitem__(m, i[0].numel() // i[0].shape[1])) for m in bns]
-    with torch.no_grad():
-        model(x)  # one batch of all 40 images: each layer measured on the layers before it, already re-normalised
-    for h in hooks:
-        h.remove()
-    for m in bns:  # torch stores the unbiased variance but normalised the batch by the biased one, as adapt does
-        m.running_var *= (counts[m] - 1) / counts[m]
-    model.eval()
-    with torch.inference_mode():
-        want = model(x).numpy()
+    want = remeasured_outputs(model, x)  # one batch of all 40 images, each layer measured on the layers before it
     got = load_model(ad).predict(x.numpy())
     assert np.abs(got - want).max() < 1e-4
     assert not np.allclose(load_model(out).predict(x.numpy()), want, atol=1e-3)  # adapting changed the outputs

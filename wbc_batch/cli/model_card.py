@@ -112,7 +112,8 @@ def training_lines(training: Mapping[str, Any], labels: Sequence[str]) -> list[s
     if isinstance(training.get("init"), Mapping):
         init = training["init"]
         new = init.get("new") or []
-        lines.append(_more(f"fine-tuned from {init.get('from', '?')}" + (f" (new classes: {', '.join(new)})" if new else "")))
+        start = f"started from {init.get('weights', 'pretrained')} weights, " if init.get("kind") == "pretrained" else "fine-tuned from "
+        lines.append(_more(f"{start}{init.get('from', '?')}" + (f" (new classes: {', '.join(new)})" if new else "")))
     lines += [_more(x) for x in folders]
     if cfg:
         lines.append(_more("recipe: " + _pairs(_recipe(cfg, labels))))

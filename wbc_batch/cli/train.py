@@ -8,6 +8,7 @@ from dataclasses import asdict
 import click
 
 from ..errors import require
+from ..training import archs
 
 
 def _size(ctx, param, value: str | None) -> tuple[int, int] | None:
@@ -39,20 +40,25 @@ def crop_option(window: int | None, size: int | None, arch: str) -> tuple[int, i
     default; None (the config's default) when neither is."""
     if window is None and size is None:
         return None
-    from ..training.models import default_crop
-
-    default = default_crop(arch)
+    default = archs.get(arch).default_crop
     return (default[0] if window is None else window, size or default[1])
 
 
 @click.command("train")
 @click.argument("data_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--run-dir", type=click.Path(file_okay=False), default="runs/train", show_default=True, help="Where weights, history.csv, curves.png and config.json go.")
-@click.option("--arch", type=click.Choice(["wbc-net", "seed-cnn"]), default=None, help="Network: wbc-net or seed-cnn (the study report's baseline)." + _default("arch"))
+@click.option("--arch", type=click.Choice(list(archs.ARCHS)), default=None, help=archs.arch_help() + _default("arch"))
+@click.option("--pretrained", type=click.Choice(archs.pretrained_choices()), default=None,
+              help="The weights the network starts from: imagenet (installed with the train extra; nothing is downloaded) or none "
+                   "(random). --init replaces either with a wbc-batch model's.  [default: imagenet where the architecture has such "
+                   f"weights ({', '.join(a.name for a in archs.ARCHS.values() if a.weights)}), else none]")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs." + _default("epochs"))
-@click.option("--size", callback=_size, default=None, help="Decoded input HxW.  [default: derived from the images with a cell crop (see below), else the architecture's own: 60x80 seed-cnn, 96x128 wbc-net]")
-@click.option("--crop-window", type=click.IntRange(min=0), default=None, help="Side (pixels of the decoded field) of the square centred on the cell that the network sees (for a nucleus of 80 px when the window follows it); 0: the whole field.  [default: with --init, the crop that model was trained with (both flags unset); else 160 wbc-net, 0 seed-cnn]")
-@click.option("--crop-size", type=click.IntRange(min=8), default=None, help="The crop window is sampled to this many pixels a side.  [default: with --init, that model's (both crop flags unset); else the architecture's, 128 for wbc-net]")
+@click.option("--size", callback=_size, default=None, help="Decoded input HxW.  [default: derived from the images with a cell crop (see below), else the architecture's own: "
+              + ", ".join(f"{a.default_size[0]}x{a.default_size[1]} {a.name}" for a in archs.ARCHS.values()) + "]")
+@click.option("--crop-window", type=click.IntRange(min=0), default=None, help="Side (pixels of the decoded field) of the square centred on the cell that the network sees (for a nucleus of 80 px when the window follows it); 0: the whole field.  [default: with --init, the crop that model was trained with (both flags unset); else "
+              + ", ".join(f"{a.default_crop[0]} {a.name}" for a in archs.ARCHS.values()) + "]")
+@click.option("--crop-size", type=click.IntRange(min=8), default=None, help="The crop window is sampled to this many pixels a side.  [default: with --init, that model's (both crop flags unset); else the architecture's: "
+              + ", ".join(f"{a.default_crop[1]} {a.name}" for a in archs.ARCHS.values() if a.default_crop[0]) + "]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step." + _default("batch_size"))
 @click.option("--optimizer", type=click.Choice(["adamw", "adam", "sgd"]), default=None, help="Optimiser." + _default("optimizer"))
 @click.option("--lr", type=float, default=None, help="Peak learning rate." + _default("lr"))
@@ -91,10 +97,9 @@ def train_cmd(data_dirs, run_dir, quiet, group_regex, crop_window, crop_size, cl
     is at most 320, rounded to multiples of 8 (240x320 for 320x240 fields).
     """
     _need_torch()
-    from ..training.config import DEFAULT_ARCH
     from ..training.loop import TrainConfig, train
 
-    crop = crop_option(crop_window, crop_size, kw.get("arch") or DEFAULT_ARCH)
+    crop = crop_option(crop_window, crop_size, kw.get("arch") or archs.DEFAULT_ARCH)
     if classes is not None:
         kw["class_subset"] = tuple(sorted({c.strip() for c in classes.split(",") if c.strip()}))
     kw = {k: v for k, v in {**kw, "group_regex": group_regex}.items() if v is not None}  # TrainConfig holds every default

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .archs import DEFAULT_ARCH
 from .data import DEFAULT_GROUP_REGEX
 
-#: The default network (training.models.ARCHS holds them all).
-DEFAULT_ARCH = "wbc-net"
+__all__ = ["DEFAULT_ARCH", "FIELD_SIZE", "TrainConfig"]
 
 #: Decode size when a cell crop is used: the full field at the data set's native resolution.
 FIELD_SIZE = (240, 320)
@@ -43,6 +43,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     max_per_class: int = 0  # 0 = all; >0 subsamples (quick runs, tests)
     init_from: str | None = None  # run folder or exported .onnx to fine-tune from (see training.init_weights)
+    pretrained: str | None = None  # imagenet | none: the start without init_from; None: the architecture's (see resolved_pretrained)
     class_weights: str = "balanced"  # balanced: loss weight n / (classes * n_c) per class (train split); none
     class_subset: tuple[str, ...] | None = None  # train on only these classes (None: every class folder found)
     keep_aspect: bool = True  # decode: fit inside the frame and pad with black (False: stretch, the pre-v2 runs)
@@ -56,6 +57,15 @@ class TrainConfig:
 
     def data_dirs(self) -> list[str]:
         return [self.data_dir] if isinstance(self.data_dir, str) else [str(d) for d in self.data_dir]
+
+    def resolved_pretrained(self) -> str:
+        """The weights the network starts from: none with init_from (its weights replace them), else as asked or
+        the architecture's default (ImageNet where the registry has weights for it: transfer by default)."""
+        from .archs import get
+
+        if self.init_from:
+            return "none"
+        return self.pretrained or get(self.arch).default_pretrained
 
     def resolved_crop(self) -> tuple[int, int] | None:
         from .models import default_crop

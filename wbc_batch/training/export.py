@@ -137,8 +137,10 @@ def parity_paths(data_dir: str | os.PathLike[str], n: int = 256, seed: int = 0) 
     return [files[i] for i in sorted(idx)]
 
 
-def check_parity(model, data: bytes, images: np.ndarray, output: str | os.PathLike[str]) -> ExportReport:
-    """onnxruntime vs torch probabilities at batch 1, an odd batch (7) and all ``images``; raises on a mismatch."""
+def check_parity(model, data: bytes, images: np.ndarray, output: str | os.PathLike[str], tolerance: float = PARITY_ATOL) -> ExportReport:
+    """onnxruntime vs torch probabilities at batch 1, an odd batch (7) and all ``images``; raises on a mismatch.
+
+    ``tolerance``: the architecture's (see :attr:`.archs.Arch.parity_atol`): a deep network's own float32 rounding sets it."""
     import onnxruntime as ort
     import torch
 
@@ -154,15 +156,15 @@ def check_parity(model, data: bytes, images: np.ndarray, output: str | os.PathLi
     d7 = float(np.abs(got7 - ref[:7]).max())
     dall = float(np.abs(got_all - ref).max())
     agree = float((got_all.argmax(1) == ref.argmax(1)).mean())
-    report = ExportReport(str(output), OPSET, IR_VERSION, len(images), d1, d7, dall, agree)
-    if max(d1, d7, dall) > PARITY_ATOL or agree < 1.0:
+    report = ExportReport(str(output), OPSET, IR_VERSION, len(images), d1, d7, dall, agree, tolerance)
+    if max(d1, d7, dall) > tolerance or agree < 1.0:
         raise RuntimeError(f"ONNX/torch parity failed: {json.dumps(asdict(report))}")
     return report
 
 
 #: TrainConfig fields recorded in the model's metadata (``training.config``).
 _RECORDED = ("size", "crop", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "label_smoothing", "augment", "val_fraction", "group_regex", "groups_file", "seed", "class_weights",
-             "class_subset", "keep_aspect", "crop_follow", "colour", "jpeg", "colour_norm", "precise_bn", "source_balance")
+             "class_subset", "keep_aspect", "crop_follow", "colour", "jpeg", "colour_norm", "precise_bn", "source_balance", "pretrained")
 
 
 def model_metadata(record, epoch: int | None, report: ExportReport, name: str) -> ModelMetadata:
@@ -192,11 +194,20 @@ def model_metadata(record, epoch: int | None, report: ExportReport, name: str) -
         extra={
             "training": training,
             "metrics": report.eval_metrics or {},
+            "normalisation": normalisation(record.config.arch),
             "export_parity": {k: v for k, v in asdict(report).items() if k.startswith(("max_abs", "argmax", "parity", "tolerance"))},
             "versions": {**versions, "wbc_batch": __version__, "python": sys.version.split()[0]},
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         },
     )
+
+
+def normalisation(arch: str) -> dict:
+    """The per-channel mean and std (RGB, 0..1) the graph normalises with: informative, the graph applies them itself."""
+    from .archs import get
+
+    a = get(arch)
+    return {"mean": [round(v, 6) for v in a.mean], "std": [round(v, 6) for v in a.std]}
 
 
 def batchnorm_record(net) -> list[dict]:
@@ -230,12 +241,13 @@ def export_run(
     """Export ``run_dir`` to ``output`` after checking the ONNX graph against PyTorch.
 
     Checks: ``onnx.checker`` full check; onnxruntime vs torch probabilities within
-    :data:`PARITY_ATOL` at batch 1, an odd batch (7) and the whole sample; argmax agreement
+    the architecture's tolerance (:data:`PARITY_ATOL` unless its registry entry says otherwise) at batch 1, an odd batch (7) and the whole sample; argmax agreement
     100% on real images (from ``check_dir``, default: the run's training data).
     Nothing is written when a check fails.
     """
     import onnx
 
+    from .archs import get as get_arch
     from .onnx_metadata import save_checked, set_metadata
 
     model, record, epoch = load_run(run_dir, checkpoint)
@@ -245,7 +257,7 @@ def export_run(
     images = _sample_images(parity_paths(check_src, check_images), record.spec) if check_src and Path(check_src).is_dir() else np.zeros((0, h, w, 3), np.uint8)
     if len(images) < 8:
         raise RuntimeError(f"export parity needs real images: found {len(images)} under {check_src!r} (give --check-dir)")
-    report = check_parity(model, data, images, output)
+    report = check_parity(model, data, images, output, get_arch(record.config.arch).parity_atol)
     report.eval_metrics = eval_metrics
     md = model_metadata(record, epoch, report, name or Path(output).stem)
     md.extra["batchnorm"] = batchnorm_record(model.net)

@@ -27,6 +27,7 @@ from ..evaluation.metrics import Metrics, compute_metrics
 from ..inference.preprocess import PreprocessSpec
 from . import augment
 from .config import FIELD_SIZE, TrainConfig
+from .contracts import check_start
 from .data import LabelledFiles, balance_weights, decode_all, derived_size, read_group_file, scan_sources, source_split, subsample
 from .init_weights import InitSource, init_model, read_init
 from .models import BackgroundBalance, CellCrop, Deployable, build_deployable
@@ -290,7 +291,7 @@ def class_weights(targets: np.ndarray, n_classes: int, mode: str, draws: np.ndar
 
 
 def _record(cfg: TrainConfig, spec: PreprocessSpec, data: TrainData, device: torch.device) -> RunRecord:
-    resolved = replace(cfg, size=cfg.resolved_size(), crop=cfg.resolved_crop() or (0, 0), device=str(device))
+    resolved = replace(cfg, size=cfg.resolved_size(), crop=cfg.resolved_crop() or (0, 0), device=str(device), pretrained=cfg.resolved_pretrained())
     return RunRecord(resolved, data.classes, spec.to_dict(), int(len(data.train_idx)), int(len(data.val_idx)),
                      bool(len(data.val_idx) and data.val_is_train), data.val_sources(), str(device), str(torch.__version__),
                      sources=source_summary(data))
@@ -333,6 +334,16 @@ def _init(model: Deployable, source: InitSource, cfg: TrainConfig, data: TrainDa
     head = "same classes" if not done["new"] and done["kept"] == done["classes"] else f"head rebuilt: kept {done['kept']}, new {done['new']}"
     crop = f"; crop {tuple(cfg.crop)} inherited" if crop_inherited else ""
     print(f"init: {done['kind']} {done['from']} ({head}{crop})", file=sys.stderr)
+    return done
+
+
+def _pretrained(model: Deployable, cfg: TrainConfig) -> dict:
+    """Transfer: the registry's pretrained weights into ``model`` (classifier fresh), said on stderr."""
+    from .archs import get
+    from .pretrained import load_pretrained
+
+    done = load_pretrained(model.net, get(cfg.arch), cfg.resolved_pretrained())
+    print(f"init: {done['weights']} weights from {done['from']} ({done['tensors']} tensors; classifier fresh)", file=sys.stderr)
     return done
 
 
@@ -413,6 +424,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if not cfg.size and cfg.resolved_crop():  # helper B's reconstruction: the decode size derived from the images
         cfg = replace(cfg, size=derived_size(files.paths))
     h, w = cfg.resolved_size()
+    check_start(cfg, len(files.classes))  # a contract the network breaks, or missing weights: an error now, not at export
     spec = PreprocessSpec(height=h, width=w, resize=cfg.resize, keep_aspect=cfg.keep_aspect)
     data = load_data(cfg, spec, files)
     _log_data(data)
@@ -423,6 +435,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     record.background = background
     if cfg.init_from:
         record.init = _init(model, source, cfg, data, device, crop_inherited)
+    elif record.config.pretrained != "none":
+        record.init = _pretrained(model, cfg)
     t = _trainer(cfg, model, data, device)
     record.write(run_dir)
     history, best = _fit(cfg, t, data, record, run_dir, bar=progress and sys.stderr.isatty())

@@ -6,17 +6,14 @@ so an embedder in any language only decodes and resizes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from . import config
+from . import archs
+from .archs import STAIN_MEAN, STAIN_STD
 
-#: ImageNet statistics are a poor fit for stained smears; these are the TRAIN set's own
-#: per-channel mean/std (RGB, 0..1), measured once and fixed so runs stay comparable.
-STAIN_MEAN = (0.678, 0.641, 0.660)
-STAIN_STD = (0.260, 0.259, 0.257)
 #: A pixel (or block mean) with R+G+B at most this is padding, a rotation border or their JPEG ringing, never
 #: stain or background: far darker than any stained nucleus. The crop and the balance both skip it.
 PADDING_MAX_SUM = 60
@@ -24,9 +21,6 @@ PADDING_MAX_SUM = 60
 
 class SeedCNN(nn.Module):
     """The study report's network, layer for layer (Keras kernel: 'valid' 3x3 convs)."""
-
-    default_size = (60, 80)
-    default_crop = (0, 0)
 
     def __init__(self, num_classes: int, size: tuple[int, int] = (60, 80)) -> None:
         super().__init__()
@@ -51,12 +45,9 @@ class WbcNet(nn.Module):
     """Default: a plain VGG-style stack with batch norm, stride-2 downsampling and global pooling.
 
     Global pooling makes the class decision position-invariant (the cell sits anywhere in the
-    field); four stride-2 stages keep the compute small enough for two CPU cores.
+    field); four stride-2 stages keep the compute small enough for two CPU cores. Its default decode size and
+    cell crop (a 160-pixel window around the cell at native resolution, sampled to 128x128) are in :mod:`.archs`.
     """
-
-    default_size = (96, 128)
-    #: (window, out): look at a 160-pixel window around the cell at native resolution, sampled to 128x128.
-    default_crop = (160, 128)
 
     def __init__(self, num_classes: int, size: tuple[int, int] = (96, 128), widths: tuple[int, ...] = (24, 48, 96, 160)) -> None:
         super().__init__()
@@ -75,22 +66,20 @@ class WbcNet(nn.Module):
         return self.head(self.features(x))
 
 
-ARCHS: dict[str, Callable[..., nn.Module]] = {"seed-cnn": SeedCNN, "wbc-net": WbcNet}
-DEFAULT_ARCH = config.DEFAULT_ARCH
+DEFAULT_ARCH = archs.DEFAULT_ARCH
 
 
 def build(arch: str, num_classes: int, size: tuple[int, int]) -> nn.Module:
-    if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHS)}")
-    return ARCHS[arch](num_classes, size)
+    """The registry's network (:mod:`.archs`), randomly initialised, for a network input of ``size``."""
+    return archs.get(arch).builder(num_classes, size)
 
 
 def default_size(arch: str) -> tuple[int, int]:
-    return ARCHS[arch].default_size  # type: ignore[attr-defined]
+    return archs.get(arch).default_size
 
 
 def default_crop(arch: str) -> tuple[int, int]:
-    return ARCHS[arch].default_crop  # type: ignore[attr-defined]
+    return archs.get(arch).default_crop
 
 
 class CellCrop(nn.Module):
@@ -266,7 +255,8 @@ def build_deployable(
 ) -> Deployable:
     """The network for a run's (decode size, cell crop, whether the window follows the nucleus, background colour), wrapped as exported: one rule for train and export."""
     net = build(arch, num_classes, net_input_size(size, crop))
+    entry = archs.get(arch)
     return Deployable(
-        net, probabilities=probabilities, crop=CellCrop(*crop, follow=follow) if crop else None,
+        net, probabilities=probabilities, mean=entry.mean, std=entry.std, crop=CellCrop(*crop, follow=follow) if crop else None,
         balance=BackgroundBalance(background) if background is not None else None,
     )
