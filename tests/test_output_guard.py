@@ -140,3 +140,15 @@ def test_a_lock_file_that_cannot_be_written_is_an_output_error(tmp_path, color_m
     with pytest.raises(OutputError, match=r"cannot write the lock file .*p\.csv\.lock: No space left on device") as e:
         run_classify(_cfg([sample_copy], out, color_model))
     assert e.value.exit_code == 5 and sorted(os.listdir(tmp_path)) == ["in"]
+
+
+def test_a_run_resumed_through_a_symlink_to_its_csv_finds_its_sidecar(tmp_path, color_model, sample_copy):
+    out = tmp_path / "out.csv"
+    run_classify(_cfg([sample_copy], out, color_model))
+    before = out.read_bytes()
+    alias = tmp_path / "link.csv"
+    alias.symlink_to("out.csv")
+    assert sidecar_path(alias) == sidecar_path(out) and lock_path(alias) == lock_path(out)
+    summary = run_classify(_cfg([sample_copy], alias, color_model, resume=True))
+    assert (summary.resumed, summary.processed) == (len(read_rows(out)), 0) and out.read_bytes() == before
+    assert not (tmp_path / "link.csv.run.json").exists()

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .discover import is_image_name, iter_images, looks_like_image
-from .predictions import OutputError
+from .predictions import OutputError, companion_path
 
 try:
     import fcntl
@@ -35,16 +35,8 @@ _IN_USE = "is in use by another wbc-batch run"
 
 
 def lock_path(csv_path: str | os.PathLike[str]) -> Path:
-    """``<csv>.lock`` beside the file ``csv_path`` resolves to, so that every spelling of one output names one lock file.
-
-    An output that exists and is no regular file (``/dev/full``, a FIFO) keeps its lock beside the
-    name given: a lock file cannot be made in ``/dev``, and such an output holds no rows to protect.
-    """
-    real = os.path.realpath(csv_path)
-    if os.path.exists(real) and not os.path.isfile(real):
-        given = os.path.abspath(csv_path)
-        real = os.path.join(os.path.realpath(os.path.dirname(given)), os.path.basename(given))
-    return Path(real + ".lock")
+    """``<csv>.lock``, beside the file ``csv_path`` resolves to (:func:`companion_path`)."""
+    return companion_path(csv_path, ".lock")
 
 
 def _holder(fd: int) -> str:

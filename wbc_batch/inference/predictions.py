@@ -52,8 +52,22 @@ def columns(labels: Sequence[str], domain: bool = False) -> list[str]:
     return ["path", "label", "confidence", *trust, *[PROB_PREFIX + lb for lb in labels], "true_label", "status", "error"]
 
 
+def companion_path(csv_path: str | os.PathLike[str], suffix: str) -> Path:
+    """``<csv><suffix>`` beside the file ``csv_path`` resolves to, so every spelling of one output (a symlink to it,
+    a symlinked folder, ``..`` on the way) names one lock file and one sidecar.
+
+    An output that exists and is no regular file (``/dev/full``, a FIFO) keeps its companions beside the
+    name given: nothing can be made in ``/dev``, and such an output holds no rows to protect.
+    """
+    real = os.path.realpath(csv_path)
+    if os.path.exists(real) and not os.path.isfile(real):
+        given = os.path.abspath(csv_path)
+        real = os.path.join(os.path.realpath(os.path.dirname(given)), os.path.basename(given))
+    return Path(real + suffix)
+
+
 def sidecar_path(csv_path: str | os.PathLike[str]) -> Path:
-    return Path(os.fspath(csv_path) + ".run.json")
+    return companion_path(csv_path, ".run.json")
 
 
 def _trust_fields(p: Prediction) -> list[str]:
