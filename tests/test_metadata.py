@@ -127,6 +127,8 @@ def test_malformed_documents(doc, message):
         (None, "labels must be a list of class names, got null"),
         ([["A"], ["B"]], r"labels must be non-empty strings, got \[\['A'\], \['B'\]\]"),
         (["A", 2], r"labels must be non-empty strings, got \['A', 2\]"),
+        (["A", "=HYPERLINK(1)"], r"labels may not start with = \+ - @ TAB or CR \(a spreadsheet runs such a cell\): \['=HYPERLINK\(1\)'\]"),
+        (["-B", "@C"], r"labels may not start with .*: \['-B', '@C'\]"),
     ],
 )
 def test_labels_must_be_a_list_of_names(labels, message):

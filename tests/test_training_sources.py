@@ -141,3 +141,9 @@ def test_two_folder_run_records_sources_and_samples_by_balance(tmp_path):
 def test_blood_cells_and_pbc_derive_their_own_sizes():
     assert derived_size(scan_sources([SHARED_DATA / "TRAIN", PBC / "train"]).paths) == (240, 320)
     assert derived_size(scan_sources([PBC / "train"]).paths) == (320, 320)
+
+
+def test_a_class_folder_whose_name_would_start_a_formula_is_refused_before_training(tmp_path):
+    lab = _lab(tmp_path / "lab", {"EOSINOPHIL": 2, "=SUM(A1)": 2, "+B": 2})
+    with pytest.raises(ValueError, match=r"a label may not start with = \+ - @ TAB or CR .*rename \['\+B', '=SUM\(A1\)'\]"):
+        scan_sources([lab])

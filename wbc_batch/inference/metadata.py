@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..csv_safety import starts_formula
 from ..errors import ExitCode, WbcBatchError
 from .preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec
 
@@ -72,6 +73,9 @@ def _label_problems(labels: object) -> list[str]:
         problems.append(f"labels must be non-empty strings, got {list(labels)}")
     elif len(set(labels)) != len(labels):
         problems.append(f"labels repeat: {list(labels)}")
+    elif formulas := [lb for lb in labels if starts_formula(lb)]:
+        # predictions.csv writes labels verbatim (its label column must equal them), so one that starts a formula would run in a spreadsheet
+        problems.append(f"labels may not start with = + - @ TAB or CR (a spreadsheet runs such a cell): {formulas}")
     return problems
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..csv_safety import starts_formula
 from ..inference.discover import is_image_name
 from ..inference.preprocess import ImageError, PreprocessSpec, load_image
 
@@ -76,6 +77,9 @@ def scan_class_folders(
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(classes) < 2:
         raise ValueError(f"{root} needs at least two class folders, found {classes}")
+    if formulas := [c for c in classes if starts_formula(c)]:
+        raise ValueError(f"{root}: class folder names become the model's labels, and a label may not start with = + - @ TAB or CR"
+                         f" (a spreadsheet runs such a cell): rename {formulas}")
     pattern = re.compile(group_regex)
     paths: list[str] = []
     targets: list[int] = []
