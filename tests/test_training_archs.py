@@ -155,6 +155,18 @@ def test_run_records_from_before_pretrained_starts_read_as_random_starts():
 
 
 @pytest.mark.torch
+def test_a_network_whose_library_is_missing_is_a_usage_error(monkeypatch):
+    _torch()
+    from wbc_batch.training.contracts import ContractError
+    from wbc_batch.training.models import build
+
+    monkeypatch.setitem(archs.ARCHS, "test-net", archs.Arch("test-net", "t", None, (32, 32), (0, 0), requires=("no_such_module_x",)))
+    with pytest.raises(ContractError, match="--arch test-net needs no_such_module_x: pip install no_such_module_x") as e:
+        build("test-net", 4, (32, 32))
+    assert e.value.exit_code == 2
+
+
+@pytest.mark.torch
 def test_map_in_order_pairs_by_position_and_refuses_other_shapes():
     torch = _torch()
     from wbc_batch.training.pretrained import PretrainedError, map_in_order

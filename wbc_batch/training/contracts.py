@@ -33,7 +33,7 @@ def require_modules(arch: Arch) -> None:
     """A clear error when a module the builder imports is missing (timm for the pretrained networks)."""
     missing = [m for m in arch.requires if importlib.util.find_spec(m) is None]
     if missing:
-        raise ContractError(f"--arch {arch.name} needs {', '.join(missing)}: pip install 'wbc-batch[train]'")
+        raise ContractError(f"--arch {arch.name} needs {', '.join(missing)}: pip install {' '.join(missing)} (part of the train extra)")
 
 
 _BN = nn.modules.batchnorm._BatchNorm

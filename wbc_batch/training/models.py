@@ -70,8 +70,13 @@ DEFAULT_ARCH = archs.DEFAULT_ARCH
 
 
 def build(arch: str, num_classes: int, size: tuple[int, int]) -> nn.Module:
-    """The registry's network (:mod:`.archs`), randomly initialised, for a network input of ``size``."""
-    return archs.get(arch).builder(num_classes, size)
+    """The registry's network (:mod:`.archs`), randomly initialised, for a network input of ``size``; a module its
+    builder needs and cannot find (timm) is a usage error naming the install, for train, export and --init alike."""
+    from .contracts import require_modules
+
+    entry = archs.get(arch)
+    require_modules(entry)
+    return entry.builder(num_classes, size)
 
 
 def default_size(arch: str) -> tuple[int, int]:

