@@ -341,3 +341,22 @@ def test_lite0_init_from_its_onnx_file_computes_what_the_file_computes(lite0_mod
     with torch.inference_mode():
         want = model(torch.from_numpy(x)).numpy()
     assert np.abs(load_model(model_path).predict(x) - want).max() < archs.get(LITE0).parity_atol
+
+
+@pytest.mark.torch
+def test_lite0_init_from_its_run_folder_loads_every_weight(lite0_model):
+    torch = _torch()
+    from wbc_batch.training.export import load_run
+    from wbc_batch.training.init_weights import init_model, read_init
+    from wbc_batch.training.models import build_deployable
+
+    run, _ = lite0_model
+    rec = json.loads((run / "config.json").read_text())
+    src = read_init(run)
+    assert src.kind == "run" and src.arch == LITE0 and src.crop == (80, 64)
+    model = build_deployable(LITE0, 4, (96, 128), (80, 64), follow=True, background=rec["background"])
+    done = init_model(model, src, LITE0, tuple(rec["classes"]), np.zeros((1, 96, 128, 3), np.uint8), torch.device("cpu"))
+    assert done["rebuilt_batch_norms"] == 0 and done["new"] == []
+    trained, _, _ = load_run(run)
+    a, b = model.net.state_dict(), trained.net.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
