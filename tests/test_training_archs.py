@@ -321,22 +321,31 @@ def test_lite0_adapt_refolds_what_torch_batch_norm_measures(lite0_model, tmp_pat
     assert not np.allclose(load_model(model_path).predict(x.numpy()), want, atol=1e-2)
 
 
+def _init_lite0(run: Path, source: Path, images: np.ndarray):
+    """A fresh efficientnet-lite0 deployable with the run's crop and background, initialised from ``source`` as --init does."""
+    torch = _torch()
+    from wbc_batch.training.init_weights import init_model, read_init
+    from wbc_batch.training.models import build_deployable
+
+    rec = json.loads((run / "config.json").read_text())
+    src = read_init(source)
+    assert src.arch == LITE0 and src.crop == (80, 64)
+    model = build_deployable(LITE0, 4, (96, 128), (80, 64), follow=True, background=rec["background"])
+    done = init_model(model, src, LITE0, tuple(rec["classes"]), images, torch.device("cpu"))
+    assert done["kept"] == rec["classes"] and done["new"] == []
+    return model, done
+
+
 @pytest.mark.torch
 def test_lite0_init_from_its_onnx_file_computes_what_the_file_computes(lite0_model):
     torch = _torch()
     from wbc_batch.inference.model import load_model
     from wbc_batch.inference.preprocess import PreprocessSpec, load_image
-    from wbc_batch.training.init_weights import init_model, read_init
-    from wbc_batch.training.models import build_deployable
 
     run, model_path = lite0_model
-    rec = json.loads((run / "config.json").read_text())
-    src = read_init(model_path)
-    assert src.arch == LITE0 and src.crop == (80, 64)
-    model = build_deployable(LITE0, 4, (96, 128), (80, 64), follow=True, background=rec["background"])
     x = np.stack([load_image(p, PreprocessSpec(96, 128)) for p in sorted(str(p) for p in SAMPLE.rglob("*.jpeg"))])
-    done = init_model(model, src, LITE0, tuple(rec["classes"]), x, torch.device("cpu"))
-    assert done["rebuilt_batch_norms"] == 49 and done["kept"] == rec["classes"]
+    model, done = _init_lite0(run, model_path, x)
+    assert done["kind"] == "onnx" and done["rebuilt_batch_norms"] == 49
     model.eval()
     with torch.inference_mode():
         want = model(torch.from_numpy(x)).numpy()
@@ -347,16 +356,10 @@ def test_lite0_init_from_its_onnx_file_computes_what_the_file_computes(lite0_mod
 def test_lite0_init_from_its_run_folder_loads_every_weight(lite0_model):
     torch = _torch()
     from wbc_batch.training.export import load_run
-    from wbc_batch.training.init_weights import init_model, read_init
-    from wbc_batch.training.models import build_deployable
 
     run, _ = lite0_model
-    rec = json.loads((run / "config.json").read_text())
-    src = read_init(run)
-    assert src.kind == "run" and src.arch == LITE0 and src.crop == (80, 64)
-    model = build_deployable(LITE0, 4, (96, 128), (80, 64), follow=True, background=rec["background"])
-    done = init_model(model, src, LITE0, tuple(rec["classes"]), np.zeros((1, 96, 128, 3), np.uint8), torch.device("cpu"))
-    assert done["rebuilt_batch_norms"] == 0 and done["new"] == []
+    model, done = _init_lite0(run, run, np.zeros((1, 96, 128, 3), np.uint8))
+    assert done["kind"] == "run" and done["rebuilt_batch_norms"] == 0
     trained, _, _ = load_run(run)
     a, b = model.net.state_dict(), trained.net.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
