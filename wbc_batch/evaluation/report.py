@@ -159,13 +159,13 @@ def write_report(
         if on_warning is not None:
             on_warning(msg)
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create report folder {out}: {e.strerror or e}") from e
     side = _read_side(csv_path, warn)
     paths: dict[str, Path] = {"review": out / "review.csv"}
     s = scan(csv_path, group_by or 1, threshold, limits)
+    try:  # after the scan: a CSV it refuses leaves no empty folder behind
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create report folder {out}: {e.strerror or e}") from e
     model_labels = (side.get("model") or {}).get("labels")
     if model_labels and list(model_labels) != s.labels:
         warn(f"the sidecar's model labels {model_labels} differ from the CSV's {s.labels}; the CSV's are used")
