@@ -33,6 +33,9 @@ from .rows import STATUS_ERROR, STATUS_OK, Prediction  # the row type lives in r
 PROB_PREFIX = "prob_"
 #: How undecodable file names (surrogate-escaped by os.scandir) are written and read back.
 ENCODING_ERRORS = "surrogateescape"
+#: What a NUL byte is read as: Python 3.10's csv reader stops at a NUL ("line contains NUL"), which read as a torn
+#: end would cut every row after it; a lone low surrogate that surrogateescape never produces stands in, on every version.
+NUL_READ = "\udc00"
 
 
 class OutputError(WbcBatchError):
@@ -187,7 +190,7 @@ def _records_with_offsets(f: io.BufferedReader) -> Iterator[tuple[list[str], int
             offset += len(raw)
             n_lines += 1
             complete = raw.endswith(b"\n")
-            yield raw.decode("utf-8", errors=ENCODING_ERRORS)
+            yield raw.decode("utf-8", errors=ENCODING_ERRORS).replace("\0", NUL_READ)
 
     reader = csv.reader(lines(), strict=True)
     while True:
@@ -254,7 +257,7 @@ class _RowCheck:
             return f"{len(rec)} fields instead of {self.width}"
         if not rec[0]:
             return "no path"
-        if "\0" in rec[0]:
+        if NUL_READ in rec[0]:
             return "a path with NUL bytes"
         if rec[self.st] not in (STATUS_OK, STATUS_ERROR):
             return f"status {rec[self.st]!r} is neither ok nor error"

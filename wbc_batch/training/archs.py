@@ -154,3 +154,8 @@ def arch_help() -> str:
         crop = f"crop {a.default_crop[0]}->{a.default_crop[1]}" if a.default_crop[0] else f"whole field {a.default_size[0]}x{a.default_size[1]}"
         parts.append(f"{a.name}: {a.summary} ({crop}; {a.default_pretrained + ' start' if a.weights else 'random start'})")
     return "Network. " + "; ".join(parts) + "."
+
+
+def net_input_size(size: tuple[int, int], crop: tuple[int, int] | None) -> tuple[int, int]:
+    """What the network itself sees: the crop's output square, else the decoded field."""
+    return (crop[1], crop[1]) if crop else (int(size[0]), int(size[1]))

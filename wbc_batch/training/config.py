@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .archs import DEFAULT_ARCH
+from .archs import DEFAULT_ARCH, get, net_input_size
 from .data import DEFAULT_GROUP_REGEX
 
 __all__ = ["DEFAULT_ARCH", "FIELD_SIZE", "TrainConfig"]
@@ -61,28 +61,20 @@ class TrainConfig:
     def resolved_pretrained(self) -> str:
         """The weights the network starts from: none with init_from (its weights replace them), else as asked or
         the architecture's default (ImageNet where the registry has weights for it: transfer by default)."""
-        from .archs import get
-
         if self.init_from:
             return "none"
         return self.pretrained or get(self.arch).default_pretrained
 
     def resolved_crop(self) -> tuple[int, int] | None:
-        from .models import default_crop
-
-        crop = tuple(self.crop) if self.crop is not None else default_crop(self.arch)
+        crop = tuple(self.crop) if self.crop is not None else get(self.arch).default_crop
         return crop if crop[0] > 0 else None  # type: ignore[return-value]
 
     def resolved_size(self) -> tuple[int, int]:
-        from .models import default_size
-
         if self.size:
             return tuple(self.size)  # type: ignore[return-value]
         # A cell crop works on the whole field; train() derives it from the images (data.derived_size)
         # before it gets here, so this fallback is blood-cells' native 240x320.
-        return FIELD_SIZE if self.resolved_crop() else default_size(self.arch)
+        return FIELD_SIZE if self.resolved_crop() else get(self.arch).default_size
 
     def net_input_size(self) -> tuple[int, int]:
-        from .models import net_input_size
-
         return net_input_size(self.resolved_size(), self.resolved_crop())

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import archs
-from .archs import STAIN_MEAN, STAIN_STD
+from .archs import STAIN_MEAN, STAIN_STD, net_input_size
 
 #: A pixel (or block mean) with R+G+B at most this is padding, a rotation border or their JPEG ringing, never
 #: stain or background: far darker than any stained nucleus. The crop and the balance both skip it.
@@ -247,11 +247,6 @@ class Deployable(nn.Module):
             x = self.balance(x)
         y = self.net(x * self.scale - self.shift)
         return torch.softmax(y, dim=1) if self.probabilities else y
-
-
-def net_input_size(size: tuple[int, int], crop: tuple[int, int] | None) -> tuple[int, int]:
-    """What the network itself sees: the crop's output square, else the decoded field."""
-    return (crop[1], crop[1]) if crop else (int(size[0]), int(size[1]))
 
 
 def build_deployable(
