@@ -19,7 +19,8 @@ LABELS = ("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL")
 
 
 def _assert_matches_sklearn(t, p, labels=LABELS):
-    """Every figure of compute_metrics equals scikit-learn's (zero_division=0, labels= all model classes)."""
+    """Every figure of compute_metrics equals scikit-learn's (zero_division=0; per class over all model classes,
+    macro over the classes the truth holds)."""
     idx = list(range(len(labels)))
     m = compute_metrics(t, p, labels)
     assert m.n == len(t)
@@ -35,8 +36,11 @@ def _assert_matches_sklearn(t, p, labels=LABELS):
         assert c.recall == pytest.approx(rc[i], abs=1e-12)
         assert c.f1 == pytest.approx(f1[i], abs=1e-12)
         assert c.support == sup[i]
+    present = sorted(set(np.asarray(t).tolist())) or idx
+    assert m.macro_over == tuple(labels[i] for i in present)
     for avg in ("macro", "weighted"):
-        ap, ar, af, _ = sklearn_metrics.precision_recall_fscore_support(t, p, labels=idx, zero_division=0, average=avg)
+        over = present if avg == "macro" else idx
+        ap, ar, af, _ = sklearn_metrics.precision_recall_fscore_support(t, p, labels=over, zero_division=0, average=avg)
         assert getattr(m, f"{avg}_precision") == pytest.approx(ap, abs=1e-12), avg
         assert getattr(m, f"{avg}_recall") == pytest.approx(ar, abs=1e-12), avg
         assert getattr(m, f"{avg}_f1") == pytest.approx(af, abs=1e-12), avg
@@ -83,8 +87,9 @@ def test_class_with_no_samples():
     m = _assert_matches_sklearn(t, p)
     mono = m.per_class[2]
     assert (mono.precision, mono.recall, mono.f1, mono.support) == (0.0, 0.0, 0.0, 0)
-    # The absent class still counts in the macro average (as with sklearn labels=).
-    assert m.macro_f1 == pytest.approx(sum(c.f1 for c in m.per_class) / 4)
+    # The macro average is over the three classes the truth holds.
+    assert m.macro_over == ("EOSINOPHIL", "LYMPHOCYTE", "NEUTROPHIL")
+    assert m.macro_f1 == pytest.approx(sum(c.f1 for c in m.per_class) / 3)
 
 
 def test_class_predicted_but_never_true():
@@ -93,6 +98,19 @@ def test_class_predicted_but_never_true():
     m = _assert_matches_sklearn(t, p)
     assert m.per_class[2].support == 0
     assert m.per_class[2].precision == 0.0
+
+
+def test_a_wider_model_on_a_narrower_truth_set_counts_other_classes_as_wrong():
+    # An 8-class model scored on 4-class truth: a BASOPHIL call for a monocyte is a miss of MONOCYTE;
+    # the macro average is over the truth's 4 classes, so it compares with a 4-class model's.
+    labels = ("BASOPHIL", "EOSINOPHIL", "ERYTHROBLAST", "IG", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL", "PLATELET")
+    t = [1, 1, 4, 4, 5, 5, 6, 6]
+    p = [1, 1, 4, 4, 5, 0, 6, 3]
+    m = _assert_matches_sklearn(t, p, labels)
+    assert m.accuracy == 0.75
+    assert m.macro_over == ("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL")
+    assert m.macro_recall == pytest.approx((1 + 1 + 0.5 + 0.5) / 4)
+    assert m.macro_f1 == pytest.approx((1 + 1 + 2 / 3 + 2 / 3) / 4)
 
 
 def test_class_true_but_never_predicted():
@@ -109,7 +127,7 @@ def test_one_class_only():
     assert m.accuracy == 1.0
     assert m.per_class[1].f1 == 1.0
     assert m.weighted_f1 == 1.0
-    assert m.macro_f1 == pytest.approx(0.25)  # three classes without samples score 0
+    assert m.macro_f1 == 1.0  # averaged over the one class the truth holds
 
 
 @pytest.mark.filterwarnings("ignore:A single label was found")

@@ -63,7 +63,9 @@ def _check_metrics_against_sklearn(m: dict, rows: list[dict]) -> None:
     p = [r["label"] for r in ok]
     labels = list(m["labels"])
     assert m["accuracy"] == pytest.approx(sk.accuracy_score(t, p))
-    assert m["macro_f1"] == pytest.approx(sk.f1_score(t, p, labels=labels, average="macro", zero_division=0))
+    present = [lb for lb in labels if lb in set(t)]  # macro averages are over the classes the truth holds
+    assert m["macro_over"] == present
+    assert m["macro_f1"] == pytest.approx(sk.f1_score(t, p, labels=present, average="macro", zero_division=0))
     assert m["weighted_f1"] == pytest.approx(sk.f1_score(t, p, labels=labels, average="weighted", zero_division=0))
     assert m["confusion_matrix"] == sk.confusion_matrix(t, p, labels=labels).tolist()
     np.testing.assert_allclose(m["confusion_matrix_normalized"], sk.confusion_matrix(t, p, labels=labels, normalize="true"), atol=1e-6)

@@ -2,7 +2,10 @@
 
 Pure numpy, so the inference side needs no scikit-learn (the tests cross-check against it).
 A class with no samples still appears, with zero support and no division errors: its
-precision/recall/F1 are 0, as scikit-learn reports with ``zero_division=0``.
+precision/recall/F1 are 0, as scikit-learn reports with ``zero_division=0``. Macro averages are
+over the classes the truth holds (scikit-learn's ``labels=`` those classes): an 8-class model scored
+on a 4-class truth set is averaged over those 4, and a prediction of another class still counts as
+wrong (it is a miss of the true class), so the figure compares with a 4-class model's.
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ class Metrics:
     weighted_f1: float
     per_class: tuple[ClassMetrics, ...]
     confusion_matrix: tuple[tuple[int, ...], ...]  # rows: true, columns: predicted
+    macro_over: tuple[str, ...] = ()  # the classes the macro averages are over: those with support (all when none has)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["labels"] = list(self.labels)
+        d["macro_over"] = list(self.macro_over)
         d["per_class"] = {c.label: {k: v for k, v in asdict(c).items() if k != "label"} for c in self.per_class}
         d["confusion_matrix"] = [list(r) for r in self.confusion_matrix]
         d["confusion_matrix_normalized"] = normalize_rows(np.asarray(self.confusion_matrix)).round(6).tolist()
@@ -77,6 +82,7 @@ def metrics_from_confusion(cm: np.ndarray, labels: Sequence[str]) -> Metrics:
     f1 = _div(2 * precision * recall, precision + recall)
     n = int(cm.sum())
     w = support / n if n else np.zeros_like(support)
+    present = support > 0 if n else np.ones_like(support, dtype=bool)
     per_class = tuple(
         ClassMetrics(lb, float(precision[i]), float(recall[i]), float(f1[i]), int(support[i])) for i, lb in enumerate(labels)
     )
@@ -84,14 +90,15 @@ def metrics_from_confusion(cm: np.ndarray, labels: Sequence[str]) -> Metrics:
         labels=tuple(labels),
         n=n,
         accuracy=float(tp.sum() / n) if n else 0.0,
-        macro_precision=float(precision.mean()),
-        macro_recall=float(recall.mean()),
-        macro_f1=float(f1.mean()),
+        macro_precision=float(precision[present].mean()),
+        macro_recall=float(recall[present].mean()),
+        macro_f1=float(f1[present].mean()),
         weighted_precision=float((precision * w).sum()),
         weighted_recall=float((recall * w).sum()),
         weighted_f1=float((f1 * w).sum()),
         per_class=per_class,
         confusion_matrix=tuple(tuple(int(v) for v in row) for row in cm),
+        macro_over=tuple(lb for lb, k in zip(labels, present, strict=True) if k),
     )
 
 
