@@ -8,8 +8,8 @@ every data folder), so runs with the same seed and data share it and are compare
 rewritten under each of ``bench_robustness``'s shifts (scale up to 2x, stain, colour, quality; plus HSV hue +-0.1),
 decoded as the run decodes, and classified by the run's own network in torch (the deployable model: the same graph
 the export writes, checked to 1e-4 there). Prints one markdown table: accuracy per condition, and ``in scope``, the
-mean over the conditions of issue 12's bar (clean, scale 0.5-2x, the stain rows, hue +-0.05, saturation, white
-balance). Needs the ``train`` extra; uses the GPU when there is one.
+mean over the conditions a model is held to within 3 points of clean (clean, scale 0.5-2x, the stain rows, hue +-0.05,
+saturation, white balance; docs/studies/robustness.md). Needs the ``train`` extra; uses the GPU when there is one.
 """
 
 from __future__ import annotations
