@@ -102,7 +102,7 @@ def trust_model(tmp_path_factory) -> Path:
     At the fields' own 240x320 (not a thumbnail) every sample image shows its nucleus, so the domain
     check's nucleus term raises none of them: 4 of the 40 lie above the 0.9-quantile threshold.
     """
-    from wbc_batch.training.calibrate import calibrate_model
+    from wbc_batch.modelfile.calibrate import calibrate_model
 
     d = tmp_path_factory.mktemp("trust")
     color = build_color_model(d / "color.onnx", height=240, width=320)

@@ -11,7 +11,7 @@ from conftest import ROOT, SAMPLE, build_color_model
 from wbc_batch.cli import main
 from wbc_batch.inference.model import load_model
 from wbc_batch.inference.preprocess import load_image
-from wbc_batch.training.calibrate import labelled_set
+from wbc_batch.modelfile.calibrate import labelled_set
 
 
 def test_calibrate_writes_a_model_with_calibration_and_a_domain_check(tmp_path, trust_model):

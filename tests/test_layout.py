@@ -1,19 +1,25 @@
-"""The dependency rule the package layout shows: inference and evaluation never import torch,
-inference imports neither evaluation nor training. Each module is imported in a fresh interpreter
-so that nothing another test loaded can hide an import."""
+"""The dependency rule the package layout shows: inference, evaluation and modelfile never import torch;
+inference imports none of the others, evaluation neither modelfile nor training, modelfile neither training
+nor the CLI. Each module is imported in a fresh interpreter so that nothing another test loaded can hide
+an import; modelfile's source is also read for imports inside functions, which run only when called."""
 
 from __future__ import annotations
 
+import ast
 import json
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import wbc_batch
 import wbc_batch.evaluation
 import wbc_batch.inference
+import wbc_batch.modelfile
+
+TORCH = ("torch", "torchvision")
 
 PROBE = (
     "import importlib, json, sys; importlib.import_module(sys.argv[1]); "
@@ -30,18 +36,53 @@ def _loaded_by(module: str) -> list[str]:
     return json.loads(out)
 
 
-@pytest.mark.parametrize("module", [*_modules(wbc_batch.inference), *_modules(wbc_batch.evaluation)])
-def test_inference_and_evaluation_never_import_torch(module: str) -> None:
+#: What each torch-free package may not load, besides torch.
+FORBIDDEN = {
+    "wbc_batch.inference": ("wbc_batch.evaluation", "wbc_batch.modelfile", "wbc_batch.training", "wbc_batch.cli"),
+    "wbc_batch.evaluation": ("wbc_batch.modelfile", "wbc_batch.training", "wbc_batch.cli"),
+    "wbc_batch.modelfile": ("wbc_batch.training", "wbc_batch.cli"),
+}
+
+
+@pytest.mark.parametrize("module", [*_modules(wbc_batch.inference), *_modules(wbc_batch.evaluation), *_modules(wbc_batch.modelfile)])
+def test_torch_free_packages_never_import_torch(module: str) -> None:
     loaded = _loaded_by(module)
-    assert not [m for m in loaded if m.split(".")[0] in ("torch", "torchvision")], module
-    if module.startswith("wbc_batch.inference."):
-        assert not [m for m in loaded if m.startswith(("wbc_batch.evaluation", "wbc_batch.training"))], module
+    assert not [m for m in loaded if m.split(".")[0] in TORCH], module
+    package = module.rsplit(".", 1)[0]
+    assert not [m for m in loaded if m.startswith(FORBIDDEN[package])], module
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module ``path`` imports, at any depth (inside functions too), relative imports resolved to wbc_batch names."""
+    package = "wbc_batch." + path.parent.name
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            name = ".".join(p for p in (base, node.module) if p)
+            out += [name] if node.module else [f"{name}.{a.name}" for a in node.names]
+    return out
+
+
+@pytest.mark.parametrize("path", sorted(Path(wbc_batch.modelfile.__file__).parent.glob("*.py")), ids=lambda p: p.name)
+def test_modelfile_imports_no_torch_even_when_a_function_runs(path: Path) -> None:
+    # the calibrate and adapt commands tell a user to install onnx, not torch: no import of theirs may need more
+    names = _imports(path)
+    assert names, path
+    assert not [n for n in names if n.split(".")[0] in TORCH or n.startswith(FORBIDDEN["wbc_batch.modelfile"])], path
 
 
 def test_layout_lists_the_modules_it_claims() -> None:
     # the probe above must see real modules, or the rule is checked on nothing
     assert "wbc_batch.inference.local_engine" in _modules(wbc_batch.inference)
     assert "wbc_batch.evaluation.report" in _modules(wbc_batch.evaluation)
+    assert {"wbc_batch.modelfile.trust", "wbc_batch.modelfile.calibrate", "wbc_batch.modelfile.adapt", "wbc_batch.modelfile.quantize",
+            "wbc_batch.modelfile.proto"} <= set(_modules(wbc_batch.modelfile))
+    # and the source reader resolves relative imports, or the function-level check reads nothing
+    assert {"wbc_batch.modelfile.images", "wbc_batch.inference.model", "wbc_batch.evaluation.evaluate", "onnx"} <= set(
+        _imports(Path(wbc_batch.modelfile.__file__).parent / "quantize.py"))
 
 
 def test_import_wbc_batch_loads_no_heavy_module() -> None:
@@ -52,7 +93,19 @@ def test_import_wbc_batch_loads_no_heavy_module() -> None:
     assert out.strip() == "[]"
 
 
-@pytest.mark.parametrize("package", ["wbc_batch", "wbc_batch.inference", "wbc_batch.evaluation"])
+def test_every_command_on_a_model_file_gives_the_onnx_hint() -> None:
+    # a command that imports modelfile and not training needs onnx only: it says so before it imports it
+    cli = Path(wbc_batch.__file__).parent / "cli"
+    users = {p.name for p in cli.glob("*.py")
+             if any(n.startswith("wbc_batch.modelfile") for n in _imports(p)) and not any(n.startswith("wbc_batch.training") for n in _imports(p))}
+    assert users == {"adapt.py", "calibrate.py"}
+    for name in users:
+        calls = [n.func.id for n in ast.walk(ast.parse((cli / name).read_text(encoding="utf-8")))
+                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id.startswith("require")]
+        assert calls == ["require_modelfile"], name
+
+
+@pytest.mark.parametrize("package", ["wbc_batch", "wbc_batch.inference", "wbc_batch.evaluation", "wbc_batch.modelfile"])
 def test_public_names_resolve(package: str) -> None:
     import importlib
 
@@ -63,7 +116,7 @@ def test_public_names_resolve(package: str) -> None:
 
 def test_the_cli_starts_without_torch() -> None:
     # an inference-only install has no torch: the command and every --help must still load
-    assert [m for m in _loaded_by("wbc_batch.cli") if m.split(".")[0] in ("torch", "torchvision")] == []
+    assert [m for m in _loaded_by("wbc_batch.cli") if m.split(".")[0] in TORCH] == []
 
 
 def test_train_help_shows_the_config_defaults() -> None:

@@ -38,6 +38,15 @@ def test_read_metadata(color_model):
     assert isinstance(md, ModelMetadata) and md.labels == LABELS
 
 
+def test_read_metadata_of_a_proto_in_memory_is_the_files(color_model, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    proto = onnx.load(str(color_model))
+    assert read_metadata(proto) == read_metadata(color_model) == load_model(color_model, threads=1).metadata
+    bare = onnx.load(str(build_color_model(tmp_path / "bare.onnx", metadata=None)))
+    with pytest.raises(ModelError, match="carries no 'wbc_batch' metadata"):
+        read_metadata(bare)
+
+
 def test_logits_output_gets_a_softmax(tmp_path):
     """output kind 'logits' means the consumer applies softmax (here: on top of the graph's own)."""
     md = ModelMetadata(labels=LABELS, height=24, width=32, output_kind="logits")

@@ -359,7 +359,7 @@ def test_background_balance_maps_a_tinted_background_to_the_reference():
 def test_adapt_refolds_what_torch_batch_norm_measures(tiny_run, tmp_path):
     """The ONNX-side refold (no torch) gives what the torch network gives with its batch norms re-measured (AdaBN)."""
     from wbc_batch.inference.model import load_model
-    from wbc_batch.training.adapt import adapt_model
+    from wbc_batch.modelfile.adapt import adapt_model
     from wbc_batch.training.export import export_run, load_run
 
     out, ad = tmp_path / "tiny.onnx", tmp_path / "tiny-adapted.onnx"

@@ -265,14 +265,14 @@ def test_lite0_trains_exports_classifies_adapts_and_reports(lite0_model, tmp_pat
     import onnx
 
     from wbc_batch.inference.model import load_model
-    from wbc_batch.training.onnx_metadata import read_metadata
+    from wbc_batch.modelfile.proto import metadata_doc
 
     run, model = lite0_model
     rec = json.loads((run / "config.json").read_text())
     assert rec["arch"] == LITE0 and rec["pretrained"] == "imagenet" and rec["crop"] == [80, 64]
     assert rec["init"]["kind"] == "pretrained" and rec["init"]["tensors"] == 294
     proto = onnx.load(str(model))
-    doc = read_metadata(proto)
+    doc = metadata_doc(proto)
     assert doc["arch"] == LITE0 and doc["training"]["config"]["pretrained"] == "imagenet"
     assert doc["normalisation"] == {"mean": [0.498039] * 3, "std": [0.501961] * 3}
     p = doc["export_parity"]
@@ -291,7 +291,7 @@ def test_lite0_trains_exports_classifies_adapts_and_reports(lite0_model, tmp_pat
 def test_lite0_domain_check_reads_each_stage(lite0_model):
     import onnx
 
-    from wbc_batch.training.trust import block_outputs
+    from wbc_batch.modelfile.trust import block_outputs
 
     proto = onnx.load(str(lite0_model[1]))
     producers = {o: n for n in proto.graph.node for o in n.output}
@@ -308,7 +308,7 @@ def test_lite0_adapt_refolds_what_torch_batch_norm_measures(lite0_model, tmp_pat
     torch = _torch()
     from wbc_batch.inference.model import load_model
     from wbc_batch.inference.preprocess import PreprocessSpec, load_image
-    from wbc_batch.training.adapt import adapt_model
+    from wbc_batch.modelfile.adapt import adapt_model
     from wbc_batch.training.export import load_run
     from wbc_batch.training.init_weights import conv_bn_pairs
 

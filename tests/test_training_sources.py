@@ -129,7 +129,7 @@ def test_two_folder_run_records_sources_and_samples_by_balance(tmp_path):
     assert rec["classes"] == ["LYMPHOCYTE", "NEUTROPHIL"] and rec["keep_aspect"] and rec["crop_follow"] and rec["colour"] == "wide"
     assert rec["colour_norm"] == "background" and len(rec["background"]) == 3 and all(150 < v <= 255 for v in rec["background"])
     # export rebuilds the run's validation split across both folders (calibration, threshold)
-    from wbc_batch.training.calibrate import run_split
+    from wbc_batch.training.export import run_split
 
     train_set, val_set, _ = run_split(tmp_path / "run", rec["classes"])
     assert (len(train_set.paths), len(val_set.paths)) == (rec["n_train"], rec["n_val"])

@@ -69,3 +69,12 @@ def require(module: str, why: str) -> None:
         import_module(module)
     except ImportError:
         raise UsageError(f"{why}: {INSTALL[module]}") from None
+
+
+def require_modelfile(command: str) -> None:
+    """Stop a command that reads and rewrites a model file (:mod:`wbc_batch.modelfile`) where onnx is missing.
+
+    Why its own function: that package needs onnx on top of the inference install and never torch, so the
+    hint is ``pip install onnx`` whichever command it is; ``tests/test_layout.py`` holds both to it.
+    """
+    require("onnx", f"{command} needs onnx (not torch)")

@@ -9,7 +9,7 @@ import os
 
 import click
 
-from ..errors import ExitCode, WbcBatchError, require
+from ..errors import ExitCode, WbcBatchError, require_modelfile
 
 
 @click.command("adapt")
@@ -30,8 +30,8 @@ def adapt_cmd(model, inputs, output, max_images, name) -> None:
     images once the network is adapted); the metadata records the adaptation ('adapted'). With labelled cells,
     fine-tuning (train --init) does better.
     """
-    require("onnx", "adapt needs onnx (not torch)")
-    from ..training.adapt import DEFAULT_MAX_IMAGES, adapt_model
+    require_modelfile("adapt")
+    from ..modelfile.adapt import DEFAULT_MAX_IMAGES, adapt_model
 
     if os.path.exists(output) and os.path.samefile(output, model):
         raise WbcBatchError(f"--output {output} is the model itself: write the adapted model to a new file", exit_code=ExitCode.OUTPUT)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from ..errors import ExitCode, WbcBatchError, require
+from ..errors import ExitCode, WbcBatchError, require_modelfile
 
 
 @click.command("calibrate")
@@ -29,8 +29,8 @@ def calibrate_cmd(model, reference_dir, calibration_dir, in_domain_quantile, out
     A MODEL that already carries a temperature and a check (every export, the shipped models) is
     fitted anew from its bare network.
     """
-    require("onnx", "calibrate needs onnx (not torch)")
-    from ..training.calibrate import DEFAULT_IN_DOMAIN_QUANTILE, calibrate_model, trust_lines
+    require_modelfile("calibrate")
+    from ..modelfile.calibrate import DEFAULT_IN_DOMAIN_QUANTILE, calibrate_model, trust_lines
 
     try:
         sections = calibrate_model(model, reference_dir, output, calibration_dir=calibration_dir,

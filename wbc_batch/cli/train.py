@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import click
 
@@ -137,25 +136,16 @@ def export_cmd(run_dir, output, checkpoint, name, check_dir, eval_dir, int8_dir,
     (as wbc-batch calibrate does).
     """
     _need_torch()
-    from ..evaluation.evaluate import evaluate_model
-    from ..training.calibrate import calibrate_export
-    from ..training.export import embed_metrics, export_run
+    from ..training.export import ExportOptions, export_model
 
-    out: dict = {"parity": asdict(export_run(run_dir, output, checkpoint=checkpoint, name=name, check_dir=check_dir))}
-    out["trust"] = calibrate_export(run_dir, output, calibration_dir, temperature)
-    if eval_dir:
-        out["eval"] = evaluate_model(output, eval_dir)
-        embed_metrics(output, out["eval"])
-    if int8_dir:
-        from ..training.quantize import quantize_model
-
-        out["int8"] = quantize_model(output, int8_dir, eval_dir=eval_dir)
+    out = export_model(run_dir, output, ExportOptions(checkpoint=checkpoint, name=name, check_dir=check_dir, eval_dir=eval_dir, int8_dir=int8_dir,
+                                                      calibration_dir=calibration_dir, temperature=temperature))
     click.echo(json.dumps(out, indent=2) if as_json else "\n".join(export_summary(out, output, eval_dir)))
 
 
 def export_summary(out: dict, output: str, eval_dir: str | None) -> list[str]:
     """What a person reads after an export: one line per check, ending with the file written."""
-    from ..training.calibrate import trust_lines
+    from ..modelfile.calibrate import trust_lines
 
     p = out["parity"]
     lines = [

@@ -33,8 +33,9 @@ class ModelError(WbcBatchError):
 class DomainCheck:
     """The optional ``domain`` section: a second graph output scoring how unlike the training data an image is.
 
-    ``in_domain`` is ``score <= threshold`` (see :mod:`wbc_batch.training.trust`). A model without
-    the section has no domain check, and its predictions carry no score.
+    ``in_domain`` is ``score <= threshold``. A model without the section has no domain check, and its
+    predictions carry no score. How the score is fitted and built into the graph is
+    :class:`wbc_batch.modelfile.trust.DomainFit`.
     """
 
     output: str

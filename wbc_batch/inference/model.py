@@ -8,10 +8,14 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .metadata import ModelError, ModelMetadata
+
+if TYPE_CHECKING:
+    import onnx
 
 #: Short provider names accepted by ``--provider``.
 PROVIDERS = {
@@ -55,9 +59,18 @@ def resolve_providers(provider: str) -> list[str]:
     return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
 
 
-def read_metadata(path: str | os.PathLike[str]) -> ModelMetadata:
-    """The metadata of a model file, without building a full inference session."""
-    return load_model(path, threads=1).metadata
+def read_metadata(model: str | os.PathLike[str] | onnx.ModelProto) -> ModelMetadata:
+    """The contract a model carries (labels, input, preprocessing, output), checked; a :class:`ModelError` says what is wrong.
+
+    ``model``: an ONNX proto held in memory (export and :mod:`wbc_batch.modelfile` edit protos), read from its
+    ``metadata_props`` with no session and no onnx import; or a model file, opened as classify opens it
+    (:func:`load_model`, one thread, the graph checked against the metadata): onnx is no inference dependency,
+    so onnxruntime is the parser a file has here.
+    """
+    props = getattr(model, "metadata_props", None)
+    if props is not None:
+        return ModelMetadata.from_props({p.key: p.value for p in props})
+    return load_model(model, threads=1).metadata
 
 
 @dataclass

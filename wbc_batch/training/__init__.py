@@ -1,7 +1,8 @@
 """Training: class folders to a trained network, exported to ONNX with its metadata, optionally INT8.
 
 Dependency rule: the only package that imports torch (the ``train`` extra); it may import
-:mod:`wbc_batch.inference` and :mod:`wbc_batch.evaluation`, which never import it back.
+:mod:`wbc_batch.inference`, :mod:`wbc_batch.evaluation` and :mod:`wbc_batch.modelfile` (which
+calibrates and quantises what export builds), none of which imports it back.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ _LAZY = {
     "scan_class_folders": ".data",
     "build": ".models",
     "build_deployable": ".models",
+    "export_model": ".export",
     "export_run": ".export",
     "load_run": ".export",
-    "quantize_model": ".quantize",
 }
 
 __all__ = list(_LAZY)

@@ -1,9 +1,11 @@
-"""Run dir -> one self-describing ONNX file, checked against PyTorch before it is written.
+"""Run dir -> one self-describing ONNX file, checked against PyTorch, built in memory and written once.
 
 The graph takes uint8 RGB NHWC with a dynamic batch axis and returns probabilities; the
 labels and preprocessing travel in the metadata (:mod:`wbc_batch.inference.metadata`). Opset and IR
 version are pinned so that the file loads on every onnxruntime the project supports
-(1.23.2 is the newest on Python 3.10).
+(1.23.2 is the newest on Python 3.10). :func:`export_model` is the whole export: graph, calibration
+and domain check (:mod:`wbc_batch.modelfile.calibrate`), metrics, one atomic write, then INT8 from the
+model in memory.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from ..inference.metadata import ModelMetadata
-from ..inference.preprocess import PreprocessSpec
 
 OPSET = 18
 IR_VERSION = 9  # onnxruntime >= 1.16 reads it
@@ -115,28 +116,6 @@ def _to_onnx_bytes(model, h: int, w: int) -> bytes:
     return buf.getvalue()
 
 
-def _sample_images(paths: Sequence[str], spec: PreprocessSpec) -> np.ndarray:
-    from ..inference.preprocess import ImageError, load_image
-
-    out = []
-    for p in paths:
-        try:
-            out.append(load_image(p, spec))
-        except ImageError:
-            continue
-    return np.stack(out) if out else np.zeros((0, spec.height, spec.width, 3), np.uint8)
-
-
-def parity_paths(data_dir: str | os.PathLike[str], n: int = 256, seed: int = 0) -> list[str]:
-    """Up to ``n`` real images spread over the classes of a class-folder directory."""
-    from ..inference.discover import iter_images
-
-    files = [f.path for f in iter_images([data_dir])]
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(files))[:n]
-    return [files[i] for i in sorted(idx)]
-
-
 def check_parity(model, data: bytes, images: np.ndarray, output: str | os.PathLike[str], tolerance: float = PARITY_ATOL) -> ExportReport:
     """onnxruntime vs torch probabilities at batch 1, an odd batch (7) and all ``images``; raises on a mismatch.
 
@@ -228,7 +207,7 @@ def batchnorm_record(net) -> list[dict]:
     return out
 
 
-def export_run(
+def export_proto(
     run_dir: str | os.PathLike[str],
     output: str | os.PathLike[str],
     *,
@@ -237,24 +216,26 @@ def export_run(
     check_dir: str | os.PathLike[str] | None = None,
     check_images: int = 256,
     eval_metrics: dict | None = None,
-) -> ExportReport:
-    """Export ``run_dir`` to ``output`` after checking the ONNX graph against PyTorch.
+):
+    """The network of ``run_dir`` as an ONNX proto with its metadata, checked against PyTorch; nothing is written.
 
-    Checks: ``onnx.checker`` full check; onnxruntime vs torch probabilities within
-    the architecture's tolerance (:data:`PARITY_ATOL` unless its registry entry says otherwise) at batch 1, an odd batch (7) and the whole sample; argmax agreement
-    100% on real images (from ``check_dir``, default: the run's training data).
-    Nothing is written when a check fails.
+    Checks: onnxruntime vs torch probabilities within the architecture's tolerance (:data:`PARITY_ATOL`
+    unless its registry entry says otherwise) at batch 1, an odd batch (7) and the whole sample; argmax
+    agreement 100% on real images (from ``check_dir``, default: the run's training data); ``onnx.checker``
+    full check. ``output`` names the file to be (the default model name is its stem). Returns (proto, report).
     """
     import onnx
 
+    from ..modelfile import images as sample
+    from ..modelfile.proto import set_metadata
     from .archs import get as get_arch
-    from .onnx_metadata import save_checked, set_metadata
 
     model, record, epoch = load_run(run_dir, checkpoint)
     h, w = record.size
     data = _to_onnx_bytes(model, h, w)
     check_src = check_dir or record.config.data_dirs()[0]
-    images = _sample_images(parity_paths(check_src, check_images), record.spec) if check_src and Path(check_src).is_dir() else np.zeros((0, h, w, 3), np.uint8)
+    images = (sample.decode_sample(sample.random_sample(check_src, check_images), record.spec) if check_src and Path(check_src).is_dir()
+              else np.zeros((0, h, w, 3), np.uint8))
     if len(images) < 8:
         raise RuntimeError(f"export parity needs real images: found {len(images)} under {check_src!r} (give --check-dir)")
     report = check_parity(model, data, images, output, get_arch(record.config.arch).parity_atol)
@@ -264,16 +245,114 @@ def export_run(
     proto = onnx.load_model_from_string(data)
     set_metadata(proto, md.to_json_dict())
     proto.doc_string = f"wbc-batch {md.arch}: white blood cell classifier; labels and preprocessing in metadata key 'wbc_batch'"
-    save_checked(proto, output, full_check=True)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto, report
+
+
+def export_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], **kw) -> ExportReport:
+    """Write the network of ``run_dir`` alone (:func:`export_proto`, no calibration or domain check) to ``output``.
+
+    Nothing is written when a check fails. The export command writes :func:`export_model`'s file instead.
+    """
+    from ..modelfile.proto import save_checked
+
+    proto, report = export_proto(run_dir, output, **kw)
+    save_checked(proto, output)
     return report
+
+
+def run_split(run_dir: str | os.PathLike[str], labels: Sequence[str]):
+    """A training run's files as (training, validation, why): validation None (and ``why`` says why) when there is none to use.
+
+    The split is the run's own, rebuilt by the scan that made it (one folder or several, the class
+    subset, the groups): files whose group the record names as held out (``val_sources``) are
+    validation; every other file under its data folders is training data. Sets of
+    :class:`wbc_batch.modelfile.calibrate.LabelledSet`.
+    """
+    from ..modelfile.calibrate import LabelledSet
+    from .data import read_group_file, scan_sources
+    from .record import RunRecord
+
+    record = RunRecord.read(run_dir)
+    cfg = record.config
+    dirs = cfg.data_dirs()
+    group_map = read_group_file(cfg.groups_file) if cfg.groups_file else None
+    files = scan_sources(dirs, cfg.group_regex, group_map, cfg.class_subset)
+    index = {lb.upper(): i for i, lb in enumerate(labels)}
+    held_out = set(record.val_sources or []) if not record.val_is_train else set()
+    root = ", ".join(dirs)
+    train, val = LabelledSet(root=root), LabelledSet(root=f"{root} (the run's validation split)")
+    for path, target, group in zip(files.paths, files.targets, files.groups, strict=True):
+        side = val if group in held_out else train
+        side.paths.append(path)
+        side.labels.append(index[files.classes[int(target)].upper()])
+    why = "the run validated on its training data (too few groups to hold any out) and no --calibration-dir was given"
+    return train, (val if val.paths else None), why
+
+
+def calibrate_run(run_dir: str | os.PathLike[str], proto, calibration_dir: str | os.PathLike[str] | None = None, temperature: str = "fit"):
+    """What export adds to the model it built: calibration and the domain check, fitted on the run's data; returns (proto, sections).
+
+    Reference: the run's training files. Temperature and threshold: ``calibration_dir``, else the
+    run's validation split when it is a real held-out one, else none (temperature 1, threshold from
+    the training files; the metadata says so).
+    """
+    from ..inference.model import read_metadata
+    from ..modelfile.calibrate import calibrate_proto
+
+    train, val, why = run_split(run_dir, read_metadata(proto).labels)
+    held_out = calibration_dir if calibration_dir is not None else val
+    return calibrate_proto(proto, train, calibration_dir=held_out, why_uncalibrated=why, temperature=temperature)
 
 
 #: The evaluation figures kept in a model's metadata (the per-file predictions are not).
 _EMBEDDED = ("eval_dir", "n", "accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix", "errors")
 
 
-def embed_metrics(model_path: str | os.PathLike[str], metrics: dict, key: str = "metrics") -> None:
-    """Store evaluation figures in the model's metadata (the graph is unchanged)."""
-    from .onnx_metadata import rewrite_metadata
+def embed_metrics(proto, metrics: dict, key: str = "metrics") -> None:
+    """Store evaluation figures in the model's metadata, in place (the graph is unchanged)."""
+    from ..modelfile.proto import metadata_doc, set_metadata
 
-    rewrite_metadata(model_path, lambda d: {**d, key: {k: metrics[k] for k in _EMBEDDED if k in metrics}})
+    set_metadata(proto, {**metadata_doc(proto), key: {k: metrics[k] for k in _EMBEDDED if k in metrics}})
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What ``wbc-batch export`` takes besides the run folder and the output (its options, one field each)."""
+
+    checkpoint: str = "best.pt"
+    name: str | None = None
+    check_dir: str | os.PathLike[str] | None = None
+    check_images: int = 256
+    eval_dir: str | os.PathLike[str] | None = None
+    int8_dir: str | os.PathLike[str] | None = None
+    calibration_dir: str | os.PathLike[str] | None = None
+    temperature: str = "fit"
+
+
+def export_model(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], options: ExportOptions = ExportOptions()) -> dict:
+    """The whole export: graph and metadata, calibration and domain check, evaluation figures, built in memory and
+    written to ``output`` once, atomically; then the INT8 model, quantised from the model in memory.
+
+    Returns each step's figures: ``parity``, ``trust``, and with their options ``eval`` and ``int8``.
+    Nothing is written when a step before the write fails.
+    """
+    from ..evaluation.evaluate import metrics_of
+    from ..inference.model import model_from_bytes
+    from ..inference.orchestrator import classify
+    from ..modelfile.proto import save_checked
+
+    proto, report = export_proto(run_dir, output, checkpoint=options.checkpoint, name=options.name, check_dir=options.check_dir,
+                                 check_images=options.check_images)
+    proto, trust = calibrate_run(run_dir, proto, options.calibration_dir, options.temperature)
+    out: dict = {"parity": asdict(report), "trust": trust}
+    if options.eval_dir:
+        scored = model_from_bytes(proto.SerializeToString(), output, threads=1)  # classify's workers build their sessions from its bytes
+        out["eval"] = metrics_of(list(classify([options.eval_dir], scored)), scored.labels, options.eval_dir)
+        embed_metrics(proto, out["eval"])
+    save_checked(proto, output)  # export_proto and add_trust_outputs ran the full check
+    if options.int8_dir:
+        from ..modelfile.quantize import quantize_model
+
+        out["int8"] = quantize_model(model_from_bytes(proto.SerializeToString(), output, threads=1), options.int8_dir, eval_dir=options.eval_dir)
+    return out

@@ -69,14 +69,14 @@ def _from_onnx(path: Path) -> InitSource:
     from onnx import numpy_helper
 
     from ..inference.metadata import ModelMetadata
-    from .onnx_metadata import read_metadata
+    from ..modelfile.proto import metadata_doc
 
     try:
         proto = onnx.load(str(path))
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends: whatever the bytes are, they are no model
         raise InitError(f"--init {path}: not an ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
     try:
-        doc = read_metadata(proto)
+        doc = metadata_doc(proto)
     except KeyError:
         raise InitError(f"{path}: not a wbc-batch model (no 'wbc_batch' metadata)") from None
     labels = ModelMetadata.from_json_dict(doc).labels  # checked as classify checks them: a string is not four classes

@@ -79,8 +79,12 @@ class DomainReference:
 
 
 @dataclass(frozen=True)
-class DomainCheck:
-    """One reference per feature layer; the score is the largest layer score over that layer's scale."""
+class DomainFit:
+    """The domain check as fitted, before it is written into the graph: one reference per feature layer; the score
+    is the largest layer score over that layer's scale.
+
+    What a model file then says of its check (output name and threshold) is
+    :class:`wbc_batch.inference.metadata.DomainCheck`."""
 
     layers: tuple[str, ...]  # graph tensors: stage outputs (pooled to channel means in the graph), or the penultimate features
     references: tuple[DomainReference, ...]
@@ -92,11 +96,11 @@ class DomainCheck:
 
 def fit_domain_check(
     layers: Sequence[str], reference: Sequence[np.ndarray], labels: Sequence[int], n_classes: int, held_out: Sequence[np.ndarray], quantile: float
-) -> DomainCheck:
+) -> DomainFit:
     """Each layer's reference from the reference features, its scale the ``quantile`` of its held-out scores."""
     refs = tuple(fit_reference(f, labels, n_classes) for f in reference)
     scales = tuple(float(np.quantile(r.scores(h), quantile)) for r, h in zip(refs, held_out, strict=True))
-    return DomainCheck(tuple(layers), refs, scales)
+    return DomainFit(tuple(layers), refs, scales)
 
 
 def block_outputs(model: onnx.ModelProto) -> list[str]:
@@ -265,7 +269,7 @@ def nucleus_threshold(signals: np.ndarray, quantile: float) -> float:
 
 
 def add_trust_outputs(
-    model: onnx.ModelProto, head: GraphHead, temperature: float, domain: DomainCheck | None,
+    model: onnx.ModelProto, head: GraphHead, temperature: float, domain: DomainFit | None,
     nucleus: tuple[float, float] | None = None,
 ) -> onnx.ModelProto:
     """The model with ``probabilities = softmax(logits / T)`` and, given a domain check, an ``ood_score`` [N] output.
@@ -382,7 +386,7 @@ def _append_nucleus_term(g: onnx.GraphProto, threshold: float, nucleus_threshold
     ])
 
 
-def _append_domain_score(g: onnx.GraphProto, head: GraphHead, check: DomainCheck, out: str = OOD_OUTPUT) -> None:
+def _append_domain_score(g: onnx.GraphProto, head: GraphHead, check: DomainFit, out: str = OOD_OUTPUT) -> None:
     """``out`` = max over layers l of min_c ||f_l @ W_l - mu_c W_l||^2 / (D_l * scale_l), in plain opset-18 ops."""
     g.initializer.extend([numpy_helper.from_array(np.array([1], dtype=np.int64), "domain_axis1"),
                           numpy_helper.from_array(np.array([2], dtype=np.int64), "domain_axis2")])

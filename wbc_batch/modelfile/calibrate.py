@@ -1,13 +1,12 @@
-"""Fit a model file's calibration and domain check from class folders, and write them into a new model file.
+"""Fit a model's calibration and domain check from class folders, and write them into the model.
 
 Used by ``wbc-batch calibrate`` (any exported wbc-batch model, the shipped one included, without
-its run folder) and by export. Images are decoded by the classify path (the model's own
-preprocessing), so the features fitted here are the features classify will see.
+its run folder) and by export, on the model it holds in memory. Images are decoded by the classify
+path (the model's own preprocessing), so the features fitted here are the features classify will see.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,15 +19,16 @@ from onnx import numpy_helper
 
 from ..evaluation.reliability import expected_calibration_error
 from ..inference.discover import iter_images
-from ..inference.metadata import METADATA_KEY, ModelMetadata
+from ..inference.metadata import ModelMetadata
+from ..inference.model import read_metadata
 from ..inference.preprocess import ImageError, load_image
-from .onnx_metadata import save_checked, set_metadata
+from .proto import metadata_doc, save_checked, set_metadata
 from .trust import (
     NUCLEUS_MARGIN,
     OOD_OUTPUT,
     PROBE_NUCLEUS,
     TEMPERATURE,
-    DomainCheck,
+    DomainFit,
     GraphHead,
     add_trust_outputs,
     block_outputs,
@@ -124,6 +124,51 @@ NOT_FITTED = ("--temperature none: the held-out data is not like the images the 
               " (held_out: what it would be) is left out")
 
 
+def calibrate_proto(
+    model: onnx.ModelProto,
+    reference: Folders,
+    calibration_dir: Folders | None = None,
+    quantile: float = DEFAULT_IN_DOMAIN_QUANTILE,
+    *,
+    why_uncalibrated: str = NO_HELD_OUT,
+    temperature: str = "fit",
+) -> tuple[onnx.ModelProto, dict]:
+    """``model`` with calibrated probabilities and an ``ood_score`` output, and the new metadata sections; nothing is written.
+
+    ``reference`` is the training data (class folders, or a :class:`LabelledSet`): its features
+    define "in domain". ``calibration_dir`` is held-out labelled data from the same labs (never the
+    test set): it fits the temperature and places the threshold. Without it the temperature stays 1
+    and the threshold is the quantile of the reference scores, which runs low (the network has seen
+    those images): the metadata says which was done, and why (``why_uncalibrated``).
+    ``temperature``: ``fit`` (on the held-out data) or ``none`` (keep 1, e.g. when the held-out data
+    is not like the images the model will meet: copies of training fields, one easy lab); the domain
+    threshold is still placed on the held-out data.
+    A model that already carries a temperature or a domain check (every export does) is fitted anew
+    from its bare network; the returned ``replaced`` (not written into the model) says what it carried.
+    """
+    if temperature not in ("fit", "none"):
+        raise ValueError(f"unknown temperature {temperature!r}; choose fit or none")
+    md = read_metadata(model)
+    bare, replaced = _bare(model, md)
+    head = find_head(bare, md.output_name)
+    blocks = block_outputs(bare)
+    ref = _as_set(reference, md.labels)
+    seen = probe(bare, head, md, ref.paths, blocks)
+    held, cal = seen, None
+    if calibration_dir is not None:
+        cal = _as_set(calibration_dir, md.labels)
+        held = probe(bare, head, md, cal.paths, blocks)
+    check = fit_domain_check((*blocks, head.features), seen.layers(), ref.labels, len(md.labels), held.layers(), quantile)
+    domain = _domain_section(ref, check, check.scores(held.layers()), held.nucleus, quantile, held_out=cal)
+    t, calibration = _calibration(cal, held.logits, temperature, why_uncalibrated)
+    sections = {"domain": domain, "calibration": calibration}
+    out = add_trust_outputs(bare, head, t, check, (domain["threshold"], domain["nucleus"]["threshold"]))
+    doc = {**metadata_doc(model), **sections}
+    ModelMetadata.from_json_dict(doc)  # the new document must still read back
+    set_metadata(out, doc)
+    return out, ({**sections, "replaced": replaced} if replaced else sections)
+
+
 def calibrate_model(
     model_path: str | os.PathLike[str],
     reference_dir: Folders,
@@ -134,45 +179,14 @@ def calibrate_model(
     why_uncalibrated: str = NO_HELD_OUT,
     temperature: str = "fit",
 ) -> dict:
-    """Write ``output``: the model with calibrated probabilities and an ``ood_score`` output; returns the new metadata sections.
+    """Write ``output``: the model file ``model_path`` as :func:`calibrate_proto` makes it; returns the new metadata sections.
 
-    ``reference_dir`` is the training data (class folders, or a :class:`LabelledSet`): its features
-    define "in domain". ``calibration_dir`` is held-out labelled data from the same labs (never the
-    test set): it fits the temperature and places the threshold. Without it the temperature stays 1
-    and the threshold is the quantile of the reference scores, which runs low (the network has seen
-    those images): the metadata says which was done, and why (``why_uncalibrated``).
-    ``temperature``: ``fit`` (on the held-out data) or ``none`` (keep 1, e.g. when the held-out data
-    is not like the images the model will meet: copies of training fields, one easy lab); the domain
-    threshold is still placed on the held-out data.
     ``output`` may be ``model_path`` (the file is replaced atomically).
-    A model that already carries a temperature or a domain check (every export does) is fitted anew
-    from its bare network; the returned ``replaced`` (not written to the file) says what it carried.
     """
-    if temperature not in ("fit", "none"):
-        raise ValueError(f"unknown temperature {temperature!r}; choose fit or none")
-    model = onnx.load_model(str(model_path))
-    props = {p.key: p.value for p in model.metadata_props}
-    md = ModelMetadata.from_props(props)
-    model, replaced = _bare(model, md)
-    head = find_head(model, md.output_name)
-    blocks = block_outputs(model)
-    ref = _as_set(reference_dir, md.labels)
-    seen = probe(model, head, md, ref.paths, blocks)
-    held, cal = seen, None
-    if calibration_dir is not None:
-        cal = _as_set(calibration_dir, md.labels)
-        held = probe(model, head, md, cal.paths, blocks)
-    check = fit_domain_check((*blocks, head.features), seen.layers(), ref.labels, len(md.labels), held.layers(), quantile)
-    domain = _domain_section(ref, check, check.scores(held.layers()), held.nucleus, quantile, held_out=cal)
-    t, calibration = _calibration(cal, held.logits, temperature, why_uncalibrated)
-    sections = {"domain": domain, "calibration": calibration}
-    out = add_trust_outputs(model, head, t, check, (domain["threshold"], domain["nucleus"]["threshold"]))
-    doc = json.loads(props[METADATA_KEY])
-    doc.update(sections)
-    ModelMetadata.from_json_dict(doc)  # the new document must still read back
-    set_metadata(out, doc)
+    out, sections = calibrate_proto(onnx.load_model(str(model_path)), reference_dir, calibration_dir, quantile,
+                                    why_uncalibrated=why_uncalibrated, temperature=temperature)
     save_checked(out, output)  # add_trust_outputs ran the full check
-    return {**sections, "replaced": replaced} if replaced else sections
+    return sections
 
 
 def _bare(model: onnx.ModelProto, md: ModelMetadata) -> tuple[onnx.ModelProto, dict | None]:
@@ -263,50 +277,8 @@ def _as_set(folders: Folders, labels: Sequence[str]) -> LabelledSet:
     return folders if isinstance(folders, LabelledSet) else labelled_set(folders, labels)
 
 
-def run_split(run_dir: str | os.PathLike[str], labels: Sequence[str]) -> tuple[LabelledSet, LabelledSet | None, str]:
-    """A training run's files as (training, validation, why): validation None (and ``why`` says why) when there is none to use.
-
-    The split is the run's own, rebuilt by the scan that made it (one folder or several, the class
-    subset, the groups): files whose group the record names as held out (``val_sources``) are
-    validation; every other file under its data folders is training data. Needs torch (the run record).
-    """
-    from .data import read_group_file, scan_sources
-    from .record import RunRecord
-
-    record = RunRecord.read(run_dir)
-    cfg = record.config
-    dirs = cfg.data_dirs()
-    group_map = read_group_file(cfg.groups_file) if cfg.groups_file else None
-    files = scan_sources(dirs, cfg.group_regex, group_map, cfg.class_subset)
-    index = {lb.upper(): i for i, lb in enumerate(labels)}
-    held_out = set(record.val_sources or []) if not record.val_is_train else set()
-    root = ", ".join(dirs)
-    train, val = LabelledSet(root=root), LabelledSet(root=f"{root} (the run's validation split)")
-    for path, target, group in zip(files.paths, files.targets, files.groups, strict=True):
-        side = val if group in held_out else train
-        side.paths.append(path)
-        side.labels.append(index[files.classes[int(target)].upper()])
-    why = "the run validated on its training data (too few groups to hold any out) and no --calibration-dir was given"
-    return train, (val if val.paths else None), why
-
-
-def calibrate_export(
-    run_dir: str | os.PathLike[str], model_path: str | os.PathLike[str], calibration_dir: str | os.PathLike[str] | None = None, temperature: str = "fit"
-) -> dict:
-    """What ``wbc-batch export`` adds to the model it wrote: calibration and the domain check, fitted on the run's data.
-
-    Reference: the run's training files. Temperature and threshold: ``calibration_dir``, else the
-    run's validation split when it is a real held-out one, else none (temperature 1, threshold from
-    the training files; the metadata says so).
-    """
-    md = ModelMetadata.from_props({p.key: p.value for p in onnx.load_model(str(model_path), load_external_data=False).metadata_props})
-    train, val, why = run_split(run_dir, md.labels)
-    held_out = calibration_dir if calibration_dir is not None else val
-    return calibrate_model(model_path, train, model_path, calibration_dir=held_out, why_uncalibrated=why, temperature=temperature)
-
-
 def _domain_section(
-    ref: LabelledSet, check: DomainCheck, scores: np.ndarray, nucleus: np.ndarray, quantile: float, held_out: LabelledSet | None = None
+    ref: LabelledSet, check: DomainFit, scores: np.ndarray, nucleus: np.ndarray, quantile: float, held_out: LabelledSet | None = None
 ) -> dict:
     threshold = float(np.quantile(scores, quantile))
     source = held_out or ref

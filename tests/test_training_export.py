@@ -1,8 +1,10 @@
-"""wbc_batch.training.calibrate at export: the run's training files as reference, its validation split (or a folder) held out."""
+"""wbc_batch.training.export: the whole export built in memory and written once; its calibration takes the run's training
+files as reference and its validation split (or a folder) as held out."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -28,15 +30,14 @@ def tiny_run(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("run"))
 
 
-def _export(run, out):
-    from wbc_batch.training.export import export_run
+def _export(run, out, **kw) -> dict:
+    from wbc_batch.training.export import ExportOptions, export_model
 
-    export_run(run, out, check_dir=SAMPLE, check_images=40)
-    return out
+    return export_model(run, out, ExportOptions(check_dir=SAMPLE, check_images=40, **kw))
 
 
 def test_run_split_is_the_runs_own(tiny_run):
-    from wbc_batch.training.calibrate import run_split
+    from wbc_batch.training.export import run_split
     from wbc_batch.training.record import RunRecord
 
     rec = RunRecord.read(tiny_run)
@@ -47,12 +48,11 @@ def test_run_split_is_the_runs_own(tiny_run):
 
 def test_export_fits_on_the_validation_split_when_it_is_held_out(tiny_run, tmp_path):
     from wbc_batch.inference.model import load_model
-    from wbc_batch.training.calibrate import calibrate_export
     from wbc_batch.training.record import RunRecord
 
-    out = _export(tiny_run, tmp_path / "m.onnx")
+    out = tmp_path / "m.onnx"
+    sections = _export(tiny_run, out)["trust"]
     rec = RunRecord.read(tiny_run)
-    sections = calibrate_export(tiny_run, out)
     md = load_model(out).metadata
     assert md.extra["calibration"] == sections["calibration"]
     cal = sections["calibration"]
@@ -74,13 +74,12 @@ def test_a_follow_crop_models_nucleus_term_reads_the_crops_own_map(tmp_path):
     import onnxruntime as ort
 
     from wbc_batch.inference.preprocess import PreprocessSpec, load_image
-    from wbc_batch.training.calibrate import calibrate_export
+    from wbc_batch.modelfile.trust import crop_stain_map
     from wbc_batch.training.export import load_run
-    from wbc_batch.training.trust import crop_stain_map
 
     run = _train(tmp_path / "run", size=(120, 160), crop=(80, 32), crop_follow=True, epochs=1)
-    out = _export(run, tmp_path / "m.onnx")
-    calibrate_export(run, out)
+    out = tmp_path / "m.onnx"
+    _export(run, out)
     g = onnx.load(str(out)).graph
     outputs = {o for n in g.node for o in n.output}
     assert crop_stain_map(g) is not None and "nucleus_blocks" not in outputs and "nucleus_signal" in outputs
@@ -97,12 +96,11 @@ def test_a_follow_crop_models_nucleus_term_reads_the_crops_own_map(tmp_path):
 
 @pytest.mark.slow
 def test_export_without_a_held_out_split_keeps_temperature_one_and_says_why(tmp_path):
-    from wbc_batch.training.calibrate import calibrate_export
     from wbc_batch.training.record import RunRecord
 
     run = _train(tmp_path / "run", val_fraction=0.0)
     assert RunRecord.read(run).val_is_train
-    sections = calibrate_export(run, _export(run, tmp_path / "m.onnx"))
+    sections = _export(run, tmp_path / "m.onnx")["trust"]
     assert sections["calibration"] == {
         "method": "none", "temperature": 1.0,
         "why": "the run validated on its training data (too few groups to hold any out) and no --calibration-dir was given",
@@ -119,7 +117,7 @@ def rec_train(run) -> int:
 def test_cli_export_calibration_dir(tiny_run, tmp_path):
     from wbc_batch.cli import main
     from wbc_batch.inference.model import load_model
-    from wbc_batch.training.calibrate import trust_lines
+    from wbc_batch.modelfile.calibrate import trust_lines
 
     out = tmp_path / "m.onnx"
     res = CliRunner().invoke(main, ["export", str(tiny_run), "-o", str(out), "--check-dir", str(SAMPLE), "--calibration-dir", str(SAMPLE)])
@@ -135,3 +133,51 @@ def test_cli_export_calibration_dir(tiny_run, tmp_path):
     res = CliRunner().invoke(main, ["export", str(tiny_run), "-o", str(out), "--check-dir", str(SAMPLE), "--calibration-dir", str(SAMPLE), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["trust"]["domain"]["threshold"] == load_model(out).metadata.domain.threshold
+
+
+def test_export_builds_the_model_in_memory_and_writes_it_once(tiny_run, tmp_path, monkeypatch):
+    """Graph, calibration, metrics: one write of the float model; the INT8 model is quantised from the bytes written."""
+    import hashlib
+
+    import wbc_batch.modelfile.proto as proto_mod
+    from wbc_batch.inference.model import load_model
+
+    writes, save = [], proto_mod.save_checked
+    monkeypatch.setattr(proto_mod, "save_checked", lambda proto, path, **kw: (writes.append(Path(path).name), save(proto, path, **kw))[1])
+    out = tmp_path / "m.onnx"
+    res = _export(tiny_run, out, eval_dir=SAMPLE, int8_dir=SAMPLE)
+    assert writes == ["m.onnx"] and sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.onnx", "m.onnx"]
+    md = load_model(out).metadata
+    assert md.extra["metrics"] == {k: res["eval"][k] for k in md.extra["metrics"]} and md.extra["metrics"]["n"] == 40
+    assert md.extra["calibration"] == res["trust"]["calibration"] and md.extra["domain"] == res["trust"]["domain"]
+    q = load_model(res["int8"]["output"]).metadata
+    assert res["int8"]["output"] == str(tmp_path / "m.int8.onnx") and q.name == "m-int8"
+    assert q.extra["quantization"]["float_model_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert {k: v for k, v in q.extra.items() if k != "quantization"} == md.extra
+
+
+def test_export_writes_nothing_when_a_step_before_the_write_fails(tiny_run, tmp_path, monkeypatch):
+    import wbc_batch.training.export as export_mod
+
+    def fail(*args, **kw):
+        raise RuntimeError("calibration failed")
+
+    monkeypatch.setattr(export_mod, "calibrate_run", fail)
+    with pytest.raises(RuntimeError, match="calibration failed"):
+        _export(tiny_run, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_embed_metrics_stores_the_figures_not_the_rest(tmp_path):
+    import onnx
+    from conftest import build_color_model
+
+    from wbc_batch.inference.model import read_metadata
+    from wbc_batch.modelfile.proto import metadata_doc
+    from wbc_batch.training.export import embed_metrics
+
+    proto = onnx.load(str(build_color_model(tmp_path / "m.onnx")))
+    graph = proto.graph.SerializeToString()
+    embed_metrics(proto, {"accuracy": 0.5, "macro_f1": 0.4, "n": 40, "eval_dir": "d", "predictions": [1, 2]})
+    assert metadata_doc(proto)["metrics"] == {"eval_dir": "d", "n": 40, "accuracy": 0.5, "macro_f1": 0.4}
+    assert read_metadata(proto).extra["metrics"]["accuracy"] == 0.5 and proto.graph.SerializeToString() == graph

@@ -14,7 +14,7 @@ from onnx import numpy_helper  # noqa: E402
 
 from wbc_batch.errors import WbcBatchError  # noqa: E402
 from wbc_batch.inference.model import default_model_path, load_model  # noqa: E402
-from wbc_batch.training.adapt import AdaptError, _conv_output, adapt_model, channel_stats, decode  # noqa: E402
+from wbc_batch.modelfile.adapt import AdaptError, _conv_output, adapt_model, channel_stats, decode  # noqa: E402
 
 SHIPPED = default_model_path()
 pytestmark = pytest.mark.skipif(not SHIPPED.is_file(), reason="shipped model export/wbc-default.onnx missing")

@@ -12,7 +12,7 @@ output ``y = W x + b`` on the lab's images, the adapted output is ``std * (y - m
 ``W <- k W``, ``b <- k (b - m) + mean`` with ``k = std / sqrt(v + eps)``. Layers are measured in network order,
 each on the output of the layers already adapted, as a batch norm in training mode would see them.
 
-Needs onnx (train or test extra), not torch: a lab can adapt a model file it was given.
+Needs onnx, not torch: a lab can adapt a model file it was given.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ..errors import ExitCode, WbcBatchError
 from ..inference.discover import common_root, iter_images
 from ..inference.metadata import ModelMetadata
 from ..inference.preprocess import ImageError, load_image
-from .onnx_metadata import read_metadata, save_checked, set_metadata
+from .proto import metadata_doc, save_checked, set_metadata
 
 DEFAULT_MAX_IMAGES = 512  # enough for stable channel statistics (150 cells gave the figures in the model card)
 BATCH = 64
@@ -147,7 +147,7 @@ def adapt_model(
     data = Path(model_path).read_bytes()
     model = onnx.load_model_from_string(data)
     try:
-        doc = read_metadata(model)
+        doc = metadata_doc(model)
     except KeyError:
         doc = {}
     layers = doc.get("batchnorm")

@@ -1,4 +1,4 @@
-"""wbc_batch.training.trust and .calibrate: temperature and domain score fitted, written into the graph, read back.
+"""wbc_batch.modelfile.trust and .calibrate: temperature and domain score fitted, written into the graph, read back.
 
 Uses the tiny colour model (features = mean colour, Gemm, Softmax) so every output has a numpy reference."""
 
@@ -13,9 +13,9 @@ import pytest
 from conftest import LABELS, ROOT, SAMPLE, _color_weights, build_color_model
 
 from wbc_batch.inference.preprocess import PreprocessSpec, load_image
-from wbc_batch.training.calibrate import LabelledSet, _calibration, calibrate_model, labelled_set, quantile_note
-from wbc_batch.training.trust import (
-    DomainCheck,
+from wbc_batch.modelfile.calibrate import LabelledSet, _calibration, calibrate_model, labelled_set, quantile_note
+from wbc_batch.modelfile.trust import (
+    DomainFit,
     add_trust_outputs,
     block_outputs,
     find_head,
@@ -61,7 +61,7 @@ def test_trust_outputs_match_numpy(tmp_path):
     assert (head.logits, head.features, head.n_features) == ("logits", "m", 3)
     rng = np.random.default_rng(2)
     ref = fit_reference(rng.normal(100, 20, size=(200, 3)), rng.integers(0, 4, 200), 4)
-    out = add_trust_outputs(model, head, 1.7, DomainCheck((head.features,), (ref,), (1.0,)))
+    out = add_trust_outputs(model, head, 1.7, DomainFit((head.features,), (ref,), (1.0,)))
     x = rng.integers(0, 256, size=(5, 24, 32, 3), dtype=np.uint8)
     probs, score = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})
     w, b = _color_weights(4)
@@ -142,7 +142,7 @@ def test_ood_score_is_raised_only_for_an_image_without_a_nucleus(tmp_path):
     rng = np.random.default_rng(3)
     ref = fit_reference(rng.normal(180, 20, size=(200, 3)), rng.integers(0, 4, 200), 4)
     x = _fields()
-    check = DomainCheck((head.features,), (ref,), (1.0,))
+    check = DomainFit((head.features,), (ref,), (1.0,))
     plain = add_trust_outputs(model, head, 1.0, check)
     raised = add_trust_outputs(model, head, 1.0, check, nucleus=(2.0, 30.0))
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})[1]  # noqa: E731

@@ -1,15 +1,16 @@
-"""One way to change the wbc-batch metadata of an ONNX file: load, edit the JSON, check, save atomically.
+"""The wbc-batch metadata of an ONNX proto: read as a document, set, and the proto saved checked and atomically.
 
-Export writes it first, metric embedding and quantisation (and any later step that adds a
-record, such as calibration) edit it; each used to repeat the load-proto/edit/save sequence.
-Other ``metadata_props`` keys are kept; a failed check leaves the file as it was.
+Every step that edits a model (export, calibration, adaptation, quantisation) holds the proto in memory,
+edits the JSON document (:func:`metadata_doc`, :func:`set_metadata`) and writes the file once
+(:func:`save_checked`). Other ``metadata_props`` keys are kept; a failed check leaves the file as it was.
+The typed, checked contract is :func:`wbc_batch.inference.model.read_metadata`; the document here is the
+raw JSON, so an edit keeps every section as it was written, those this version does not know included.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -19,8 +20,8 @@ from ..errors import ExitCode, WbcBatchError
 from ..inference.metadata import METADATA_KEY
 
 
-def read_metadata(proto: onnx.ModelProto) -> dict:
-    """The wbc-batch metadata document of a model proto (raises KeyError naming the key when absent)."""
+def metadata_doc(proto: onnx.ModelProto) -> dict:
+    """The wbc-batch metadata document of a model proto, as written (raises KeyError naming the key when absent)."""
     for p in proto.metadata_props:
         if p.key == METADATA_KEY:
             return json.loads(p.value)
@@ -46,24 +47,3 @@ def save_checked(proto: onnx.ModelProto, path: str | os.PathLike[str], *, full_c
         if tmp.parent.is_dir():
             tmp.unlink(missing_ok=True)
         raise WbcBatchError(f"cannot write the model to {path}: {e.strerror or e}", exit_code=ExitCode.OUTPUT) from e
-
-
-def rewrite_metadata(
-    path: str | os.PathLike[str],
-    edit: Callable[[dict], dict],
-    *,
-    output: str | os.PathLike[str] | None = None,
-    ir_version: int | None = None,
-    full_check: bool = False,
-) -> Path:
-    """Load ``path``, replace its metadata by ``edit(metadata)``, check, save to ``output`` (default: in place).
-
-    ``ir_version`` pins the file's IR version (tools such as the quantiser raise it).
-    """
-    proto = onnx.load(str(path))
-    if ir_version is not None:
-        proto.ir_version = ir_version
-    set_metadata(proto, edit(read_metadata(proto)))
-    out = Path(output or path)
-    save_checked(proto, out, full_check=full_check)
-    return out
