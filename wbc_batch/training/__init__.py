@@ -14,7 +14,7 @@ _LAZY = {
     "TrainResult": ".loop",
     "train": ".loop",
     "train_one_epoch": ".loop",
-    "evaluate": ".loop",
+    "validate": ".loop",
     "RunRecord": ".record",
     "load_weights": ".record",
     "scan_class_folders": ".data",

@@ -1,4 +1,4 @@
-"""The training loop, split as timm's train.py is: data, :func:`train_one_epoch`, :func:`evaluate`, :func:`train`.
+"""The training loop, split as timm's train.py is: data, :func:`train_one_epoch`, :func:`validate`, :func:`train`.
 
 Images are decoded once into memory as uint8 and augmented a batch at a time
 (:mod:`.augment`); early stopping and the best checkpoint follow validation macro-F1.
@@ -34,7 +34,7 @@ from .models import BackgroundBalance, CellCrop, Deployable, build_deployable
 from .optim import build_optimizer, build_scheduler
 from .record import BEST_WEIGHTS, LAST_WEIGHTS, RunRecord, save_weights
 
-__all__ = ["FIELD_SIZE", "TrainConfig", "TrainData", "TrainResult", "evaluate", "load_data", "train", "train_one_epoch"]
+__all__ = ["FIELD_SIZE", "TrainConfig", "TrainData", "TrainResult", "load_data", "train", "train_one_epoch", "validate"]
 
 
 @dataclass
@@ -238,7 +238,7 @@ def precise_bn(t: Trainer, data: TrainData, batch_size: int, batches: int, gen: 
         m.momentum = mo
 
 
-def evaluate(model: Deployable, images: np.ndarray, targets: np.ndarray, classes: tuple[str, ...], device: torch.device) -> tuple[float, Metrics]:
+def validate(model: Deployable, images: np.ndarray, targets: np.ndarray, classes: tuple[str, ...], device: torch.device) -> tuple[float, Metrics]:
     """Validation loss (plain cross-entropy) and metrics of the model as it would be exported."""
     logits = predict_logits(model, images, device)
     loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(targets)))
@@ -384,7 +384,7 @@ def _fit(cfg: TrainConfig, t: Trainer, data: TrainData, record: RunRecord, run_d
         te = time.perf_counter()
         loss, acc = train_one_epoch(t, data, cfg.batch_size, gen, desc=f"epoch {epoch}/{cfg.epochs}", bar=bar)
         precise_bn(t, data, cfg.batch_size, cfg.precise_bn, gen)
-        val_loss, m = evaluate(t.model, data.images[va], data.targets[va], data.classes, t.device)
+        val_loss, m = validate(t.model, data.images[va], data.targets[va], data.classes, t.device)
         row = {"epoch": epoch, "train_loss": loss, "train_accuracy": acc, "val_loss": val_loss, "val_accuracy": m.accuracy,
                "val_macro_f1": m.macro_f1, "lr": t.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - te}
         history.append(row)
@@ -421,7 +421,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     crop_inherited = cfg.crop is None and source is not None and source.crop is not None and source.arch == cfg.arch
     if crop_inherited:  # the scale the source learned cells at: the crop it was trained with, unless the run names one
         cfg = replace(cfg, crop=source.crop)
-    if not cfg.size and cfg.resolved_crop():  # helper B's reconstruction: the decode size derived from the images
+    if not cfg.size and cfg.resolved_crop():  # no --size, a cell crop: the decode size is derived from the images (their median field)
         cfg = replace(cfg, size=derived_size(files.paths))
     h, w = cfg.resolved_size()
     check_start(cfg, len(files.classes))  # a contract the network breaks, or missing weights: an error now, not at export
