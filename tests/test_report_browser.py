@@ -86,6 +86,6 @@ def test_test_set_report_is_small_and_renders_fast(tmp_path):
     with open(html.parent / "review.csv", encoding="utf-8", newline="") as f:
         queued = len(list(csv.DictReader(f)))
     assert queued == 249  # the default review queue: the 10% riskiest of 2,487, rounded up
-    cells = html.read_text(encoding="utf-8").count("<figure class=cell")
+    cells = html.read_text(encoding="utf-8").count('<figure class="cell rv"')
     assert 0 < cells <= GALLERY_MAX
     assert len(re.findall(r"<img\b", dom)) == 2 + 2 * cells + 2 * min(queued, REVIEW_IMAGES)

@@ -11,7 +11,7 @@ import pytest
 from conftest import SAMPLE
 from PIL import Image
 
-from wbc_batch.evaluation.report_images import BLUR, MODEL_VIEW, WINDOW, _box_mean, cell_images, nucleus_centre, zoom_box
+from wbc_batch.evaluation.report_images import BLUR, MODEL_VIEW, WINDOW, _box_mean, cell_images, nucleus_centre, visible_box, zoom_box
 from wbc_batch.inference.preprocess import load_image
 
 IMAGES = sorted(SAMPLE.rglob("*.jpeg"))
@@ -90,3 +90,18 @@ def test_the_zoom_of_a_square_single_cell_image_is_square_and_on_the_cell(tmp_pa
 def test_the_zoom_box_of_a_field_is_the_window_itself():
     assert zoom_box(200.0, 100.0, 320, 240) == (120, 20, 280, 180)
     assert zoom_box(200.0, 100.0, 640, 480) == (240, 40, 560, 360)
+
+
+def test_the_zoom_is_cut_to_the_image_where_padding_would_be_most_of_it(tmp_path):
+    """A nucleus in the field's corner: the model's 160 px window lies mostly outside the image, so the zoom shows the
+    part inside (no black square); a window mostly inside stays the model's view."""
+    assert visible_box((-100, -100, 60, 60), 320, 240) == (0, 0, 60, 60)  # 14% inside
+    assert visible_box((-40, 10, 120, 170), 320, 240) == (-40, 10, 120, 170)  # 75% inside: as the model saw it
+    rgb = np.full((240, 320, 3), (205, 130, 140), np.uint8)
+    rgb[0:24, 0:24] = (60, 40, 170)  # nucleus in the top-left corner
+    path = tmp_path / "corner.png"
+    Image.fromarray(rgb).save(path)
+    x0, y0, x1, y1 = zoom_box(*nucleus_centre(load_image(path, MODEL_VIEW)), 320, 240)
+    assert x0 < 0 and y0 < 0 and (x1 * y1) < 0.5 * WINDOW * WINDOW
+    zoom = np.asarray(_decode(cell_images(path).zoom))
+    assert zoom.shape[:2] == (y1, x1) and zoom.min(axis=2).max() > 0 and (zoom.max(axis=2) > 30).all()  # no black band

@@ -225,7 +225,10 @@ def info(model, as_json) -> None:
 @_review_options
 @click.option("--run-dir", type=click.Path(exists=True, file_okay=False), default=None, help="Training run dir: show its curves.png (or history.csv) in the report.")
 @click.option("--overwrite", is_flag=True, help="Replace the report in an output folder that holds files (its other files stay) instead of refusing.")
-def report(predictions, out_dir, group_by, review_threshold, review_share, target_accuracy, run_dir, overwrite) -> None:
+@click.option("--corrections", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A reviewer's path,label CSV (the report page saves it as corrections.csv; label: a model label or EXCLUDE): "
+                   "adds the verified differential, overall and per group.")
+def report(predictions, out_dir, group_by, review_threshold, review_share, target_accuracy, run_dir, overwrite, corrections) -> None:
     """Evaluation report for a PREDICTIONS CSV written by `classify`.
 
     Writes report.html (self-contained: open it offline, or mail it), metrics.json,
@@ -234,6 +237,9 @@ def report(predictions, out_dir, group_by, review_threshold, review_share, targe
     groups, differential.csv. Accuracy, F1 and the
     confusion matrices need true labels (class-named folders or classify --labels);
     without them the report shows the predicted distribution and confidences.
+    With --corrections, metrics.json's "verified" (and differential.csv's verified_
+    columns) give the differential with the reviewer's labels; a correction naming a
+    file that is not a classified row, or a label that is not the model's, is exit 2.
     The figures need matplotlib (pip install matplotlib); without it the
     report is written without them and a warning says so.
     """
@@ -242,7 +248,7 @@ def report(predictions, out_dir, group_by, review_threshold, review_share, targe
     from ..evaluation.report import prepare_report_dir
 
     prepare_report_dir(out_dir, replace=overwrite)
-    paths = _write_report(predictions, out_dir, group_by=group_by, run_dir=run_dir,
+    paths = _write_report(predictions, out_dir, group_by=group_by, run_dir=run_dir, corrections=corrections,
                           **_given(review_threshold=review_threshold, review_share=review_share, target_accuracy=target_accuracy))
     click.echo(f"wbc-batch: report -> {paths['html']}", err=True)
 

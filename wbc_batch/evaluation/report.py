@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..inference.predictions import OutputError, read_sidecar
+from .corrections import LabelRow, Verified, read_corrections
 from .report_data import Cell, ReportData, build_report_data
 from .report_files import (
     find_curves,
@@ -31,7 +33,7 @@ from .report_files import (
 )
 from .report_images import CellImages, cell_images
 from .report_render import MATPLOTLIB_HINT, render_html
-from .report_scan import HIST_BINS, Group, ReportError, ReportLimits, group_key, scan, write_review
+from .report_scan import HIST_BINS, Group, ReportError, ReportLimits, Scan, csv_labels, group_key, scan, verified_of, write_review
 from .report_trust import DEFAULT_REVIEW_SHARE, ReviewPolicy, build_trust
 
 #: Predictions below this confidence are counted (and coloured in the histogram) as low confidence.
@@ -125,6 +127,53 @@ def attach_images(d: ReportData, image_root: Path) -> None:
         c.images = cache[c.path]
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One report's inputs, checked once: where from and to, the group level, the review queue's rule."""
+
+    csv_path: Path
+    out: Path
+    group_by: int | None  # as asked: None = decide from the folders, 0 = no differential
+    policy: ReviewPolicy
+    threshold: float  # below it a prediction counts as low confidence
+    limits: ReportLimits
+    warnings: list[str]
+    on_warning: Callable[[str], None] | None
+
+    @property
+    def level(self) -> int:
+        """The folder depth that names a row's group (computed for every row, shown only when the report groups)."""
+        return self.group_by or 1
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        if self.on_warning is not None:
+            self.on_warning(msg)
+
+
+def _make_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create report folder {out}: {e.strerror or e}") from e
+
+
+def _check_scan(job: _Job, side: dict, s: Scan) -> None:
+    """Warnings about what the scan found: labels the sidecar disagrees with, rows it skipped."""
+    model_labels = (side.get("model") or {}).get("labels")
+    if model_labels and list(model_labels) != s.labels:
+        job.warn(f"the sidecar's model labels {model_labels} differ from the CSV's {s.labels}; the CSV's are used")
+    if s.malformed:
+        job.warn(f"{s.malformed} malformed row(s) skipped (a torn last line of an interrupted run, or an edited CSV)")
+
+
+def _grouped(job: _Job, s: Scan) -> int | None:
+    """The differential's group level, or None for no differential."""
+    if job.group_by is None:
+        return job.level if _auto_group(s.groups, s.labels) else None
+    return job.group_by or None
+
+
 def write_report(
     predictions_csv: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -136,6 +185,7 @@ def write_report(
     run_dir: str | os.PathLike[str] | None = None,
     on_warning: Callable[[str], None] | None = _stderr_warning,
     limits: ReportLimits | None = None,
+    corrections: str | os.PathLike[str] | None = None,
 ) -> dict[str, Path]:
     """Write the report files for ``predictions_csv`` into ``out_dir``; returns their paths by kind.
 
@@ -145,57 +195,62 @@ def write_report(
     first) is one of: the ``review_share`` riskiest predictions (default 10%); the smallest share
     whose accepted predictions reach ``target_accuracy`` (needs true labels); or every prediction
     with a confidence below ``review_threshold``. ``run_dir``: a training run dir whose curves.png
-    (or history.csv) is shown. ``limits``: how much the HTML shows and embeds.
+    (or history.csv) is shown. ``limits``: how much the HTML shows and embeds. ``corrections``: a
+    reviewer's ``path,label`` CSV (a model label or EXCLUDE per file): the verified differential.
     """
-    csv_path, out, limits = Path(predictions_csv), Path(out_dir), limits or ReportLimits()
     if group_by is not None and group_by < 0:
         raise ValueError("group_by must be >= 0")
-    policy = ReviewPolicy(review_share, target_accuracy, review_threshold)
-    threshold = LOW_CONFIDENCE if review_threshold is None else review_threshold
-    warnings: list[str] = []
-
-    def warn(msg: str) -> None:
-        warnings.append(msg)
-        if on_warning is not None:
-            on_warning(msg)
-
-    side = _read_side(csv_path, warn)
-    paths: dict[str, Path] = {"review": out / "review.csv"}
-    s = scan(csv_path, group_by or 1, threshold, limits)
-    try:  # after the scan: a CSV it refuses leaves no empty folder behind
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create report folder {out}: {e.strerror or e}") from e
-    model_labels = (side.get("model") or {}).get("labels")
-    if model_labels and list(model_labels) != s.labels:
-        warn(f"the sidecar's model labels {model_labels} differ from the CSV's {s.labels}; the CSV's are used")
-    if s.malformed:
-        warn(f"{s.malformed} malformed row(s) skipped (a torn last line of an interrupted run, or an edited CSV)")
-    grouped = group_by is not None and group_by > 0 or group_by is None and _auto_group(s.groups, s.labels)
-    plots = matplotlib_available()
-    if not plots:
-        warn(MATPLOTLIB_HINT)
-    trust = build_trust(s, policy, ((side.get("model") or {}).get("trust") or {}).get("calibration"), warn)
-    review = write_review(csv_path, s, trust.queue, group_by or 1, paths["review"], limits.review_max)
-    d = build_report_data(s, side, csv_path, threshold, (group_by or 1) if grouped else None, limits, warnings, review=review, trust=trust)
-    _write_files(d, paths, out, plots, None if run_dir is None else Path(run_dir), warn)
+    job = _Job(Path(predictions_csv), Path(out_dir), group_by, ReviewPolicy(review_share, target_accuracy, review_threshold),
+               LOW_CONFIDENCE if review_threshold is None else review_threshold, limits or ReportLimits(), [], on_warning)
+    side = _read_side(job.csv_path, job.warn)
+    table = None if corrections is None else read_corrections(corrections, csv_labels(job.csv_path), side.get("root"))
+    s = scan(job.csv_path, job.level, job.threshold, job.limits, table)
+    verified = None if table is None else verified_of(s, table, str(corrections), job.csv_path)
+    _make_dir(job.out)  # after the scan and the corrections: a CSV refused leaves no empty folder behind
+    _check_scan(job, side, s)
+    plots = _plots(job)
+    d = _report_data(job, side, s, verified, table)
+    paths = {"review": job.out / "review.csv"} | _write_files(d, job, plots, None if run_dir is None else Path(run_dir))
     root = side.get("root")
-    attach_images(d, Path(root) if root else csv_path.resolve().parent)
-    paths["html"] = out / "report.html"
+    attach_images(d, Path(root) if root else job.csv_path.resolve().parent)
+    paths["html"] = job.out / "report.html"
     paths["html"].write_text(render_html(d), encoding="utf-8")
     return paths
 
 
-def _write_files(d: ReportData, paths: dict[str, Path], out: Path, plots: bool, run_dir: Path | None, warn: Callable[[str], None]) -> None:
+def _plots(job: _Job) -> bool:
+    """Whether the figures can be drawn (matplotlib); a warning says how to get them when not."""
+    plots = matplotlib_available()
+    if not plots:
+        job.warn(MATPLOTLIB_HINT)
+    return plots
+
+
+def _report_data(job: _Job, side: dict, s: Scan, verified: Verified | None, table: Mapping[str, LabelRow] | None) -> ReportData:
+    """The trust figures, review.csv and everything the outputs show."""
+    trust = build_trust(s, job.policy, ((side.get("model") or {}).get("trust") or {}).get("calibration"), job.warn)
+    shown = {rec for heap in s.gallery.values() for _, rec, _ in heap}
+    review, probs = write_review(job.csv_path, s, trust.queue, job.level, job.out / "review.csv", job.limits.review_max, shown)
+    d = build_report_data(s, side, job.csv_path, job.threshold, _grouped(job, s), job.limits, job.warnings,
+                          review=review, trust=trust, probs=probs)
+    if verified is not None and table is not None:
+        d.verified, d.corrections = verified, {path: r.label for path, r in table.items()}
+        d.metrics["verified"] = verified.to_json()
+    return d
+
+
+def _write_files(d: ReportData, job: _Job, plots: bool, run_dir: Path | None) -> dict[str, Path]:
     """per_class.csv, differential.csv, the figures and metrics.json; the figures also go into ``d`` for the HTML."""
-    paths["per_class"] = write_per_class(d, out / "per_class.csv")
+    out = job.out
+    paths = {"per_class": write_per_class(d, out / "per_class.csv")}
     if d.groups is not None:
         paths["differential"] = write_differential(d, out / "differential.csv")
     if plots and d.has_truth:
         paths.update(write_confusion_figures(d, out))
         d.figures = {k: uri for k in ("confusion_matrix", "confusion_matrix_normalized") if (uri := png_uri(paths[k]))}
-    curves = find_curves(run_dir, out, plots, warn) if run_dir is not None else None
+    curves = find_curves(run_dir, out, plots, job.warn) if run_dir is not None else None
     if curves is not None:
         paths["curves"] = curves
         d.curves = (png_uri(curves) or "", str(curves))
-    paths["metrics"] = write_metrics(d, paths, out)
+    paths["metrics"] = write_metrics(d, {"review": out / "review.csv"} | paths, out)
+    return paths

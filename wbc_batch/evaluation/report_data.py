@@ -9,11 +9,14 @@ capped lists the HTML shows, in display order.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from .corrections import Verified
 from .metrics import metrics_from_confusion
 from .report_images import CellImages
 from .report_scan import Group, ReportLimits, Scan
@@ -52,6 +55,9 @@ class Cell:
     images: CellImages | None = None
     risk: float | None = None
     in_domain: str = ""  # 'true'/'false' with a domain check, else ''
+    record: int = 0  # the row's record number in the predictions CSV
+    runner_up: str = ""  # the class with the second-highest probability ('' when unknown)
+    runner_up_p: float | None = None
 
     @property
     def name(self) -> str:
@@ -116,10 +122,18 @@ class ReportData:
     figures: dict[str, str] = field(default_factory=dict)  # kind -> PNG data URI
     curves: tuple[str, str] | None = None  # (PNG data URI, where it came from)
     trust: TrustData | None = None
+    verified: Verified | None = None
+    review_key: str = ""  # what the page keeps a reviewer's choices under in the browser
+    corrections: dict[str, str] = field(default_factory=dict)  # the choices the report was given (path -> label)
 
     @property
     def counts(self) -> dict:
         return self.metrics["counts"]
+
+    @property
+    def shown(self) -> list[Cell]:
+        """Every cell the page lists: the gallery's, then the review queue's."""
+        return [c for pair in self.gallery for c in pair.cells] + self.review
 
 
 def _class_rows(s: Scan, m: dict, has_truth: bool) -> list[ClassRow]:
@@ -213,7 +227,7 @@ def _gallery(s: Scan, cm: np.ndarray, limits: ReportLimits) -> tuple[list[Galler
             break
         items = sorted(s.gallery[(t, p)], key=lambda x: (-x[0], x[1]))[:budget]
         budget -= len(items)
-        cells = [Cell(rel, s.labels[p], conf, s.labels[t]) for conf, _, rel in items]
+        cells = [Cell(rel, s.labels[p], conf, s.labels[t], record=rec) for conf, rec, rel in items]
         pairs.append(GalleryPair(s.labels[t], s.labels[p], int(cm[t, p]), cells))
     return pairs, len(order) - len(pairs)
 
@@ -222,11 +236,27 @@ def _group_rows(groups: dict[str, Group]) -> list[GroupRow]:
     return [GroupRow(gk, g.n, g.errors, g.low, g.counts, g.true_counts, g.with_truth, g.correct) for gk, g in sorted(groups.items())]
 
 
+def runner_up(probs: Sequence[float] | None, labels: Sequence[str], predicted: str) -> tuple[str, float | None]:
+    """The most probable class other than ``predicted``, and its probability (('', None) without probabilities)."""
+    if not probs:
+        return "", None
+    best = max((p, -i) for i, (lb, p) in enumerate(zip(labels, probs, strict=True)) if lb != predicted)
+    return labels[-best[1]], best[0]
+
+
+def review_key(m: dict) -> str:
+    """The page's key for a reviewer's choices: the run (predictions CSV, model, start), so a report written again
+    for the same run finds them, and another run's report does not."""
+    ident = "\0".join(str(x) for x in (m["predictions_csv"], m["model"].get("sha256"), m["run"].get("started")))
+    return hashlib.sha256(ident.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
 def build_report_data(
     s: Scan, side: dict, csv_path: Path, threshold: float, group_level: int | None, limits: ReportLimits, warnings: list[str],
-    *, review: list[dict[str, str]], trust: TrustData,
+    *, review: list[dict], trust: TrustData, probs: dict[int, list[float]] | None = None,
 ) -> ReportData:
-    """The report of one scan; ``group_level`` None: no differential. ``review``: the first rows of review.csv."""
+    """The report of one scan; ``group_level`` None: no differential. ``review``: the first rows of review.csv;
+    ``probs``: the class probabilities of the shown rows, by record number."""
     k = len(s.labels)
     cm = np.asarray(s.cm, dtype=np.int64).reshape(k, k)
     m = _metrics(s, cm, side, csv_path, threshold, group_level, warnings, limits)
@@ -234,7 +264,9 @@ def build_report_data(
     has_truth = m["has_truth"]
     gallery, hidden = _gallery(s, cm, limits) if has_truth else ([], 0)
     cells = [Cell(r["path"], r["label"], float(r["confidence"]), r["true_label"], r["group"], risk=float(r["risk"]),
-                  in_domain=r.get("in_domain", "")) for r in review]
+                  in_domain=r.get("in_domain", ""), record=r.get("record", 0)) for r in review]
+    for c in [c for pair in gallery for c in pair.cells] + cells:
+        c.runner_up, c.runner_up_p = runner_up((probs or {}).get(c.record), s.labels, c.predicted)
     return ReportData(
         title=f"wbc-batch report: {csv_path.name}",
         labels=s.labels,
@@ -252,4 +284,5 @@ def build_report_data(
         failed=list(s.failed),
         limits=limits,
         trust=trust,
+        review_key=review_key(m),
     )

@@ -43,15 +43,24 @@ def write_per_class(data: ReportData, path: Path) -> Path:
 
 
 def write_differential(data: ReportData, path: Path) -> Path:
-    """One row per group: predicted counts and percents, errors, low confidence; then true counts and accuracy (empty without truth)."""
-    labels = data.labels
+    """One row per group: predicted counts and percents, errors, low confidence; then true counts and accuracy (empty without truth);
+    with corrections, the verified counts and percents last."""
+    labels, v = data.labels, data.verified
     with _writer(path) as f:
         w = CsvWriter(f)
         head = ["group", "n", "ok", *[f"count_{lb}" for lb in labels], *[f"pct_{lb}" for lb in labels], "errors", "low_confidence"]
-        w.writerow([*head, "with_truth", *[f"true_count_{lb}" for lb in labels], "correct", "accuracy"])
+        head += ["with_truth", *[f"true_count_{lb}" for lb in labels], "correct", "accuracy"]
+        if v is not None:
+            head += ["verified_reviewed", "verified_changed", "verified_excluded", "verified_n",
+                     *[f"verified_count_{lb}" for lb in labels], *[f"verified_pct_{lb}" for lb in labels]]
+        w.writerow(head)
         for g in data.groups or []:
             truth = [g.with_truth, *g.true, g.correct, f"{g.accuracy:.4f}"] if g.with_truth else [0, *[""] * len(labels), "", ""]
-            w.writerow([g.name, g.n, g.ok, *g.predicted, *[f"{p:.2f}" for p in g.percent], g.errors, g.low, *truth])
+            row = [g.name, g.n, g.ok, *g.predicted, *[f"{p:.2f}" for p in g.percent], g.errors, g.low, *truth]
+            if v is not None:
+                t = v.groups[g.name]
+                row += [t.reviewed, t.changed, t.excluded, t.n, *t.counts, *[f"{p:.2f}" for p in t.percent]]
+            w.writerow(row)
     return path
 
 

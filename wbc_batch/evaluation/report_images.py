@@ -13,7 +13,9 @@ model with another geometry the zoom is still the strongest blue-minus-red blob 
 stained nucleus), not necessarily that model's exact window.
 
 The window is cut from the original image (black outside it, as the model's zero padding),
-and both pictures are kept near their own resolution (the zoom at most 256 px, the field at
+except where that padding would be most of the picture (a cell at the field's edge): the window is
+then cut down to the part inside the image, since a reviewer learns nothing from black (:func:`visible_box`).
+Both pictures are kept near their own resolution (the zoom at most 256 px, the field at
 most 480 px on its long side), so a click can enlarge them without inventing detail.
 """
 
@@ -82,6 +84,18 @@ def zoom_box(cx: float, cy: float, w: int, h: int) -> tuple[int, int, int, int]:
     return (round((cx - x0 - half) * sx), round((cy - y0 - half) * sy), round((cx - x0 + half) * sx), round((cy - y0 + half) * sy))
 
 
+#: The window is cut down to the image when less than this share of it lies inside the image.
+MIN_INSIDE = 0.5
+
+
+def visible_box(box: tuple[int, int, int, int], w: int, h: int) -> tuple[int, int, int, int]:
+    """``box`` as the model saw it, or its part inside the ``w x h`` image when the padding would dominate it."""
+    x0, y0, x1, y1 = box
+    inside = (max(0, x0), max(0, y0), min(w, x1), min(h, y1))
+    area = max(0, inside[2] - inside[0]) * max(0, inside[3] - inside[1])
+    return inside if 0 < area < MIN_INSIDE * (x1 - x0) * (y1 - y0) else box
+
+
 def cell_images(path: Path) -> CellImages | None:
     """The zoom and the field of the image at ``path``, or None when it cannot be read (moved, corrupt)."""
     from PIL import Image
@@ -91,9 +105,10 @@ def cell_images(path: Path) -> CellImages | None:
         with Image.open(path) as im:
             im.draft("RGB", (FIELD_MAX, FIELD_MAX))  # JPEG: decode at a reduced scale when large
             im = im.convert("RGB")
-            box = zoom_box(cx, cy, im.width, im.height)
-            side = min(ZOOM_MAX, max(box[2] - box[0], box[3] - box[1]))
-            zoom = im.crop(box).resize((side, side), Image.Resampling.BILINEAR)
+            box = visible_box(zoom_box(cx, cy, im.width, im.height), im.width, im.height)
+            bw, bh = box[2] - box[0], box[3] - box[1]
+            scale = min(1.0, ZOOM_MAX / max(bw, bh))
+            zoom = im.crop(box).resize((max(1, round(bw * scale)), max(1, round(bh * scale))), Image.Resampling.BILINEAR)
             im.thumbnail((FIELD_MAX, FIELD_MAX))
             return CellImages(zoom=_jpeg_uri(zoom), field=_jpeg_uri(im))
     except Exception:  # noqa: BLE001 - missing, moved or corrupt image: the report shows a placeholder

@@ -70,9 +70,11 @@ def _environment():
 
 def _nav(d: ReportData) -> list[tuple[str, str]]:
     nav = [("summary", "Summary"), ("trust", "Trust"), ("per-class", "Per class")]
+    if d.verified:
+        nav.append(("verified", "Verified"))
     if d.has_truth:
         nav += [("confusion-matrix", "Confusion matrix"), ("top-confusions", "Top confusions"), ("gallery", "Misclassified")]
-    nav.append(("distribution", "Predictions"))
+    nav.append(("distribution", "Confidence"))
     if d.groups is not None:
         nav.append(("differential", "Differential"))
     nav += [("review", "Review"), ("failed", "Failed files")]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import heapq
 from array import array
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -24,6 +24,7 @@ from ..csv_safety import CsvWriter, plain_path
 from ..errors import ExitCode, WbcBatchError
 from ..inference.predictions import ENCODING_ERRORS, PROB_PREFIX, STATUS_OK, path_lines
 from ..inference.rows import risk as risk_of
+from .corrections import CorrectionsError, LabelRow, Reviewed, Verified, named, verify
 
 HIST_BINS = 20
 REVIEW_COLUMNS = ["path", "label", "confidence", "risk", "true_label", "group"]
@@ -79,7 +80,7 @@ class Scan:
     conf_sum: list[float] = field(default_factory=list)
     hist: list[int] = field(default_factory=lambda: [0] * HIST_BINS)
     groups: dict[str, Group] = field(default_factory=dict)
-    gallery: dict[tuple[int, int], list] = field(default_factory=dict)  # min-heaps of (conf, seq, path)
+    gallery: dict[tuple[int, int], list] = field(default_factory=dict)  # min-heaps of (conf, record, path)
     failed: list[tuple[str, str]] = field(default_factory=list)
     domain: bool = False  # the CSV has the domain check's columns (risk, ood_score, in_domain)
     # One entry per classified row, in CSV order:
@@ -90,6 +91,9 @@ class Scan:
     record: array = field(default_factory=lambda: array("q"))  # the row's record number in the CSV (header = 0)
     # One entry per row of the header's width: hash() of its path, to find a file named twice without a set of paths.
     path_hash: array = field(default_factory=lambda: array("q"))
+    # With corrections: the classified rows they name, and the paths they name that are error rows.
+    reviewed: dict[str, Reviewed] = field(default_factory=dict)
+    reviewed_failed: list[str] = field(default_factory=list)
 
 
 def group_key(rel: str, level: int) -> str:
@@ -119,7 +123,8 @@ def _push_capped(heap: list, item: Any, cap: int) -> None:
 class _Scanner:
     """Folds rows into a :class:`Scan`; one method per kind of row keeps each step short."""
 
-    def __init__(self, header: Sequence[str], path: Path, level: int, threshold: float, limits: ReportLimits) -> None:
+    def __init__(self, header: Sequence[str], path: Path, level: int, threshold: float, limits: ReportLimits,
+                 corrections: Mapping[str, LabelRow] | None = None) -> None:
         labels = labels_from_header(header, path)
         k = len(labels)
         self.s = Scan(labels=labels, cm=[[0] * k for _ in range(k)], predicted=[0] * k, conf_sum=[0.0] * k)
@@ -130,8 +135,8 @@ class _Scanner:
         self.level, self.threshold, self.limits = level, threshold, limits
         self.s.domain = all(c in col for c in ("risk", "in_domain"))
         self.i_risk, self.i_in = (col["risk"], col["in_domain"]) if self.s.domain else (-1, -1)
-        self.seq = 0
         self.n_records = 0
+        self.corrections = corrections  # run-relative path -> the reviewer's label (a model label or EXCLUDE)
 
     def row(self, rec: list[str]) -> None:
         self.n_records += 1
@@ -154,6 +159,7 @@ class _Scanner:
             g.errors += 1
             if len(s.failed) < self.limits.failed_max:
                 s.failed.append((rel, rec[i_err]))
+            self._review(rel, gk, None, None)
             return
         pi = self.index.get(rec[i_label])
         try:
@@ -165,9 +171,21 @@ class _Scanner:
             return
         inside = -1 if not s.domain else {"true": 1, "false": 0}.get(rec[self.i_in], -1)
         risk = _float(rec[self.i_risk]) if s.domain else None
-        self._ok(rel, pi, conf, rec[i_true], g, inside, risk_of(conf) if risk is None else risk)
+        ti = self._ok(rel, pi, conf, rec[i_true], g, inside, risk_of(conf) if risk is None else risk)
+        self._review(rel, gk, pi, ti)
 
-    def _ok(self, rel: str, pi: int, conf: float, truth: str, g: Group, inside: int, risk: float) -> None:
+    def _review(self, rel: str, gk: str, pi: int | None, ti: int | None) -> None:
+        """Note a row the corrections name: classified (``pi``, the model's label) or an error row (``pi`` None)."""
+        chosen = self.corrections.get(rel) if self.corrections is not None else None
+        if chosen is None:
+            return
+        if pi is None:
+            self.s.reviewed_failed.append(rel)
+        else:
+            self.s.reviewed[rel] = Reviewed(gk, pi, -1 if ti is None else ti, self.index.get(chosen.label, -1))
+
+    def _ok(self, rel: str, pi: int, conf: float, truth: str, g: Group, inside: int, risk: float) -> int | None:
+        """Fold one classified row in; returns its true label's index (None: no true label)."""
         s = self.s
         s.files += 1
         g.n += 1
@@ -176,7 +194,6 @@ class _Scanner:
         s.predicted[pi] += 1
         s.conf_sum[pi] += conf
         s.hist[min(int(conf * HIST_BINS), HIST_BINS - 1)] += 1
-        self.seq += 1
         if conf < self.threshold:
             s.low_confidence += 1
             g.low += 1
@@ -188,14 +205,15 @@ class _Scanner:
         s.record.append(self.n_records)
         if ti is None:
             s.without_truth += 1
-            return
+            return None
         s.cm[ti][pi] += 1
         g.true_counts[ti] += 1
         g.with_truth += 1
         if ti == pi:
             g.correct += 1
         else:
-            _push_capped(s.gallery.setdefault((ti, pi), []), (conf, self.seq, rel), self.limits.gallery_per_pair)
+            _push_capped(s.gallery.setdefault((ti, pi), []), (conf, self.n_records, rel), self.limits.gallery_per_pair)
+        return ti
 
 
 def _float(text: str) -> float | None:
@@ -212,18 +230,43 @@ def _open(csv_path: Path):
         raise ReportError(f"cannot read {csv_path}: {e.strerror or e}") from e
 
 
-def scan(csv_path: Path, level: int, threshold: float, limits: ReportLimits) -> Scan:
-    """Read ``csv_path`` once: the counts, the capped lists and the per-row numbers."""
+def scan(csv_path: Path, level: int, threshold: float, limits: ReportLimits, corrections: Mapping[str, LabelRow] | None = None) -> Scan:
+    """Read ``csv_path`` once: the counts, the capped lists and the per-row numbers (and the rows ``corrections`` names)."""
     with _open(csv_path) as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
             raise ReportError(f"{csv_path} is empty")
-        scanner = _Scanner(header, csv_path, level, threshold, limits)
+        scanner = _Scanner(header, csv_path, level, threshold, limits, corrections)
         for rec in reader:
             scanner.row(rec)
     refuse_repeated_paths(csv_path, scanner.s.path_hash)
     return scanner.s
+
+
+def csv_labels(csv_path: Path) -> list[str]:
+    """The model labels a predictions CSV's header names (its prob_<LABEL> columns), from the header alone."""
+    with _open(csv_path) as f:
+        header = next(csv.reader(f), None)
+    if header is None:
+        raise ReportError(f"{csv_path} is empty")
+    return labels_from_header(header, csv_path)
+
+
+def verified_of(s: Scan, table: Mapping[str, LabelRow], source: str, csv_path: Path) -> Verified:
+    """The verified differential, once every correction has found its classified row in the CSV.
+
+    A correction whose path is not in the CSV, or is a file that failed to classify, is a :class:`CorrectionsError`
+    naming its rows: it would be counted nowhere, and a differential that silently drops what a reviewer said is wrong.
+    """
+    failed = set(s.reviewed_failed)
+    lost = [r for path, r in table.items() if path not in s.reviewed]
+    if lost:
+        problems = [f"line {r.line}: {r.path!r} " + ("failed to classify (an error row)" if r.path in failed else f"is not in {csv_path.name}")
+                    for r in sorted(lost, key=lambda r: r.line)]
+        raise CorrectionsError(f"{source}: {len(lost)} correction(s) name no classified file of {csv_path}: {named(problems)}")
+    groups = {gk: g.counts for gk, g in s.groups.items()}
+    return verify(source, s.labels, s.predicted, groups, s.cm, s.reviewed.values())
 
 
 #: How many repeated files, and lines of each, a refusal names.
@@ -252,20 +295,29 @@ def refuse_repeated_paths(csv_path: Path, path_hash: array) -> None:
     )
 
 
-def write_review(csv_path: Path, s: Scan, queue: Sequence[int], level: int, review_csv: Path, keep: int) -> list[dict[str, str]]:
+def write_review(
+    csv_path: Path, s: Scan, queue: Sequence[int], level: int, review_csv: Path, keep: int, shown: Collection[int] = ()
+) -> tuple[list[dict[str, str]], dict[int, list[float]]]:
     """Copy the rows ``queue`` names (indices into the scan's per-row arrays, riskiest first) to ``review_csv``, in that order.
 
-    Returns the first ``keep`` of them as dicts of review.csv's columns, for the HTML.
+    Returns the first ``keep`` of them as dicts of review.csv's columns (plus ``record``, the row's record number),
+    for the HTML, and the class probabilities of those rows and of the records ``shown`` (the gallery's), by record
+    number: the page shows each cell's runner-up class, which only the CSV's probability columns hold.
     """
     rank = {s.record[i]: r for r, i in enumerate(queue)}
+    wanted = set(shown) | {s.record[i] for i in queue[:keep]}
     picked: list[list[str] | None] = [None] * len(queue)
+    probs: dict[int, list[float]] = {}
     with _open(csv_path) as f:
         reader = csv.reader(f)
         header = next(reader)
         col = {c: i for i, c in enumerate(header)}
         fields = ["path", "label", "confidence", "true_label"]
         extra = REVIEW_DOMAIN_COLUMNS if s.domain else []
+        prob_cols = [col[PROB_PREFIX + lb] for lb in s.labels]
         for n, rec in enumerate(reader, start=1):
+            if n in wanted:
+                probs[n] = [_float(rec[i]) or 0.0 for i in prob_cols]
             r = rank.get(n)
             if r is not None:
                 path, label, conf, truth = (rec[col[c]] for c in fields)
@@ -276,4 +328,5 @@ def write_review(csv_path: Path, s: Scan, queue: Sequence[int], level: int, revi
         w = CsvWriter(rf)
         w.writerow(names)
         w.writerows(row for row in picked if row is not None)  # neutralised in the CSV; the HTML gets the cells as they are
-    return [dict(zip(names, row, strict=True)) for row in picked[:keep] if row is not None]
+    rows = [dict(zip(names, row, strict=True)) | {"record": s.record[i]} for row, i in zip(picked[:keep], queue, strict=False) if row is not None]
+    return rows, probs
