@@ -140,13 +140,20 @@ def test_export_builds_the_model_in_memory_and_writes_it_once(tiny_run, tmp_path
     import hashlib
 
     import wbc_batch.modelfile.proto as proto_mod
+    import wbc_batch.modelfile.quantize as quantize_mod
     from wbc_batch.inference.model import load_model
 
     writes, save = [], proto_mod.save_checked
-    monkeypatch.setattr(proto_mod, "save_checked", lambda proto, path, **kw: (writes.append(Path(path).name), save(proto, path, **kw))[1])
+
+    def counted(proto, path, **kw):
+        writes.append(Path(path).name)
+        save(proto, path, **kw)
+
+    for module in (proto_mod, quantize_mod):
+        monkeypatch.setattr(module, "save_checked", counted)
     out = tmp_path / "m.onnx"
     res = _export(tiny_run, out, eval_dir=SAMPLE, int8_dir=SAMPLE)
-    assert writes == ["m.onnx"] and sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.onnx", "m.onnx"]
+    assert writes == ["m.onnx", "m.int8.onnx"] and sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.onnx", "m.onnx"]
     md = load_model(out).metadata
     assert md.extra["metrics"] == {k: res["eval"][k] for k in md.extra["metrics"]} and md.extra["metrics"]["n"] == 40
     assert md.extra["calibration"] == res["trust"]["calibration"] and md.extra["domain"] == res["trust"]["domain"]
