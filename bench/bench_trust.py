@@ -23,9 +23,9 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from wbc_batch import RunnerOptions, classify  # noqa: E402
 from wbc_batch.evaluation.reliability import coverage_point, expected_calibration_error  # noqa: E402
 from wbc_batch.evaluation.report_images import nucleus_centre  # noqa: E402
-from wbc_batch.inference.local_engine import RunnerOptions, classify  # noqa: E402
 from wbc_batch.inference.model import load_model  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"

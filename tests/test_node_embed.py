@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import SAMPLE
 
-from wbc_batch.inference.local_engine import RunnerOptions, classify
+from wbc_batch import RunnerOptions, classify
 from wbc_batch.inference.model import default_model_path, read_metadata
 
 NODE_DIR = Path(__file__).parent / "node"

@@ -251,7 +251,7 @@ def test_training_is_deterministic_on_cpu(tiny_run, tmp_path):
 def test_export_parity_and_reload_by_classify(tiny_run, tmp_path):
     import onnx
 
-    from wbc_batch.inference.local_engine import RunnerOptions, classify
+    from wbc_batch import RunnerOptions, classify
     from wbc_batch.inference.model import load_model
     from wbc_batch.training.export import PARITY_ATOL, export_run, load_run
 
@@ -283,7 +283,7 @@ def test_export_parity_and_reload_by_classify(tiny_run, tmp_path):
 def test_cell_crop_run_exports_with_parity(tmp_path):
     import onnx
 
-    from wbc_batch.inference.local_engine import RunnerOptions, classify
+    from wbc_batch import RunnerOptions, classify
     from wbc_batch.inference.model import load_model
     from wbc_batch.training.export import PARITY_ATOL, export_run
     from wbc_batch.training.loop import train
@@ -313,7 +313,7 @@ def test_keep_aspect_and_follow_crop_travel_in_the_model_and_classify_uses_them(
     says so, the graph holds the follow crop, and classify decodes a square crop as training did."""
     from PIL import Image
 
-    from wbc_batch.inference.local_engine import RunnerOptions, classify
+    from wbc_batch import RunnerOptions, classify
     from wbc_batch.inference.model import load_model
     from wbc_batch.training.export import export_run, load_run
     from wbc_batch.training.loop import train

@@ -15,8 +15,9 @@ from .metrics import compute_metrics_from_names
 
 def predict_dir(model_path: str | os.PathLike[str], data_dir: str | os.PathLike[str], workers: int = 0) -> tuple[tuple[str, ...], list[Prediction]]:
     """The model's labels and one :class:`Prediction` per file of ``data_dir`` (via classify)."""
-    from ..inference.local_engine import RunnerOptions, classify
+    from ..inference.engine import RunnerOptions
     from ..inference.model import load_model
+    from ..inference.orchestrator import classify
 
     opts = RunnerOptions(workers=workers)
     model = load_model(model_path, threads=opts.session_threads())
