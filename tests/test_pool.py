@@ -22,7 +22,7 @@ from wbc_batch.inference.discover import iter_images
 from wbc_batch.inference.engine import RunnerOptions
 from wbc_batch.inference.local_engine import LocalEngine
 from wbc_batch.inference.model import load_model
-from wbc_batch.inference.pool import WorkerError
+from wbc_batch.inference.pool import WorkerError, WorkerPool
 from wbc_batch.inference.truth import truth_function
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="worker stderr is read through a POSIX pipe")
@@ -136,3 +136,20 @@ def test_a_process_that_cannot_spawn_workers_says_why_and_keeps_its_stderr(color
         list(LocalEngine().batches(iter_images([str(SAMPLE)]), model, RunnerOptions(workers=1), truth_function(LABELS)))
     after = os.fstat(2)  # fd 2 pointed at the workers' pipe only for the launch
     assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+
+
+def test_ending_the_pool_ends_every_worker_it_started(color_model):
+    """A restart and a kill end the workers now, found by the pool's own record of what it started."""
+    pool = WorkerPool(2, load_model(color_model, threads=1), "cpu", 1)
+    try:
+        pool.start()
+        first = list(pool.ctx.started)
+        assert first and all(p.is_alive() for p in first)
+        pool.restart()
+        assert not any(p.is_alive() for p in first) and pool.restarts == 1
+        pool.start()
+        second = list(pool.ctx.started)
+        assert second and not set(second) & set(first)
+    finally:
+        pool.close(kill=True)
+    assert not any(p.is_alive() for p in second) and not multiprocessing.active_children()

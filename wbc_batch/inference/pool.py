@@ -273,7 +273,7 @@ class WorkerPool:
 
     def restart(self) -> None:
         """Replace every worker (the futures of the old ones fail with BrokenProcessPool)."""
-        _end(self.executor, self.models)
+        _end(self.executor, self.models, self.ctx.started)
         self.restarts += 1
         self.executor, self.models = self._new()
 
@@ -283,7 +283,7 @@ class WorkerPool:
         Returns the last of what the workers wrote on stderr (waiting up to ``wait_s`` for it).
         """
         if kill:
-            _end(self.executor, self.models)
+            _end(self.executor, self.models, self.ctx.started)
         else:
             self.executor.shutdown(wait=True)
             _drop(self.models)
@@ -296,10 +296,10 @@ def _drop(models: Queue) -> None:
     models.close()
 
 
-def _end(executor: ProcessPoolExecutor, models: Queue) -> None:
-    """Stop ``executor`` without waiting for its tasks: cancel the queue, terminate the workers, reap them."""
+def _end(executor: ProcessPoolExecutor, models: Queue, procs: Sequence[SpawnProcess]) -> None:
+    """Stop ``executor`` without waiting for its tasks: cancel the queue, terminate its workers (``procs``, every process
+    its context started: the executor keeps its own list private), reap them."""
     _drop(models)
-    procs = list((getattr(executor, "_processes", None) or {}).values())  # Python 3.14 has terminate_workers()
     executor.shutdown(wait=False, cancel_futures=True)
     for p in procs:
         try:
