@@ -95,10 +95,18 @@ def test_run_batch_gives_the_domain_check_of_a_model_that_has_one(trust_model, t
     res = run_batch(m, [str(good[0]), str(tmp_path / "bad.jpg"), *map(str, good[1:])])
     probs, scores = trust_reference(trust_model, good)
     np.testing.assert_array_equal(res.probabilities, probs)
-    np.testing.assert_array_equal(res.ood_scores, scores)
-    assert res.in_domain.tolist() == (scores <= m.metadata.domain.threshold).tolist() and int((~res.in_domain).sum()) == TRUST_OUT_OF_DOMAIN
+    np.testing.assert_array_equal(res.values["ood_score"], scores)
+    inside = res.values["in_domain"]
+    assert inside.tolist() == (scores <= m.metadata.domain.threshold).tolist() and int((~inside).sum()) == TRUST_OUT_OF_DOMAIN
+
+
+def test_run_batch_gives_the_same_value_names_when_no_file_decodes(trust_model, tmp_path):
+    """Every batch of a model has the same values (Ray stacks the batches' answers), empty when nothing decoded."""
+    res = run_batch(load_model(trust_model, threads=1), [str(tmp_path / "missing.jpg")])
+    assert sorted(res.values) == ["in_domain", "ood_score"]
+    assert (res.values["ood_score"].dtype, res.values["in_domain"].dtype, len(res.values["ood_score"])) == (np.float32, np.bool_, 0)
 
 
 def test_run_batch_of_an_older_model_has_no_scores(model):
     res = run_batch(model, [str(sample_images()[0])])
-    assert res.ood_scores is None and res.in_domain is None
+    assert res.values == {}

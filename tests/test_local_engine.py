@@ -20,9 +20,10 @@ from crashing_task import die_on_poison
 from test_orchestrator import JPEG, read_rows
 
 import wbc_batch
+from wbc_batch.inference import isolation
 from wbc_batch.inference import local_engine as runner
 from wbc_batch.inference.discover import InputFile
-from wbc_batch.inference.engine import RunnerOptions, run_batch
+from wbc_batch.inference.engine import RunnerOptions, chunks, run_batch
 from wbc_batch.inference.local_engine import LocalEngine
 from wbc_batch.inference.model import load_model
 from wbc_batch.inference.orchestrator import ClassifyConfig, classify, run_classify
@@ -167,6 +168,31 @@ def test_classify_accepts_a_single_path_a_loaded_model_and_a_truth_function(mode
     assert len(list(classify(folder, model=model, options=RunnerOptions(workers=1)))) == 10
 
 
+class _HereInFives:
+    """An engine of its own: batches of five in this process; remembers the options it ran with and being closed."""
+
+    def __init__(self) -> None:
+        self.options, self.closed = None, 0
+
+    def info(self):
+        return {"name": "here"}
+
+    def close(self) -> None:
+        self.closed += 1
+
+    def batches(self, files, model, options, truth):
+        self.options = options
+        for batch in chunks(files, 5):
+            yield to_predictions(batch, run_batch(model, [f.path for f in batch]), model.labels, truth)
+
+
+def test_classify_runs_on_the_engine_it_is_given_and_closes_it(model, sample_copy):
+    engine, options = _HereInFives(), RunnerOptions(workers=3, batch_size=7)
+    preds = list(wbc_batch.classify(sample_copy, model=model, options=options, engine=engine))
+    assert engine.options is options and engine.closed == 1
+    assert preds == list(classify(sample_copy, model=model, options=RunnerOptions(in_process=True, batch_size=7)))
+
+
 def test_package_exposes_classify_lazily():
     assert wbc_batch.classify is classify
     assert wbc_batch.load_model is load_model
@@ -225,7 +251,7 @@ def test_one_worker_isolates_a_file_that_crashes_the_decoder_too(tmp_path, color
 
 @pytest.mark.slow
 def test_workers_dying_on_most_files_fail_the_run_loudly(tmp_path, color_model, monkeypatch):
-    monkeypatch.setattr(runner, "MAX_CRASHES_IN_A_ROW", 2)  # 5 in a real run; fewer restarts here
+    monkeypatch.setattr(isolation, "MAX_CRASHES_IN_A_ROW", 2)  # 5 in a real run; fewer restarts here
     d = tmp_path / "in"
     d.mkdir()
     for i in range(4):

@@ -276,7 +276,8 @@ def test_ray_matches_local_with_a_domain_check(tmp_path, trust_model, mixed_inpu
 
 
 def test_ray_actor_answer_carries_the_domain_check_to_the_rows(tmp_path, trust_model, color_model):
-    """What a Predictor actor returns, re-sequenced into rows, equals the local rows (no Ray needed to check)."""
+    """What a Predictor actor returns, re-sequenced into rows (here from reversed order, cut in batches of 4), equals the
+    local rows (no Ray needed to check)."""
     import numpy as np
 
     from wbc_batch.inference.discover import InputFile
@@ -290,9 +291,8 @@ def test_ray_actor_answer_carries_the_domain_check_to_the_rows(tmp_path, trust_m
     for path, domain in ((trust_model, True), (color_model, False)):
         model = load_model(path)
         actor = Predictor([model.data], model.sha256, "cpu", 1)
-        out = actor({"idx": np.arange(6), "path": np.array([os.fsencode(f.path) for f in files], dtype=object)})
-        pending = {int(i): (bool(ok), p, bytes(e).decode(), float(s), bool(ins))
-                   for i, ok, p, e, s, ins in zip(out["idx"], out["ok"], out["probs"], out["error"], out["ood"], out["inside"], strict=True)}
-        (rows,) = list(_rows(files, 0, 6, pending, model.labels, lambda rel: "", 32, domain))
-        assert rows == to_predictions(files, run_batch(model, [f.path for f in files]), model.labels, lambda rel: "")
-        assert (rows[0].ood_score is not None) == domain and rows[5].status == "error"
+        out = actor({"idx": np.arange(6)[::-1], "path": np.array([os.fsencode(f.path) for f in files[::-1]], dtype=object)})
+        pending = {int(i): {k: v[j] for k, v in out.items() if k != "idx"} for j, i in enumerate(out["idx"])}
+        first, second = _rows(files, 0, 6, pending, model.labels, lambda rel: "", 4)
+        assert first + second == to_predictions(files, run_batch(model, [f.path for f in files]), model.labels, lambda rel: "")
+        assert (first[0].ood_score is not None) == domain and second[1].status == "error" and not pending

@@ -5,10 +5,11 @@ from :mod:`wbc_batch.evaluation` or :mod:`wbc_batch.training` (a test enforces i
 
 Modules: ``discover`` (which files), ``preprocess`` (the one decode path), ``metadata`` (the
 contract a model file carries), ``model`` (an onnxruntime session checked against it),
-``rows`` (the row type engines produce), ``predictions`` (the CSV writer, the sidecar),
+``rows`` (the row type engines produce), ``predictions`` (the CSV's columns, its writer and readers, the sidecar),
 ``truth`` (labels from folders or a CSV), ``engine`` (the interface every engine implements and
 the batch they all execute), ``local_engine`` and ``ray_engine`` (execute batches: processes
-here, or Ray actors), ``pool`` (the local worker processes: started from the model's bytes,
+here, or Ray actors), ``isolation`` (what a worker that dies means for the rows, for both engines),
+``pool`` (the local worker processes: started from the model's bytes,
 replaced when one dies, never outliving the run), ``orchestrator`` (decides what a run does: files,
 truth, output safety, resume, progress, summary; also the ``classify()`` API), ``output_guard``
 (one run per output: its lock; never an input as the output) and ``signals`` (the first

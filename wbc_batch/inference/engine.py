@@ -92,12 +92,21 @@ def run_batch(model: Model, paths: Sequence[str]) -> BatchResult:
         except Exception as e:  # noqa: BLE001 - a decoder bug must cost one row, not the run
             errors.append(f"decoder failed: {type(e).__name__}: {e}")
     if not n:
-        return BatchResult(np.zeros((0, len(model.labels)), np.float32), errors)
-    probs, scores = model.infer(buf[:n])
+        probs = np.zeros((0, len(model.labels)), np.float32)
+        scores = None if model.metadata.domain is None else np.zeros(0, np.float32)
+    else:
+        probs, scores = model.infer(buf[:n])
+    return BatchResult(probs, errors, worker_values(model, probs, scores))
+
+
+def worker_values(model: Model, probs: np.ndarray, scores: np.ndarray | None) -> dict[str, np.ndarray]:
+    """What a worker computes per decoded file beside its probabilities (``probs``, ``(n, C)``) and the network's
+    out-of-domain ``scores``, by name, each ``(n,)``. Each is a CSV column (:data:`wbc_batch.inference.predictions.COLUMNS`)
+    and reaches the rows of every engine unchanged (:attr:`BatchResult.values`); an empty batch gives empty arrays."""
     domain = model.metadata.domain
     if scores is None or domain is None:
-        return BatchResult(probs, errors)
-    return BatchResult(probs, errors, scores, scores <= domain.threshold)
+        return {}
+    return {"ood_score": scores, "in_domain": scores <= domain.threshold}
 
 
 def chunks(files: Iterable[InputFile], size: int) -> Iterator[list[InputFile]]:

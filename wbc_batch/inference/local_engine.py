@@ -15,7 +15,8 @@ them is blamed outright. The pool is replaced, the oldest failed batch is rerun 
 only task in the pool): if it passes, it was innocent; if it kills its worker again, it is rerun
 file by file, and a file that kills a worker twice on its own is the culprit, the one error row.
 The other batches are sent again. Workers that keep dying file after file are not a bad file
-but a broken setup: the run stops with :class:`~wbc_batch.inference.pool.WorkerError`.
+but a broken setup: the run stops with :class:`~wbc_batch.inference.pool.WorkerError`. That policy is
+:mod:`wbc_batch.inference.isolation`'s, shared with the Ray engine; this module says how to rerun files alone.
 
 This module executes; :mod:`wbc_batch.inference.orchestrator` decides what a run does.
 """
@@ -23,24 +24,19 @@ This module executes; :mod:`wbc_batch.inference.orchestrator` decides what a run
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-import numpy as np
-
 from .discover import InputFile
 from .engine import RunnerOptions, available_cores, chunks, run_batch
+from .isolation import Crashed, CrashIsolation
 from .model import Model
 from .pool import WorkerError, WorkerPool, exit_if_bootstrapping, work
 from .rows import BatchResult, Prediction, TruthFn, to_predictions
 
 __all__ = ["LocalEngine", "RunnerOptions", "available_cores"]  # the last two: their long-standing import path
-
-CRASHED = "the decoding worker crashed on this file"
-#: Files in a row that kill their worker on their own before the run is declared broken (not the files).
-MAX_CRASHES_IN_A_ROW = 5
 
 
 class LocalEngine:
@@ -90,12 +86,12 @@ class LocalEngine:
 
 
 class _Scheduler:
-    """The batches in flight, in input order, and what a broken pool means for each of them."""
+    """The batches in flight, in input order, and what a broken pool means for each of them (see :mod:`.isolation`)."""
 
     def __init__(self, pool: WorkerPool, labels: Sequence[str], truth: TruthFn) -> None:
         self.pool, self.labels, self.truth = pool, labels, truth
         self.pending: deque[tuple[list[InputFile], Future]] = deque()
-        self.crashes_in_a_row = 0
+        self.crashes = CrashIsolation(labels, truth, _broken_setup)
 
     def submit(self, batch: list[InputFile]) -> None:
         self.pending.append((batch, self.pool.submit([f.path for f in batch])))
@@ -104,53 +100,36 @@ class _Scheduler:
         """The rows of the oldest batch; after a crash, found by rerunning it in isolation."""
         batch, fut = self.pending.popleft()
         try:
-            return self._rows(batch, fut.result())
+            result = fut.result()
         except BrokenProcessPool:
-            pass
-        self.pool.restart()  # every batch still pending died with the old workers
-        preds = self._isolate(batch)
-        for i, (b, _) in enumerate(self.pending):
-            self.pending[i] = (b, self.pool.submit([f.path for f in b]))
-        return preds
-
-    def _rows(self, batch: Sequence[InputFile], result: BatchResult) -> list[Prediction]:
-        self.crashes_in_a_row = 0
+            self.pool.restart()  # every batch still pending died with the old workers
+            preds = [p for rows in self.crashes.isolate(batch, self._alone) for p in rows]
+            for i, (b, _) in enumerate(self.pending):
+                self.pending[i] = (b, self.pool.submit([f.path for f in b]))
+            return preds
+        self.crashes.passed()
         return to_predictions(batch, result, self.labels, self.truth)
 
-    def _alone(self, paths: list[str]) -> BatchResult | None:
-        """``paths`` as the only task in the pool; None (and a fresh pool) when a worker died on it."""
-        try:
-            return self.pool.submit(paths).result()
-        except BrokenProcessPool:
-            self.pool.restart()
-            return None
+    def _alone(self, files: Sequence[InputFile]) -> Iterator[list[Prediction]]:
+        """``files`` as the only task in the pool (a fresh pool after each death); :class:`Crashed` when a worker died on it.
 
-    def _isolate(self, batch: list[InputFile]) -> list[Prediction]:
-        res = self._alone([f.path for f in batch])
-        if res is not None:
-            return self._rows(batch, res)  # innocent: another batch (or something outside) killed the worker
-        preds: list[Prediction] = []
-        for f in batch:
-            # Twice: a worker killed from outside (the OOM killer) while it held a healthy file is not that file's fault.
-            res = self._alone([f.path]) or self._alone([f.path])
-            if res is not None:
-                preds.extend(self._rows([f], res))
+        A lone file gets a second chance: a worker killed from outside (the OOM killer) while it held a
+        healthy file is not that file's fault.
+        """
+        for _ in range(2 if len(files) == 1 else 1):
+            try:
+                result = self.pool.submit([f.path for f in files]).result()
+            except BrokenProcessPool:
+                self.pool.restart()
                 continue
-            self.crashes_in_a_row += 1
-            if self.crashes_in_a_row >= MAX_CRASHES_IN_A_ROW:
-                raise WorkerError(
-                    f"worker processes died on {self.crashes_in_a_row} files in a row, each on its own (last: {f.rel}): "
-                    "that is a broken setup (out of memory?), not bad files; rows written so far are kept, "
-                    "fix the cause and rerun with --resume --retry-errors"
-                )
-            preds.extend(to_predictions([f], BatchResult(np.zeros((0, len(self.labels)), np.float32), [CRASHED]), self.labels, self.truth))
-        return preds
+            yield to_predictions(files, result, self.labels, self.truth)
+            return
+        raise Crashed()
 
 
-def __getattr__(name: str) -> Any:
-    """``classify`` moved to the orchestrator (it picks the truth function); its old import path still works."""
-    if name == "classify":
-        from .orchestrator import classify
-
-        return classify
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _broken_setup(f: InputFile, crashes: int, cause: BaseException | None) -> WorkerError:
+    return WorkerError(
+        f"worker processes died on {crashes} files in a row, each on its own (last: {f.rel}): "
+        "that is a broken setup (out of memory?), not bad files; rows written so far are kept, "
+        "fix the cause and rerun with --resume --retry-errors"
+    )

@@ -465,13 +465,16 @@ def classify(
     *,
     options: RunnerOptions = RunnerOptions(),
     truth: TruthFn | None = None,
+    engine: Engine | None = None,
 ) -> Iterator[Prediction]:
     """Classify every image under ``inputs``; yields one :class:`Prediction` per file, in order.
 
     ``inputs`` is a list of folders and files, or a single one. ``model`` is a loaded
     :class:`Model`, a path, or None for the shipped default model. Paths in the results are
     relative to the inputs' common root; true labels come from ``truth`` (default: the
-    class-named parent folder). Nothing is written: :func:`run_classify` is the run to a CSV.
+    class-named parent folder). ``engine`` executes the batches (default: a :class:`LocalEngine`,
+    processes on this machine; a :class:`~wbc_batch.inference.ray_engine.RayEngine` spreads them over
+    Ray) and is closed at the end. Nothing is written: :func:`run_classify` is the run to a CSV.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]  # a bare "folder" would otherwise be walked letter by letter
@@ -479,7 +482,7 @@ def classify(
     if not isinstance(model, Model):
         model = load_model(model, provider=options.provider, threads=options.session_threads())
     files = iter_images(inputs, common_root(inputs))
-    engine = LocalEngine()
+    engine = engine or LocalEngine()
     batches = engine.batches(files, model, options, truth or truth_function(model.labels))
     try:
         for batch in batches:

@@ -42,7 +42,7 @@ import numpy as np
 from ..errors import INSTALL, ExitCode, WbcBatchError
 from .discover import InputFile
 from .engine import RunnerOptions, available_cores, run_batch
-from .local_engine import CRASHED, MAX_CRASHES_IN_A_ROW
+from .isolation import Crashed, CrashIsolation, halves
 from .metadata import ModelError
 from .model import Model, load_model
 from .rows import BatchResult, Prediction, TruthFn, to_predictions
@@ -151,9 +151,8 @@ class Predictor:
     """A Ray Data actor: one onnxruntime session, built from model bytes that came through Ray.
 
     ``__call__`` takes a batch ``{"idx", "path"}`` (paths as ``os.fsencode`` bytes) and returns per
-    file: ``idx``, ``ok``, ``probs`` (zeros where the file failed), ``error`` (UTF-8 bytes, empty
-    where it decoded), and ``ood`` and ``inside`` (the domain check's score and verdict; NaN and
-    False for a model without one).
+    file its ``idx`` and what :meth:`BatchResult.padded` gives (the error as UTF-8 bytes): one row per
+    file, whatever the worker computed for it, so Ray can cut and re-sequence the answers.
     """
 
     def __init__(self, model_ref: list, sha256: str, provider: str, threads: int) -> None:
@@ -174,26 +173,9 @@ class Predictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = [os.fsdecode(bytes(p)) for p in batch["path"]]
-        res = run_batch(self.model, paths)
-        n, c = len(paths), len(self.model.labels)
-        probs = np.zeros((n, c), dtype=np.float32)
-        ok = np.zeros(n, dtype=bool)
-        ood = np.full(n, np.nan, dtype=np.float32)
-        inside = np.zeros(n, dtype=bool)
-        errors: list[str] = []
-        k = 0
-        for i, err in enumerate(res.errors):
-            if err is None:
-                probs[i] = res.probabilities[k]
-                if res.ood_scores is not None and res.in_domain is not None:
-                    ood[i], inside[i] = res.ood_scores[k], res.in_domain[k]
-                ok[i] = True
-                k += 1
-                errors.append("")
-            else:
-                errors.append(err)
-        err_bytes = np.array([e.encode("utf-8", "surrogateescape") for e in errors], dtype=object)
-        return {"idx": np.asarray(batch["idx"], dtype=np.int64), "ok": ok, "probs": probs, "error": err_bytes, "ood": ood, "inside": inside}
+        out = run_batch(self.model, paths).padded()
+        out["error"] = np.array([e.encode("utf-8", "surrogateescape") for e in out["error"]], dtype=object)
+        return {"idx": np.asarray(batch["idx"], dtype=np.int64), **out}
 
 
 @dataclass
@@ -284,45 +266,15 @@ class RayEngine:
                     ds = ds.map_batches(self.predictor_cls, **map_kwargs, **retry_kwargs)
                 except TypeError:  # a Ray that no longer takes them
                     ds = ds.map_batches(self.predictor_cls, **map_kwargs)
-            yield from _collect(ds, window, labels=model.labels, truth=truth, batch_size=batch_size, domain=model.metadata.domain is not None)
+            yield from _collect(ds, window, labels=model.labels, truth=truth, batch_size=batch_size)
 
+        # A batch that fails after its retries is narrowed down by halves to the file that kills its actor every time.
+        crashes = CrashIsolation(model.labels, truth, _give_up, narrow=halves)
         while window := list(islice(files, max(1, self.window))):
-            yield from _isolating(run, window, model.labels, truth)
+            yield from crashes.isolate(window, run)
 
 
-class _BatchFailed(Exception):
-    """A batch failed after its retries; ``done`` files of the dataset (the first ones) have their rows."""
-
-    def __init__(self, done: int, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.done, self.cause = done, cause
-
-
-def _isolating(run, files: Sequence[InputFile], labels: Sequence[str], truth: TruthFn) -> Iterator[list[Prediction]]:
-    """Rows of ``files`` by ``run``; a batch that fails after its retries is narrowed down, by halves of the
-    files still without a row, to the file that kills its actor every time: that file is one error row,
-    as with the local engine. Actors dying on file after file, each alone, are a broken cluster: RayEngineError.
-    """
-    todo, crashes = [files], 0
-    while todo:
-        part = todo.pop()
-        try:
-            for rows in run(part):
-                crashes = 0
-                yield rows
-            continue
-        except _BatchFailed as e:
-            rest, cause = part[e.done :], e.cause
-        if len(rest) > 1:
-            todo += [rest[len(rest) // 2 :], rest[: len(rest) // 2]]
-            continue
-        crashes += 1
-        if crashes >= MAX_CRASHES_IN_A_ROW:
-            raise _give_up(rest[0], crashes, cause) from cause
-        yield to_predictions(rest, BatchResult(np.zeros((0, len(labels)), np.float32), [CRASHED]), labels, truth)
-
-
-def _give_up(f: InputFile, crashes: int, e: BaseException) -> RayEngineError:
+def _give_up(f: InputFile, crashes: int, e: BaseException | None) -> RayEngineError:
     msg = str(e).strip().splitlines()
     return RayEngineError(
         f"Ray could not finish a batch after its retries, on {crashes} files in a row, each on its own (last: {f.rel}): "
@@ -331,9 +283,9 @@ def _give_up(f: InputFile, crashes: int, e: BaseException) -> RayEngineError:
     )
 
 
-def _collect(ds, window: Sequence[InputFile], *, labels: Sequence[str], truth: TruthFn, batch_size: int, domain: bool = False) -> Iterator[list[Prediction]]:
+def _collect(ds, window: Sequence[InputFile], *, labels: Sequence[str], truth: TruthFn, batch_size: int) -> Iterator[list[Prediction]]:
     """Rows of one window, in input order (results are re-sequenced by index, whatever Ray returns)."""
-    pending: dict[int, tuple[bool, np.ndarray, str, float, bool]] = {}
+    pending: dict[int, dict[str, Any]] = {}  # per file, what Predictor returned for it
     nxt = 0
     batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
     while True:
@@ -341,31 +293,25 @@ def _collect(ds, window: Sequence[InputFile], *, labels: Sequence[str], truth: T
             out = next(batches, None)
         except ray.exceptions.RayError as e:
             # Retries are spent (an actor died on the same batch every time, or the cluster is gone).
-            raise _BatchFailed(nxt, e) from e
+            raise Crashed(nxt, e) from e
         if out is None:
             break
-        for i, ok, p, e, s, ins in zip(out["idx"], out["ok"], out["probs"], out["error"], out["ood"], out["inside"], strict=True):
-            pending[int(i)] = (bool(ok), p, bytes(e).decode("utf-8", "surrogateescape"), float(s), bool(ins))
+        for j, i in enumerate(out["idx"]):
+            pending[int(i)] = {k: v[j] for k, v in out.items() if k != "idx"}
         start = nxt
         while nxt in pending:
             nxt += 1
         if nxt > start:
-            yield from _rows(window, start, nxt, pending, labels, truth, batch_size, domain)
+            yield from _rows(window, start, nxt, pending, labels, truth, batch_size)
     if nxt != len(window):  # cannot happen unless Ray dropped a block: never lose a row silently
         raise RuntimeError(f"Ray returned {nxt} of {len(window)} results in order; missing index {nxt}")
 
 
-def _rows(window, start: int, stop: int, pending: dict, labels: Sequence[str], truth: TruthFn, batch_size: int, domain: bool) -> Iterator[list[Prediction]]:
+def _rows(window, start: int, stop: int, pending: dict, labels: Sequence[str], truth: TruthFn, batch_size: int) -> Iterator[list[Prediction]]:
+    """The rows of files ``start:stop`` of ``window`` (their answers taken out of ``pending``), ``batch_size`` to a list."""
     for b0 in range(start, stop, batch_size):
         b1 = min(stop, b0 + batch_size)
-        probs, errors, scores, inside = [], [], [], []
-        for i in range(b0, b1):
-            ok, p, e, s, ins = pending.pop(i)
-            errors.append(None if ok else e)
-            if ok:
-                probs.append(p)
-                scores.append(s)
-                inside.append(ins)
-        arr = np.stack(probs).astype(np.float32, copy=False) if probs else np.zeros((0, len(labels)), np.float32)
-        res = BatchResult(arr, errors, np.array(scores, np.float32), np.array(inside, bool)) if domain else BatchResult(arr, errors)
-        yield to_predictions(window[b0:b1], res, labels, truth)
+        files = [pending.pop(i) for i in range(b0, b1)]
+        cols = {k: np.stack([f[k] for f in files]) for k in files[0] if k != "error"}
+        cols["error"] = np.array([bytes(f["error"]).decode("utf-8", "surrogateescape") for f in files], dtype=object)
+        yield to_predictions(window[b0:b1], BatchResult.from_padded(cols), labels, truth)

@@ -8,7 +8,8 @@ source of true labels (``truth``); the orchestrator hands the engine a truth fun
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +43,8 @@ class Prediction:
     #: whether it is within the model's threshold. None for a model without one, and for error rows.
     ood_score: float | None = None
     in_domain: bool | None = None
+    #: Any other value the worker computed for the file (:attr:`BatchResult.values`), by name; empty for error rows.
+    values: dict[str, Any] = field(default_factory=dict)
 
     @property
     def risk(self) -> float | None:
@@ -61,34 +64,73 @@ def risk(confidence: float) -> float:
     return 1.0 - confidence
 
 
+#: Prediction's own attributes for worker values (the rest go to Prediction.values).
+_ATTRIBUTES = frozenset({"ood_score", "in_domain"})
+
+
 @dataclass
 class BatchResult:
     """What one executed batch gives back: probabilities for the files that decoded, an error for the rest."""
 
     probabilities: np.ndarray  # (n_ok, C) float32
     errors: list[str | None]  # per input file: None = decoded (its row is the next in probabilities)
-    ood_scores: np.ndarray | None = None  # (n_ok,) float32 with a domain check, else None
-    in_domain: np.ndarray | None = None  # (n_ok,) bool: ood_scores <= the model's threshold
+    #: What the worker computed per decoded file besides the probabilities, by name, each ``(n_ok,)``: the
+    #: domain check's ``ood_score`` and ``in_domain`` (a model with one). The same names for every batch of
+    #: a model, whether or not a file decoded, so that the batches of a run stack (Ray Data's blocks).
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def failed(cls, errors: Sequence[str], n_labels: int) -> BatchResult:
+        """A batch none of whose files has a row of probabilities: each file's error."""
+        return cls(np.zeros((0, n_labels), np.float32), list(errors))
+
+    def padded(self) -> dict[str, np.ndarray]:
+        """Per input file, in order: ``ok``, ``probs`` (zeros where it failed), ``error`` ('' where it decoded), and
+        each value (zero where it failed). Why: a file-aligned form can be cut and re-sequenced (Ray returns batches in pieces)."""
+        ok = np.array([e is None for e in self.errors], bool)
+        out = {"ok": ok, "probs": _spread(self.probabilities, ok), "error": np.array([e or "" for e in self.errors], object)}
+        return out | {_VALUE + name: _spread(v, ok) for name, v in self.values.items()}
+
+    @classmethod
+    def from_padded(cls, cols: dict[str, np.ndarray]) -> BatchResult:
+        """The inverse of :meth:`padded` (for files that may come from several batches)."""
+        ok = np.asarray(cols["ok"], bool)
+        errors: list[str | None] = [None if k else str(e) for k, e in zip(ok, cols["error"], strict=True)]
+        values = {name[len(_VALUE) :]: np.asarray(v)[ok] for name, v in cols.items() if name.startswith(_VALUE)}
+        return cls(np.asarray(cols["probs"], np.float32)[ok], errors, values)
+
+
+_VALUE = "value_"  # the padded form's prefix of a value's name
+
+
+def _spread(rows: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """``rows`` (one per decoded file) placed at the ``ok`` files of the batch, zeros elsewhere."""
+    out = np.zeros((len(ok), *rows.shape[1:]), rows.dtype)
+    out[ok] = rows
+    return out
 
 
 def to_predictions(batch: Sequence[InputFile], result: BatchResult, labels: Sequence[str], truth: TruthFn) -> list[Prediction]:
-    """One row per file of ``batch``, in order: the most probable label, or the file's error."""
+    """One row per file of ``batch``, in order: the most probable label, or the file's error. Every engine's rows come from here."""
     out: list[Prediction] = []
     k = 0
-    probs, scores, inside = result.probabilities, result.ood_scores, result.in_domain
+    probs = result.probabilities
     best = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
     for f, err in zip(batch, result.errors, strict=True):
         t = truth(f.rel)
-        if err is None:
-            row = probs[k]
-            i = int(best[k])
-            p = Prediction(f.rel, labels[i], float(row[i]), row.tolist(), t, STATUS_OK, "")
-            if scores is not None and inside is not None:
-                p.ood_score, p.in_domain = float(scores[k]), bool(inside[k])
-            out.append(p)
-            k += 1
-        else:
+        if err is not None:
             out.append(Prediction(f.rel, "", None, None, t, STATUS_ERROR, err))
+            continue
+        row = probs[k]
+        i = int(best[k])
+        p = Prediction(f.rel, labels[i], float(row[i]), row.tolist(), t, STATUS_OK, "")
+        for name, v in result.values.items():
+            if name in _ATTRIBUTES:
+                setattr(p, name, v[k].item())
+            else:
+                p.values[name] = v[k].item()
+        out.append(p)
+        k += 1
     return out
 
 
