@@ -8,10 +8,14 @@ import json
 import pytest
 from conftest import LABELS
 
+from wbc_batch.inference import predictions
 from wbc_batch.inference.predictions import (
+    COLUMNS,
+    Column,
     OutputError,
     Prediction,
     PredictionWriter,
+    Schema,
     columns,
     drop_rows,
     format_header,
@@ -51,9 +55,44 @@ def test_columns_and_header():
 
 
 def test_row_formatting():
-    assert format_rows([OK, ERR], 4) == (
+    assert format_rows([OK, ERR], LABELS) == (
         "a/x.jpg,MONOCYTE,0.700000,0.100000,0.050000,0.700000,0.150000,MONOCYTE,ok,\nb.jpg,,,,,,,,error,truncated image: cut short\n"
     )
+
+
+def test_the_schema_reads_records_by_name():
+    schema = Schema(tuple(LABELS), domain=True)
+    assert schema.names == columns(LABELS, domain=True) and schema.header() == format_header(LABELS, domain=True)
+    rec = next(csv.reader([schema.format([TRUSTED])]))
+    assert (schema.path(rec), schema.status(rec), schema.value(rec, "in_domain"), schema.value(rec, "prob_MONOCYTE")) == (
+        "a/x.jpg", "ok", "false", "0.700000")
+    assert schema.path(next(csv.reader([schema.format([Prediction("=x.jpg", status="error", error="e")])]))) == "=x.jpg"
+    assert [c.name for c in COLUMNS if c.domain] == ["risk", "ood_score", "in_domain"]
+
+
+@pytest.mark.parametrize("domain", [False, True])
+def test_every_row_the_writer_writes_passes_the_resume_check(domain):
+    schema = Schema(tuple(LABELS), domain)
+    for p in (TRUSTED, ERR, Prediction("c.jpg", "EOSINOPHIL", 1.0, [1.0, 0.0, 0.0, 0.0], ood_score=0.0, in_domain=True)):
+        assert schema.problem(next(csv.reader([schema.format([p])]))) is None
+
+
+def test_a_column_added_to_the_table_is_written_checked_and_resumed(tmp_path, monkeypatch):
+    entropy = Column("entropy", lambda p: "" if "entropy" not in p.values else f"{p.values['entropy']:.6f}",
+                     ok=predictions._number, blank_on_error=True)
+    monkeypatch.setattr(predictions, "COLUMNS", (*COLUMNS[:-3], entropy, *COLUMNS[-3:]))
+    out = tmp_path / "p.csv"
+    with PredictionWriter(out, LABELS) as w:
+        w.write([Prediction("a.jpg", "MONOCYTE", 0.7, [0.1, 0.05, 0.7, 0.15], values={"entropy": 0.5}), ERR])
+    assert out.read_text().splitlines() == [
+        HEADER.strip().replace(",true_label", ",entropy,true_label"),
+        "a.jpg,MONOCYTE,0.700000,0.100000,0.050000,0.700000,0.150000,0.500000,,ok,",
+        "b.jpg,,,,,,,,,error,truncated image: cut short",
+    ]
+    assert (scan_existing(out, LABELS).ok, scan_existing(out, LABELS).errors) == (1, 1)
+    out.write_text(out.read_text().replace("0.500000", "many"))
+    with pytest.raises(OutputError, match="line 2: entropy 'many' is not a number"):
+        scan_existing(out, LABELS)
 
 
 def test_writer_round_trips_awkward_paths(tmp_path):
@@ -73,7 +112,7 @@ def test_writer_flushes_each_batch(tmp_path):
     out = tmp_path / "p.csv"
     w = PredictionWriter(out, LABELS)
     w.write([OK])
-    assert out.read_text() == HEADER + format_rows([OK], 4)  # readable before close
+    assert out.read_text() == HEADER + format_rows([OK], LABELS)  # readable before close
     w.close()
 
 
@@ -83,11 +122,11 @@ def test_append_does_not_repeat_the_header(tmp_path):
         w.write([OK])
     with PredictionWriter(out, LABELS, append=True) as w:
         w.write([ERR])
-    assert out.read_text() == HEADER + format_rows([OK, ERR], 4)
+    assert out.read_text() == HEADER + format_rows([OK, ERR], LABELS)
     out.write_text("")
     with PredictionWriter(out, LABELS, append=True) as w:  # an empty file gets its header
         w.write([OK])
-    assert out.read_text() == HEADER + format_rows([OK], 4)
+    assert out.read_text() == HEADER + format_rows([OK], LABELS)
 
 
 def test_unwritable_output(tmp_path):
@@ -98,7 +137,7 @@ def test_unwritable_output(tmp_path):
 
 def _intact(tmp_path, preds=(OK, ERR)):
     out = tmp_path / "p.csv"
-    out.write_text(HEADER + format_rows(list(preds), 4), encoding="utf-8")
+    out.write_text(HEADER + format_rows(list(preds), LABELS), encoding="utf-8")
     return out
 
 
@@ -140,7 +179,7 @@ def test_torn_tail_is_found_and_cut(tmp_path, tail):
     assert run.done == {"a/x.jpg", "b.jpg"}
     assert (run.good_bytes, run.torn_bytes) == (good, len(tail.encode()))
     truncate_torn_tail(out, run.good_bytes)
-    assert out.read_text() == HEADER + format_rows([OK, ERR], 4)
+    assert out.read_text() == HEADER + format_rows([OK, ERR], LABELS)
 
 
 def test_multiline_path_rows_count_as_whole(tmp_path):
@@ -184,7 +223,7 @@ TRUSTED = Prediction("a/x.jpg", "MONOCYTE", 0.7, [0.1, 0.05, 0.7, 0.15], "MONOCY
 def test_columns_of_a_model_with_a_domain_check():
     assert columns(LABELS) == HEADER.strip().split(",")  # an older model: exactly the columns it always had
     assert columns(LABELS, domain=True)[:7] == ["path", "label", "confidence", "risk", "ood_score", "in_domain", "prob_EOSINOPHIL"]
-    assert format_rows([TRUSTED, ERR], 4, domain=True) == (
+    assert format_rows([TRUSTED, ERR], LABELS, domain=True) == (
         "a/x.jpg,MONOCYTE,0.700000,0.300000,12.500000,false,0.100000,0.050000,0.700000,0.150000,MONOCYTE,ok,\n"
         "b.jpg,,,,,,,,,,,error,truncated image: cut short\n"
     )
@@ -254,6 +293,7 @@ def test_scan_refuses_duplicate_paths_naming_their_lines(tmp_path):
         (ROW_A.replace("a.jpg", ""), "no path"),
         (ROW_A.replace("a.jpg", "\0\0a.jpg"), "a path with NUL bytes"),
         (ROW_A[:30], "4 fields instead of 10"),
+        ("", "0 fields instead of 10"),  # a blank line
     ],
 )
 def test_scan_refuses_a_row_no_run_writes_naming_its_line(tmp_path, row, why):

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..csv_safety import plain_path
 from ..errors import ExitCode, UsageError, WbcBatchError
 from .discover import InputFile, common_root, iter_images
 from .engine import Engine, RunnerOptions
@@ -31,6 +30,7 @@ from .predictions import (
     ExistingRun,
     OutputError,
     PredictionWriter,
+    Schema,
     drop_rows,
     read_sidecar,
     scan_existing,
@@ -205,7 +205,8 @@ def _prepare_output(cfg: ClassifyConfig, model: Model, root: Path) -> ExistingRu
     if existing.torn_bytes:
         truncate_torn_tail(out, existing.good_bytes)
     if cfg.retry_errors and existing.errors:
-        _drop_rows_while_running(out, side, lambda rec: rec[-2] != STATUS_OK)  # --retry-errors: their files are classified again
+        schema = _schema(model)
+        _drop_rows_while_running(out, side, lambda rec: schema.status(rec) != STATUS_OK)  # --retry-errors: their files are classified again
         existing = _scan(out, model)
     return existing
 
@@ -219,6 +220,11 @@ def _drop_rows_while_running(out: Path, info: dict, drop: Callable[[list[str]], 
     """
     running = {k: v for k, v in info.items() if k not in ("summary", "finished", "error")} | {"state": "running"}
     drop_rows(out, drop, before_replace=lambda: write_sidecar(out, running))
+
+
+def _schema(model: Model) -> Schema:
+    """The columns of the CSV ``model`` writes."""
+    return Schema(tuple(model.labels), model.metadata.domain is not None)
 
 
 def _scan(out: Path, model: Model) -> ExistingRun:
@@ -384,7 +390,8 @@ def _already_done(rel: str, done: set[str], seen: set[str]) -> bool:
 def _drop_stale_rows(run: _Run, model: Model, stale: set[str]) -> None:
     """Rows for files no longer under the inputs (deleted since that run) leave the CSV; the summary says how many."""
     out = Path(run.cfg.output)
-    _drop_rows_while_running(out, run.info, lambda rec: plain_path(rec[0]) in stale)
+    schema = _schema(model)
+    _drop_rows_while_running(out, run.info, lambda rec: schema.path(rec) in stale)
     _recount(run.summary, run.truth_pairs, _scan(out, model))
     run.summary.stale = len(stale)
     run.summary.resumed -= len(stale)

@@ -10,7 +10,7 @@ with its original bytes (``surrogateescape``), so the path in the CSV still open
 and --resume recognises it. A path that would start a spreadsheet formula is written from ``./``
 (:mod:`wbc_batch.csv_safety`), still the same file; the readers here take it back as the path.
 
---resume keeps only rows a run with this model could have written (:class:`_RowCheck`, one row
+--resume keeps only rows a run with this model could have written (:meth:`Schema.problem`, one row
 per file); any other row refuses the resume, naming its line, and the file is left as it was.
 """
 
@@ -30,6 +30,7 @@ from ..csv_safety import CsvWriter, plain_path, safe_cell, safe_path
 from ..errors import ExitCode, WbcBatchError
 from .rows import STATUS_ERROR, STATUS_OK, Prediction  # the row type lives in rows (engines import it without this writer)
 
+#: The prefix of the probability columns, one per label in the model's order (``prob_<label>``).
 PROB_PREFIX = "prob_"
 #: How undecodable file names (surrogate-escaped by os.scandir) are written and read back.
 ENCODING_ERRORS = "surrogateescape"
@@ -44,15 +45,188 @@ class OutputError(WbcBatchError):
     exit_code = ExitCode.OUTPUT
 
 
-#: Columns written only for a model with a domain check (its metadata's ``domain`` section), after ``confidence``:
-#: the review rank (rows.risk), the out-of-domain score and the verdict (``true``/``false``). Older models
-#: write exactly the columns they always did.
-TRUST_COLUMNS = ["risk", "ood_score", "in_domain"]
+#: Checks a cell of a record: (column name, cell, the model's labels) -> why no run writes it, or None.
+CellCheck = Callable[[str, str, frozenset[str]], str | None]
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of predictions.csv: how a row's cell is written, and what a row a run wrote may hold there.
+
+    ``every`` holds on every row, ``ok`` on ok rows only; ``blank_on_error``: an error row leaves the cell
+    empty. Why the checks live with the formatter: --resume trusts the rows it keeps (see :meth:`Schema.problem`),
+    so a column is written and read back by one entry of :data:`COLUMNS`.
+    """
+
+    name: str
+    format: Callable[[Prediction], str]
+    every: CellCheck | None = None
+    ok: CellCheck | None = None
+    blank_on_error: bool = False
+    #: Written only for a model with a domain check (its metadata's ``domain`` section); older models write
+    #: exactly the columns they always did.
+    domain: bool = False
+
+
+def _fixed(v: float | None) -> str:
+    return "" if v is None else f"{v:.6f}"
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split())
+
+
+def _checked(p: Prediction) -> bool:
+    """The row carries the domain check's answer (an ok row of a model with one): its three columns are written."""
+    return p.ood_score is not None and p.risk is not None
+
+
+def _path(name: str, text: str, labels: frozenset[str]) -> str | None:
+    if not text:
+        return "no path"
+    return "a path with NUL bytes" if NUL_READ in text else None
+
+
+def _label(name: str, text: str, labels: frozenset[str]) -> str | None:
+    return None if text in labels else f"{name} {text!r} is not one of the model's labels"
+
+
+def _label_or_blank(name: str, text: str, labels: frozenset[str]) -> str | None:
+    return _label(name, text, labels) if text else None
+
+
+def _status(name: str, text: str, labels: frozenset[str]) -> str | None:
+    return None if text in (STATUS_OK, STATUS_ERROR) else f"{name} {text!r} is neither ok nor error"
+
+
+def _unit(name: str, text: str, labels: frozenset[str]) -> str | None:
+    """A probability as the writer formats it: a number from 0 to 1 (nan and text are not)."""
+    try:
+        if 0.0 <= float(text) <= 1.0:
+            return None
+    except ValueError:
+        pass
+    return f"{name} {text!r} is not a number from 0 to 1"
+
+
+def _number(name: str, text: str, labels: frozenset[str]) -> str | None:
+    try:
+        if math.isfinite(float(text)):
+            return None
+    except ValueError:
+        pass
+    return f"{name} {text!r} is not a number"
+
+
+def _true_false(name: str, text: str, labels: frozenset[str]) -> str | None:
+    return None if text in ("true", "false") else f"{name} {text!r} is neither true nor false"
+
+
+#: Stands in :data:`COLUMNS` for the probability columns, one per label (see :func:`_probability`).
+PROBABILITIES = Column(PROB_PREFIX + "<label>", lambda p: "")
+
+#: predictions.csv, column by column: writing (:meth:`Schema.format`), --resume (:meth:`Schema.problem`) and the
+#: scans (:meth:`Schema.value`) all read this table, so a column is added here and in the code that computes it.
+COLUMNS: tuple[Column, ...] = (
+    # The path in a form no spreadsheet runs as a formula (still the same file); read back by Schema.path.
+    Column("path", lambda p: safe_path(p.path), every=_path),
+    Column("label", lambda p: p.label, ok=_label, blank_on_error=True),
+    Column("confidence", lambda p: _fixed(p.confidence), ok=_unit, blank_on_error=True),
+    # The review rank (rows.risk), the out-of-domain score and the verdict.
+    Column("risk", lambda p: _fixed(p.risk) if _checked(p) else "", ok=_unit, blank_on_error=True, domain=True),
+    Column("ood_score", lambda p: _fixed(p.ood_score) if _checked(p) else "", ok=_number, blank_on_error=True, domain=True),
+    Column("in_domain", lambda p: ("true" if p.in_domain else "false") if _checked(p) else "", ok=_true_false, blank_on_error=True, domain=True),
+    PROBABILITIES,
+    Column("true_label", lambda p: p.true_label, every=_label_or_blank),
+    Column("status", lambda p: p.status, every=_status),
+    # Text for people, on one line.
+    Column("error", lambda p: safe_cell(_one_line(p.error))),
+)
+
+#: The columns a model with a domain check adds (see Column.domain).
+TRUST_COLUMNS = [c.name for c in COLUMNS if c.domain]
+
+
+def _probability(i: int, label: str) -> Column:
+    return Column(
+        PROB_PREFIX + label, lambda p: "" if p.probabilities is None else f"{p.probabilities[i]:.6f}", ok=_unit, blank_on_error=True
+    )
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The columns of one model's predictions.csv (its labels, its domain check or none), and where each is in a record.
+
+    Records are read by name through it (:meth:`value`, :meth:`path`, :meth:`status`), never by position.
+    """
+
+    labels: tuple[str, ...]
+    domain: bool = False
+    columns: tuple[Column, ...] = field(init=False)
+    _at: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        cols: list[Column] = []
+        for c in COLUMNS:
+            if c is PROBABILITIES:
+                cols += [_probability(i, lb) for i, lb in enumerate(self.labels)]
+            elif self.domain or not c.domain:
+                cols.append(c)
+        object.__setattr__(self, "columns", tuple(cols))
+        object.__setattr__(self, "_at", {c.name: i for i, c in enumerate(cols)})
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    def value(self, rec: Sequence[str], name: str) -> str:
+        return rec[self._at[name]]
+
+    def path(self, rec: Sequence[str]) -> str:
+        """The file's run-relative path (a ``./`` form written against formulas read back)."""
+        return plain_path(self.value(rec, "path"))
+
+    def status(self, rec: Sequence[str]) -> str:
+        return self.value(rec, "status")
+
+    def header(self) -> str:
+        buf = io.StringIO()
+        CsvWriter(buf, neutralise=False).writerow(self.names)
+        return buf.getvalue()
+
+    def format(self, preds: Sequence[Prediction]) -> str:
+        """The CSV text of ``preds``, one line (record) each."""
+        buf = io.StringIO()
+        w = CsvWriter(buf, neutralise=False)  # a machine interface: each column formats its own cell (Column.format)
+        for p in preds:
+            w.writerow([c.format(p) for c in self.columns])
+        return buf.getvalue()
+
+    def problem(self, rec: list[str]) -> str | None:
+        """Why a whole record is not one that a run with this model could have written (None when it is).
+
+        Why so strict: --resume trusts every row it keeps (it skips their files and counts them in the
+        summary), so an edited label, a number that is not one, or a repeated path would be counted as
+        if classified. The first problem in column order is named.
+        """
+        if len(rec) != len(self.columns):
+            return f"{len(rec)} fields instead of {len(self.columns)}"
+        labels = frozenset(self.labels)
+        cells = list(zip(self.columns, rec, strict=True))
+        for c, text in cells:
+            if c.every is not None and (why := c.every(c.name, text, labels)):
+                return why
+        if self.status(rec) == STATUS_ERROR:
+            blank = all(not text for c, text in cells if c.blank_on_error)
+            return None if blank else "an error row with a label, confidence or probabilities"
+        for c, text in cells:
+            if c.ok is not None and (why := c.ok(c.name, text, labels)):
+                return why
+        return None
 
 
 def columns(labels: Sequence[str], domain: bool = False) -> list[str]:
-    trust = TRUST_COLUMNS if domain else []
-    return ["path", "label", "confidence", *trust, *[PROB_PREFIX + lb for lb in labels], "true_label", "status", "error"]
+    return Schema(tuple(labels), domain).names
 
 
 def companion_path(csv_path: str | os.PathLike[str], suffix: str) -> Path:
@@ -73,27 +247,8 @@ def sidecar_path(csv_path: str | os.PathLike[str]) -> Path:
     return companion_path(csv_path, ".run.json")
 
 
-def _trust_fields(p: Prediction) -> list[str]:
-    if p.ood_score is None or p.risk is None:
-        return ["", "", ""]
-    return [f"{p.risk:.6f}", f"{p.ood_score:.6f}", "true" if p.in_domain else "false"]
-
-
-def format_rows(preds: Sequence[Prediction], n_labels: int, domain: bool = False) -> str:
-    buf = io.StringIO()
-    w = CsvWriter(buf, neutralise=False)  # a machine interface: paths by safe_path, labels and numbers as they are
-    empty = [""] * n_labels
-    for p in preds:
-        probs = [f"{v:.6f}" for v in p.probabilities] if p.probabilities is not None else empty
-        conf = f"{p.confidence:.6f}" if p.confidence is not None else ""
-        trust = _trust_fields(p) if domain else []
-        # The path in a form no spreadsheet runs as a formula (still the same file); the error is text for people.
-        w.writerow([safe_path(p.path), p.label, conf, *trust, *probs, p.true_label, p.status, safe_cell(_one_line(p.error))])
-    return buf.getvalue()
-
-
-def _one_line(msg: str) -> str:
-    return " ".join(msg.split())
+def format_rows(preds: Sequence[Prediction], labels: Sequence[str], domain: bool = False) -> str:
+    return Schema(tuple(labels), domain).format(preds)
 
 
 class PredictionWriter:
@@ -103,12 +258,13 @@ class PredictionWriter:
         self.path = Path(path)
         self.labels = list(labels)
         self.domain = domain
+        self.schema = Schema(tuple(labels), domain)
         try:
             if self.path.parent and not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(self.path, "a" if append else "w", encoding="utf-8", errors=ENCODING_ERRORS, newline="")
             if not append or self._f.tell() == 0:
-                self._f.write(format_header(self.labels, self.domain))
+                self._f.write(self.schema.header())
                 self._f.flush()
         except OSError as e:
             raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from e
@@ -117,7 +273,7 @@ class PredictionWriter:
         if not preds:
             return
         try:
-            self._f.write(format_rows(preds, len(self.labels), self.domain))
+            self._f.write(self.schema.format(preds))
             self._f.flush()
         except OSError as e:
             raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from e
@@ -157,9 +313,7 @@ def _close_quietly(f: io.TextIOWrapper) -> None:
 
 
 def format_header(labels: Sequence[str], domain: bool = False) -> str:
-    buf = io.StringIO()
-    CsvWriter(buf, neutralise=False).writerow(columns(labels, domain))
-    return buf.getvalue()
+    return Schema(tuple(labels), domain).header()
 
 
 @dataclass
@@ -213,71 +367,14 @@ def path_lines(path: str | os.PathLike[str], wanted: Callable[[str], bool]) -> d
     found: dict[str, list[int]] = {}
     with open(path, "rb") as f:
         records = _records_with_offsets(f)
-        width = len(next(records, ([],))[0])
+        header = next(records, ([],))[0]
+        if "path" not in header:
+            return found
+        at = header.index("path")
         for rec, _, line in records:
-            if len(rec) == width and wanted(plain_path(rec[0])):
-                found.setdefault(plain_path(rec[0]), []).append(line)
+            if len(rec) == len(header) and wanted(rel := plain_path(rec[at])):
+                found.setdefault(rel, []).append(line)
     return found
-
-
-def _unit(text: str) -> bool:
-    """A probability as the writer formats it: a number from 0 to 1 (nan and text are not)."""
-    try:
-        return 0.0 <= float(text) <= 1.0
-    except ValueError:
-        return False
-
-
-def _number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
-
-
-class _RowCheck:
-    """What makes a whole record one that a run with this model could have written; :meth:`problem` says why not.
-
-    Why so strict: --resume trusts every row it keeps (it skips their files and counts them in the
-    summary), so an edited label, a number that is not one, or a repeated path would be counted as
-    if classified. Such a file is refused with the lines to look at, never counted or cut.
-    """
-
-    def __init__(self, labels: Sequence[str], domain: bool) -> None:
-        cols = columns(labels, domain)
-        self.width, self.labels = len(cols), set(labels)
-        self.st, self.ti = cols.index("status"), cols.index("true_label")
-        self.probs = [(c, i) for i, c in enumerate(cols) if c.startswith(PROB_PREFIX)]
-        self.domain = domain
-        self.risk, self.ood, self.inside = (cols.index(c) for c in TRUST_COLUMNS) if domain else (-1, -1, -1)
-        self.filled = [2, *(i for _, i in self.probs), *((self.risk, self.ood, self.inside) if domain else ())]
-
-    def problem(self, rec: list[str]) -> str | None:
-        if len(rec) != self.width:
-            return f"{len(rec)} fields instead of {self.width}"
-        if not rec[0]:
-            return "no path"
-        if NUL_READ in rec[0]:
-            return "a path with NUL bytes"
-        if rec[self.st] not in (STATUS_OK, STATUS_ERROR):
-            return f"status {rec[self.st]!r} is neither ok nor error"
-        if rec[self.ti] and rec[self.ti] not in self.labels:
-            return f"true_label {rec[self.ti]!r} is not one of the model's labels"
-        if rec[self.st] == STATUS_ERROR:
-            return "an error row with a label, confidence or probabilities" if rec[1] or any(rec[i] for i in self.filled) else None
-        return self._ok_problem(rec)
-
-    def _ok_problem(self, rec: list[str]) -> str | None:
-        if rec[1] not in self.labels:
-            return f"label {rec[1]!r} is not one of the model's labels"
-        for name, i in [("confidence", 2), *self.probs, *([("risk", self.risk)] if self.domain else [])]:
-            if not _unit(rec[i]):
-                return f"{name} {rec[i]!r} is not a number from 0 to 1"
-        if self.domain and not _number(rec[self.ood]):
-            return f"ood_score {rec[self.ood]!r} is not a number"
-        if self.domain and rec[self.inside] not in ("true", "false"):
-            return f"in_domain {rec[self.inside]!r} is neither true nor false"
-        return None
 
 
 #: How many refused rows a message names (the count says how many more there are).
@@ -303,12 +400,13 @@ def scan_existing(path: str | os.PathLike[str], labels: Sequence[str], domain: b
     ``domain``: the model has a domain check, so the CSV must have its columns (and an old CSV without
     them is refused, like any other header that is not this model's). A record too short or too long
     is a torn write when it is the last one; anywhere else it, and every row that no run writes (see
-    :class:`_RowCheck`, and a path already seen), makes an OutputError naming the lines.
+    :meth:`Schema.problem`, and a path already seen), makes an OutputError naming the lines.
     """
-    expected = columns(labels, domain)
+    schema = Schema(tuple(labels), domain)
+    expected = schema.names
     size = os.path.getsize(path)
     run = ExistingRun(set(), 0, 0, 0, size)
-    check, refused = _RowCheck(labels, domain), _Refused()
+    refused = _Refused()
     torn: tuple[int, str, str] | None = None  # a record of the wrong width: a torn write if nothing follows it
     with open(path, "rb") as f:
         records = _records_with_offsets(f)
@@ -325,14 +423,14 @@ def scan_existing(path: str | os.PathLike[str], labels: Sequence[str], domain: b
             if torn is not None:
                 refused.add(*torn)
                 torn = None
-            rel = plain_path(rec[0])
-            why = check.problem(rec)
+            why = schema.problem(rec)
+            rel = schema.path(rec) if len(rec) == len(expected) else ""  # a torn record's path is never looked up
             if why is None and rel in run.done:
                 why = ""
             if why is None:
-                _count_row(run, rec, rel, check)
+                _count_row(run, rec, rel, schema)
                 run.good_bytes = end
-            elif len(rec) != check.width:
+            elif len(rec) != len(expected):
                 torn = (line, why, rel)
             else:
                 refused.add(line, why, rel)
@@ -342,15 +440,15 @@ def scan_existing(path: str | os.PathLike[str], labels: Sequence[str], domain: b
     return run
 
 
-def _count_row(run: ExistingRun, rec: list[str], rel: str, check: _RowCheck) -> None:
+def _count_row(run: ExistingRun, rec: list[str], rel: str, schema: Schema) -> None:
     """Add a whole, valid row to what the resume keeps."""
-    ok = rec[check.st] == STATUS_OK
+    ok = schema.status(rec) == STATUS_OK
     run.done.add(rel)
     run.ok += ok
     run.errors += not ok
-    if ok and rec[check.ti]:
-        run.truth_pairs[rec[check.ti], rec[1]] += 1
-    run.out_of_domain += check.domain and ok and rec[check.inside] == "false"
+    if ok and (truth := schema.value(rec, "true_label")):
+        run.truth_pairs[truth, schema.value(rec, "label")] += 1
+    run.out_of_domain += schema.domain and ok and schema.value(rec, "in_domain") == "false"
 
 
 def _refusal(path: str | os.PathLike[str], refused: _Refused) -> str:
