@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import itertools
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,6 @@ def test_a_cycle_is_found_and_named(tmp_path, deferred):
     graph = import_graph(root, "p", deferred=deferred)
     found = cycle(graph)
     assert found is not None and sorted(found[:-1]) == ["p.a", "p.b", "p.c"] and found[0] == found[-1]
-    assert all(b in graph[a] for a, b in zip(found, found[1:]))  # each imports the next
+    assert all(b in graph[a] for a, b in itertools.pairwise(found))  # each imports the next
     if deferred:
         assert cycle(import_graph(root, "p")) is None  # a deferred import alone closes no cycle at import time

@@ -7,8 +7,9 @@ The package shows its dependency rule in its layout:
 * :mod:`wbc_batch.training`: train, export and quantise (torch; imports both of the above);
 * :mod:`wbc_batch.cli`: the ``wbc-batch`` command, a thin layer over the three.
 
-``wbc_batch.classify(inputs, model=path)`` yields one prediction per file. Public names are resolved
-on first use (PEP 562), so ``import wbc_batch`` stays instant.
+``wbc_batch.classify(inputs, model=path)`` yields one prediction per file (``engine=`` chooses where the batches
+run: worker processes here by default, or a ``RayEngine``). Public names are resolved on first use (PEP 562), so
+``import wbc_batch`` stays instant.
 """
 
 from __future__ import annotations
