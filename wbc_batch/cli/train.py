@@ -84,8 +84,12 @@ def crop_option(window: int | None, size: int | None, arch: str) -> tuple[int, i
 @click.option("--colour-norm", "colour_norm", type=click.Choice(["background", "none"]), default=None, help="background: the model white-balances each image on its slide background (brightest area) to the training data's background colour, inside the graph; none: colours as decoded." + _default("colour_norm"))
 @click.option("--precise-bn", "precise_bn", type=click.IntRange(min=0), default=None, help="After each epoch, recompute BatchNorm statistics over N training batches (at most one pass over the training split), so validation and the exported model use exact ones (0: running averages)." + _default("precise_bn"))
 @click.option("--source-balance/--no-source-balance", "source_balance", default=None, help="With several DATA_DIRs: each folder draws the same share of every epoch, classes balanced within it.  [default: on]")
+@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Train on the files this path,label CSV names instead of DATA_DIR's class folders: paths relative to DATA_DIR "
+                   "(as classify's --labels), label EXCLUDE leaves a file out; e.g. the corrections.csv a report's review saved. "
+                   "They are linked into RUN_DIR/labelled/LABEL/; with --init every class of that model is kept.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (a log file or pipe never gets one: one line per epoch).")
-def train_cmd(data_dirs, run_dir, quiet, group_regex, crop_window, crop_size, classes, **kw) -> None:
+def train_cmd(data_dirs, run_dir, quiet, group_regex, crop_window, crop_size, classes, labels_csv, **kw) -> None:
     """Train a classifier on DATA_DIR/CLASS/*.jpeg (any class names) and write a run dir.
 
     Several DATA_DIRs (e.g. two labs' images) train one model: classes are matched by folder
@@ -103,6 +107,8 @@ def train_cmd(data_dirs, run_dir, quiet, group_regex, crop_window, crop_size, cl
         kw["class_subset"] = tuple(sorted({c.strip() for c in classes.split(",") if c.strip()}))
     kw = {k: v for k, v in {**kw, "group_regex": group_regex}.items() if v is not None}  # TrainConfig holds every default
     data_dir = data_dirs[0] if len(data_dirs) == 1 else list(data_dirs)
+    if labels_csv:
+        data_dir = labelled_data(data_dirs, labels_csv, run_dir, kw)
     cfg = TrainConfig(data_dir=data_dir, run_dir=run_dir, crop=crop, **kw)
     res = train(cfg, progress=not quiet)
     click.echo(
@@ -110,6 +116,32 @@ def train_cmd(data_dirs, run_dir, quiet, group_regex, crop_window, crop_size, cl
         f"macro-F1 {res.best_val_macro_f1:.4f}; {res.seconds_per_epoch:.1f} s/epoch -> {res.run_dir}",
         err=True,
     )
+
+
+def labelled_data(data_dirs: tuple[str, ...], labels_csv: str, run_dir: str, kw: dict) -> str:
+    """The class-folder tree of the files ``--labels`` names (see :func:`..training.data.labelled_view`), as the run's data
+    folder; ``kw`` gets its groups file and the labels' provenance."""
+    from pathlib import Path
+
+    from ..training.data import LABELLED_VIEW, labelled_view, read_group_file
+    from ..training.init_weights import read_init
+
+    if len(data_dirs) != 1:
+        raise click.UsageError("--labels names files under one DATA_DIR: give one")
+    classes = read_init(kw["init_from"]).classes if kw.get("init_from") else ()
+    groups = read_group_file(kw["groups_file"]) if kw.get("groups_file") else None
+    view = labelled_view(data_dirs[0], labels_csv, Path(run_dir) / LABELLED_VIEW, classes, groups)
+    if view.groups_file is not None:
+        kw["groups_file"] = str(view.groups_file)
+    kw["extra"] = {"labels": {"csv": str(Path(labels_csv).resolve()), "root": str(Path(data_dirs[0]).resolve())}}
+    counts = ", ".join(f"{c} {n}" for c, n in view.per_class.items())
+    click.echo(f"wbc-batch: training on {sum(view.per_class.values())} files of {labels_csv} ({counts}; {view.excluded} excluded), "
+               f"linked under {view.path}", err=True)
+    if empty := [c for c, n in view.per_class.items() if not n]:
+        click.echo(f"wbc-batch: warning: no file of {', '.join(empty)} in {labels_csv}: the model keeps the class as --init had it, but "
+                   "export fits its domain check on every class's images and stops without them; label a few cells of each class "
+                   "(a confirmed prediction counts) before exporting", err=True)
+    return str(view.path)
 
 
 @click.command("export")

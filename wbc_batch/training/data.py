@@ -143,6 +143,98 @@ def scan_sources(
                          np.asarray(sources, dtype=np.int64), tuple(str(r) for r in roots))
 
 
+#: The folder under a run folder that ``train --labels`` links its files into, one sub-folder per class.
+LABELLED_VIEW = "labelled"
+#: What that folder says about itself (a hidden file: the class-folder scan skips it); a folder without it is not replaced.
+VIEW_RECORD = ".labels.json"
+
+
+@dataclass(frozen=True)
+class LabelledView:
+    """A class-folder tree of links to the files a labels CSV names: what every part of training reads as a data folder."""
+
+    path: Path
+    per_class: dict[str, int]
+    excluded: int
+    groups_file: Path | None = None  # the --groups file with its paths as the tree spells them
+
+
+def labelled_view(
+    root: str | os.PathLike[str], labels_csv: str | os.PathLike[str], dest: str | os.PathLike[str],
+    classes: Sequence[str] = (), group_map: Mapping[str, str] | None = None,
+) -> LabelledView:
+    """Link the files ``labels_csv`` names (``path,label``, paths relative to ``root``, as classify's ``--labels``; EXCLUDE
+    rows skipped) into ``dest/LABEL/path``; ``classes`` (a model being fine-tuned) each get a folder, even when empty, and
+    labels matching one of them in another case are spelt as it is.
+
+    Why links in a class-folder tree: the run, ``export`` (which rebuilds the validation split from the run's data
+    folder) and ``--init`` all read class folders; a tree that is one lets them read a lab's verified cells, wherever
+    they lie under ``root``, with nothing else to know. ``group_map`` (``--groups``, paths relative to ``root``) is
+    rewritten for the tree's paths. Every row that names no image file under ``root`` is named in one error.
+    """
+    from ..evaluation.corrections import EXCLUDE, CorrectionsError, named, read_path_labels
+
+    root, dest = Path(root), Path(dest)
+    spelt = {c.upper(): c for c in classes}
+    links: dict[str, tuple[int, str]] = {}  # path -> (line, label)
+    bad, excluded = [], 0
+    for r in read_path_labels(labels_csv, root):
+        label = spelt.setdefault(r.label.upper(), r.label)
+        if label.upper() == EXCLUDE:
+            excluded += 1
+        elif (why := _unusable(root, r.path)) or links.get(r.path, (0, label))[1] != label:
+            bad.append(f"line {r.line}: {r.path!r} {why or f'is labelled twice ({links[r.path][1]!r} on line {links[r.path][0]})'}")
+        else:
+            links.setdefault(r.path, (r.line, label))
+    if bad:
+        raise CorrectionsError(f"{labels_csv}: {named(bad)}")
+    _replace_view(dest, {"root": str(root.resolve()), "labels": str(Path(labels_csv).resolve()), "files": len(links), "excluded": excluded})
+    for c in {*classes, *(lb for _, lb in links.values())} - {EXCLUDE}:
+        (dest / c).mkdir(parents=True, exist_ok=True)
+    for rel, (_, label) in links.items():
+        (dest / label / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink((root / rel).resolve(), dest / label / rel)
+    per_class = {c: sum(lb == c for _, lb in links.values()) for c in sorted({*classes, *(lb for _, lb in links.values())})}
+    groups = _view_groups(dest, links, group_map) if group_map is not None else None
+    return LabelledView(dest, per_class, excluded, groups)
+
+
+def _unusable(root: Path, rel: str) -> str:
+    """Why ``rel`` cannot be a training file ('' when it can)."""
+    if ".." in Path(rel).parts or Path(rel).is_absolute():
+        return "lies outside the data folder"
+    if any(part.startswith(".") for part in Path(rel).parts):
+        return "is hidden (a file or folder whose name starts with '.'), which training skips"
+    if not is_image_name(rel):
+        return "has no image file extension"
+    return "" if (root / rel).is_file() else "is not a file under the data folder"
+
+
+def _replace_view(dest: Path, record: dict) -> None:
+    """An empty ``dest`` with its record; an earlier view is replaced, any other folder refused."""
+    import json
+    import shutil
+
+    from ..evaluation.corrections import CorrectionsError
+
+    if dest.exists():
+        if not (dest / VIEW_RECORD).is_file():
+            raise CorrectionsError(f"{dest} exists and is not a folder train --labels made: give the run another folder")
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    (dest / VIEW_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+
+def _view_groups(dest: Path, links: Mapping[str, tuple[int, str]], group_map: Mapping[str, str]) -> Path:
+    """The groups of the linked files, keyed by their paths in the tree (LABEL/path), as a ``path,group`` CSV in it."""
+    out = dest / ".groups.csv"
+    with open(out, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", "group"])
+        w.writerows((f"{label}/{rel}", group_map[rel]) for rel, (_, label) in links.items() if rel in group_map)
+    return out
+
+
 def source_split(files: LabelledFiles, idx: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`group_split` within each data folder, over the files ``idx``: every folder gives its
     share of validation, by its own groups (a folder whose names carry no group: per file, stratified)."""
