@@ -19,7 +19,7 @@ def _train(run, **kw):
     from wbc_batch.training.loop import TrainConfig, train
 
     # No test here depends on what this tiny model learns (its errors differ between torch builds and CPUs): they check
-    # which images each fit used; the fitting rules themselves are tested on synthetic logits in test_trust.py.
+    # which images each fit used; the fitting rules themselves are tested on synthetic logits in test_modelfile_trust.py.
     base = dict(arch="wbc-net", size=(48, 64), crop=(0, 0), epochs=2, batch_size=8, val_fraction=0.3, patience=0, workers=1, threads=2)
     train(TrainConfig(str(SAMPLE), str(run), **{**base, **kw}), progress=False)
     return run
