@@ -19,10 +19,16 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..inference.metadata import ModelMetadata
+
+if TYPE_CHECKING:
+    import onnx
+
+    from ..modelfile.calibrate import LabelledSet
 
 OPSET = 18
 IR_VERSION = 9  # onnxruntime >= 1.16 reads it
@@ -216,7 +222,7 @@ def export_proto(
     check_dir: str | os.PathLike[str] | None = None,
     check_images: int = 256,
     eval_metrics: dict | None = None,
-):
+) -> tuple[onnx.ModelProto, ExportReport]:
     """The network of ``run_dir`` as an ONNX proto with its metadata, checked against PyTorch; nothing is written.
 
     Checks: onnxruntime vs torch probabilities within the architecture's tolerance (:data:`PARITY_ATOL`
@@ -261,13 +267,12 @@ def export_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], 
     return report
 
 
-def run_split(run_dir: str | os.PathLike[str], labels: Sequence[str]):
+def run_split(run_dir: str | os.PathLike[str], labels: Sequence[str]) -> tuple[LabelledSet, LabelledSet | None, str]:
     """A training run's files as (training, validation, why): validation None (and ``why`` says why) when there is none to use.
 
     The split is the run's own, rebuilt by the scan that made it (one folder or several, the class
     subset, the groups): files whose group the record names as held out (``val_sources``) are
-    validation; every other file under its data folders is training data. Sets of
-    :class:`wbc_batch.modelfile.calibrate.LabelledSet`.
+    validation; every other file under its data folders is training data.
     """
     from ..modelfile.calibrate import LabelledSet
     from .data import read_group_file, scan_sources
@@ -290,7 +295,9 @@ def run_split(run_dir: str | os.PathLike[str], labels: Sequence[str]):
     return train, (val if val.paths else None), why
 
 
-def calibrate_run(run_dir: str | os.PathLike[str], proto, calibration_dir: str | os.PathLike[str] | None = None, temperature: str = "fit"):
+def calibrate_run(
+    run_dir: str | os.PathLike[str], proto: onnx.ModelProto, calibration_dir: str | os.PathLike[str] | None = None, temperature: str = "fit"
+) -> tuple[onnx.ModelProto, dict]:
     """What export adds to the model it built: calibration and the domain check, fitted on the run's data; returns (proto, sections).
 
     Reference: the run's training files. Temperature and threshold: ``calibration_dir``, else the
@@ -309,7 +316,7 @@ def calibrate_run(run_dir: str | os.PathLike[str], proto, calibration_dir: str |
 _EMBEDDED = ("eval_dir", "n", "accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix", "errors")
 
 
-def embed_metrics(proto, metrics: dict, key: str = "metrics") -> None:
+def embed_metrics(proto: onnx.ModelProto, metrics: dict, key: str = "metrics") -> None:
     """Store evaluation figures in the model's metadata, in place (the graph is unchanged)."""
     from ..modelfile.proto import metadata_doc, set_metadata
 
