@@ -8,10 +8,13 @@ probabilities look like a real run: per-slide differentials close to blood (neut
 softmax probabilities with a spread of confidences, and ~0.5% unreadable files.
 
 The report then runs in a fresh interpreter (``python -m wbc_batch report``), and its wall
-time and peak RSS (resource.getrusage(RUSAGE_CHILDREN).ru_maxrss) are printed, with the
-peak RSS of an interpreter that only imports the report code and matplotlib, for scale.
+time and peak RSS (the child's own, from os.wait4) are printed, with the peak RSS of an
+interpreter that only imports the report code and matplotlib, for scale. ``--compare CHECKOUT``
+also runs another checkout's report code (its ``wbc_batch``) on the same CSV, the two
+alternating for ``--rounds`` rounds, so a change is measured against what it changed on the
+same cores at the same time.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_report.py [--rows 100000] [--keep DIR]
+    PYTHONPATH=. .venv/bin/python bench/bench_report.py [--rows 100000] [--keep DIR] [--compare CHECKOUT --rounds 3]
 """
 
 from __future__ import annotations
@@ -120,12 +123,42 @@ def _child_maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
 
 
+def _timed(cmd: list[str], env: dict) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one child process, its own (not the maximum over every child so far)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+
+
+def compare(csv_path: Path, work: Path, checkouts: list[Path], rounds: int, threshold: float) -> None:
+    """The report of each checkout's code on the same CSV, alternating, ``rounds`` times; the median time and peak RSS of each."""
+    times: dict[Path, list[tuple[float, float]]] = {c: [] for c in checkouts}
+    for r in range(rounds):
+        for c in checkouts:
+            out = work / f"report-{r}-{checkouts.index(c)}"
+            cmd = [sys.executable, "-m", "wbc_batch", "report", str(csv_path), "-o", str(out), "--review-threshold", str(threshold)]
+            times[c].append(_timed(cmd, dict(os.environ, PYTHONPATH=str(c))))
+            shutil.rmtree(out, ignore_errors=True)
+    first = float(np.median([t for t, _ in times[checkouts[0]]]))
+    for c in checkouts:
+        wall = [t for t, _ in times[c]]
+        rss = max(m for _, m in times[c])
+        print(f"{c}: report time median {np.median(wall):.2f} s of {', '.join(f'{t:.2f}' for t in wall)} "
+              f"({np.median(wall) / first:.3f} x the first); peak RSS {rss:.0f} MiB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--slides", type=int, default=50)
     ap.add_argument("--keep", type=Path, default=None, help="build here and keep it (default: a temp dir, removed)")
     ap.add_argument("--review-threshold", type=float, default=0.5)
+    ap.add_argument("--compare", type=Path, default=None, help="another checkout whose report code runs on the same CSV, alternating")
+    ap.add_argument("--rounds", type=int, default=3, help="with --compare: rounds of the two")
     a = ap.parse_args()
 
     work = a.keep or Path(tempfile.mkdtemp(prefix="wbc-bench-report-"))
@@ -168,13 +201,16 @@ def main() -> None:
             f"peak RSS of the report process: {rss:.0f} MiB (an interpreter importing numpy, PIL, matplotlib and the report module: {base_rss:.0f} MiB)"
         )
         page = html.read_text(encoding="utf-8")
+        cells = page.count('<figure class="cell')
         print(
             f"report.html: {html.stat().st_size / 2**20:.2f} MiB, {page.count('<img ')} <img> "
-            f"({page.count('<figure class=cell')} gallery cells and the review rows with pictures, two each; the confusion matrices); "
+            f"({cells} gallery cells and the review rows with pictures, two each; the confusion matrices); "
             f"files: {', '.join(sorted(p.name for p in (work / 'report').iterdir()))}"
         )
         m = json.loads((work / "report" / "metrics.json").read_text())
         print(f"accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}  counts {m['counts']}")
+        if a.compare is not None:
+            compare(csv_path, work, [ROOT, a.compare.resolve()], a.rounds, a.review_threshold)
     finally:
         if a.keep is None:
             shutil.rmtree(work, ignore_errors=True)

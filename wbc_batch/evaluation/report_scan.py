@@ -159,7 +159,8 @@ class _Scanner:
             g.errors += 1
             if len(s.failed) < self.limits.failed_max:
                 s.failed.append((rel, rec[i_err]))
-            self._review(rel, gk, None, None)
+            if self.corrections is not None:
+                self._review(rel, gk, None, None)
             return
         pi = self.index.get(rec[i_label])
         try:
@@ -172,11 +173,12 @@ class _Scanner:
         inside = -1 if not s.domain else {"true": 1, "false": 0}.get(rec[self.i_in], -1)
         risk = _float(rec[self.i_risk]) if s.domain else None
         ti = self._ok(rel, pi, conf, rec[i_true], g, inside, risk_of(conf) if risk is None else risk)
-        self._review(rel, gk, pi, ti)
+        if self.corrections is not None:  # checked here: a call per row would cost a report without corrections
+            self._review(rel, gk, pi, ti)
 
     def _review(self, rel: str, gk: str, pi: int | None, ti: int | None) -> None:
         """Note a row the corrections name: classified (``pi``, the model's label) or an error row (``pi`` None)."""
-        chosen = self.corrections.get(rel) if self.corrections is not None else None
+        chosen = self.corrections.get(rel)  # type: ignore[union-attr]  # only called with corrections
         if chosen is None:
             return
         if pi is None:
