@@ -72,7 +72,7 @@ def test_default_queue_is_the_riskiest_tenth_and_the_figures_match_reliability(t
     at = coverage_point(1 - conf, ok, k / N)
     assert f"Checking the <b>{100 * k / N:.1f}%</b> riskiest ({k} files) catches <b>{100 * at.caught:.0f}%</b> of the {int((~ok).sum())} errors" in page
     assert f'ECE <b id="ece">{expected_calibration_error(conf, ok):.3f}</b>' in page
-    assert 'id="reliability-diagram"' in page and 'id="risk-coverage"' in page and "T = 1.500" in page
+    assert 'id="reliability-diagram"' in page and 'id="risk-coverage"' in page and "(calibration error" in page and "temperature 1.500)" in page
     assert f"<b>{N // 4}</b> of {N} classified files" in page and NO_DOMAIN_NOTE not in page
     assert re.search(r'<div class="card bad" id="out-of-domain-card"><div class=v>15</div>', page)  # 25% > 10%: marked
 
@@ -102,7 +102,7 @@ def test_an_older_model_gets_the_note_and_a_queue_by_confidence(tmp_path):
     t = json.loads(paths["metrics"].read_text())["trust"]
     assert (t["domain"], t["note"], t["risk"]) == (None, NO_DOMAIN_NOTE, "1 - confidence")
     page = paths["html"].read_text(encoding="utf-8")
-    assert "This model carries no domain check" in page and "no calibration section" in page and "out-of-domain-card" not in page
+    assert "This model carries no domain check" in page and "says nothing about calibration" in page and "out-of-domain-card" not in page
 
 
 def test_without_truth_there_is_a_queue_but_no_calibration_figures(tmp_path):

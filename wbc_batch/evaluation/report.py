@@ -235,6 +235,7 @@ def _report_data(job: _Job, side: dict, s: Scan, verified: Verified | None, tabl
                           review=review, trust=trust, probs=probs)
     if verified is not None and table is not None:
         d.verified, d.corrections = verified, {path: r.label for path, r in table.items()}
+        d.corrected = {path: s.labels[r.predicted] for path, r in s.reviewed.items()}
         d.metrics["verified"] = verified.to_json()
     return d
 

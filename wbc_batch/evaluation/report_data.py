@@ -125,6 +125,7 @@ class ReportData:
     verified: Verified | None = None
     review_key: str = ""  # what the page keeps a reviewer's choices under in the browser
     corrections: dict[str, str] = field(default_factory=dict)  # the choices the report was given (path -> label)
+    corrected: dict[str, str] = field(default_factory=dict)  # the model's label of each of those files
 
     @property
     def counts(self) -> dict:

@@ -71,7 +71,7 @@
   }
 
   function tally() {
-    var reviewed = 0, changed = 0, excluded = 0, pred = {};
+    var reviewed = 0, changed = 0, excluded = 0, pred = Object.assign({}, data.predicted);
     items.forEach(function (el) { pred[el.dataset.path] = el.dataset.pred; });
     Object.keys(choices).forEach(function (p) {
       reviewed += 1;
