@@ -69,6 +69,12 @@ def test_reclassify_by_click_and_key_reload_save_and_count(review_report, page, 
     page.keyboard.press("ArrowUp")
     page.keyboard.press("ArrowUp")
     page.keyboard.press("Backspace")  # row 5 (index 4) was never chosen: clearing it changes nothing
+    page.keyboard.press(" ")  # enlarges the focused cell's window, Space again closes it
+    assert rows.nth(4).locator("details.zoom").first.get_attribute("open") is not None
+    page.keyboard.press(" ")
+    assert rows.nth(4).locator("details.zoom").first.get_attribute("open") is None
+    page.keyboard.press("Tab")  # Tab goes from cell to cell, past the pictures and the buttons
+    assert page.evaluate("document.activeElement.dataset.path") == rows.nth(5).get_attribute("data-path")
     cell = page.locator("#gallery figure.rv").first
     cell.locator('.choice button[data-label="EXCLUDE"]').click()  # a gallery cell by click
     chosen = {paths[0]: other, paths[1]: LABELS[1], paths[2]: "EXCLUDE", paths[3]: preds[3],

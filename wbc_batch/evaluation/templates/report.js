@@ -56,6 +56,7 @@
       box.appendChild(button(el, lb, (key ? key + " " : "") + lb, key ? "key " + key : "click"));
     });
     box.appendChild(button(el, EXCLUDE, "0 not a cell / cannot tell", "key 0: leave this file out of the differential"));
+    el.querySelectorAll("summary").forEach(function (sm) { sm.tabIndex = -1; }); /* Tab: one stop per cell */
     el.addEventListener("click", function () { el.focus(); });
   }
 
@@ -111,8 +112,14 @@
     else if (k === "Backspace" || k === "Delete") choose(el, null, false);
     else if (k === "ArrowDown" || k === "j") move(el, 1);
     else if (k === "ArrowUp" || k === "k") move(el, -1);
+    else if (k === " " || k === "Escape") enlarge(el, k === " ");
     else return;
     ev.preventDefault();
+  }
+
+  function enlarge(el, toggle) {
+    var zoom = el.querySelector("details.zoom");
+    if (zoom) zoom.open = toggle ? !zoom.open : false;
   }
 
   function csvCell(text) {
