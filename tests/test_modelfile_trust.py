@@ -50,9 +50,15 @@ def test_reference_score_is_about_one_in_domain_and_large_far_away():
     assert ref.scores(np.array([[0, 0, 10, 0]]))[0] == pytest.approx(100 / 0.25 / 4, rel=0.05)
 
 
-def test_reference_needs_every_class():
-    with pytest.raises(ValueError, match="no image of class index \\[2\\]"):
-        fit_reference(np.zeros((4, 2)), [0, 1, 0, 1], 3)
+def test_a_class_without_reference_images_gets_no_centre():
+    # A lab's reviewed cells may hold none of a class: the others' centres are fitted, and a cell is scored against the nearest.
+    f = np.array([[0.0, 0.0], [2.0, 0.0], [10.0, 1.0], [12.0, -1.0]])
+    ref = fit_reference(f, [0, 0, 2, 2], 3)
+    full = fit_reference(np.vstack([f, f[:1] + 100]), [0, 0, 2, 2, 1], 3)
+    assert ref.means.shape == (2, 2) and full.means.shape == (3, 2)
+    np.testing.assert_allclose(ref.scores(f[:1]), ref.scores(f[1:2]))  # both one unit from class 0's centre
+    with pytest.raises(ValueError, match="no image"):
+        fit_reference(np.zeros((0, 2)), [], 3)
 
 
 def test_trust_outputs_match_numpy(tmp_path):

@@ -195,14 +195,20 @@ def fit_temperature(logits: np.ndarray, labels: Sequence[int]) -> float:
 
 
 def fit_reference(features: np.ndarray, labels: Sequence[int], n_classes: int) -> DomainReference:
-    """Class means and the shared (tied) covariance of the reference features, whitened once."""
+    """Class means and the shared (tied) covariance of the reference features, whitened once.
+
+    A class the reference holds no image of gets no centre: the score is the distance to the nearest centre, so its cells
+    are measured against the classes that were seen. Why not an error: a lab fine-tuning on the cells it reviewed
+    (``train --labels corrections.csv --init MODEL``) keeps every class of the model, and may have reviewed none of one.
+    """
     f = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels)
-    missing = [c for c in range(n_classes) if not np.any(y == c)]
-    if missing:
-        raise ValueError(f"the reference data has no image of class index {missing}")
-    means = np.stack([f[y == c].mean(0) for c in range(n_classes)])
-    resid = f - means[y]
+    present = [c for c in range(n_classes) if np.any(y == c)]
+    if not present:
+        raise ValueError("the reference data holds no image")
+    centre = {c: f[y == c].mean(0) for c in present}
+    means = np.stack([centre[c] for c in present])
+    resid = f - np.stack([centre[c] for c in y.tolist()])
     cov = resid.T @ resid / len(f)
     cov += np.eye(len(cov)) * COV_RIDGE * np.trace(cov) / len(cov)
     w, v = np.linalg.eigh(cov)
