@@ -127,5 +127,10 @@ def test_train_help_shows_the_config_defaults() -> None:
 
     out = CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output
     flat = " ".join(out.split())
-    for flag, field in (("--epochs", "epochs"), ("--lr", "lr"), ("--batch-size", "batch_size"), ("--patience", "patience")):
+    for flag, field in (("--lr", "lr"), ("--batch-size", "batch_size"), ("--patience", "patience")):
         assert f"[default: {getattr(TrainConfig, field)}]" in flat, flag
+    # Epochs and the network are the registry's: each network's own epochs, read from one place.
+    from wbc_batch.training import archs
+
+    assert f"[default: the network's: {', '.join(f'{a.epochs} {a.name}' for a in archs.ARCHS.values())}]" in flat
+    assert f"[default: {archs.DEFAULT_ARCH}; with --init, the network of the model it starts from]" in flat

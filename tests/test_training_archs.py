@@ -45,7 +45,18 @@ def test_pretrained_start_follows_the_registry_and_init_replaces_it():
     assert TrainConfig("d", "r", arch=LITE0).resolved_pretrained() == "imagenet"
     assert TrainConfig("d", "r", arch=LITE0, pretrained="none").resolved_pretrained() == "none"
     assert TrainConfig("d", "r", arch=LITE0, init_from="m.onnx").resolved_pretrained() == "none"
-    assert TrainConfig("d", "r").resolved_pretrained() == "none" and TrainConfig("d", "r").arch == archs.DEFAULT_ARCH == "wbc-net"
+    assert TrainConfig("d", "r", arch="wbc-net").resolved_pretrained() == "none"
+
+
+def test_the_default_network_is_pretrained_and_init_brings_its_own():
+    # Transfer by default: no --arch trains efficientnet-lite0 from ImageNet, for its own (fewer) epochs; with --init and
+    # no --arch the network is the source model's, with that network's epochs; what a run names is kept.
+    plain = TrainConfig("d", "r")
+    assert plain.arch is None and plain.resolved_pretrained() == "imagenet"
+    assert archs.DEFAULT_ARCH == LITE0 and plain.resolved().arch == LITE0 and plain.resolved().epochs == archs.LITE0_EPOCHS == 10
+    assert TrainConfig("d", "r", init_from="m.onnx").resolved("wbc-net") == TrainConfig("d", "r", init_from="m.onnx", arch="wbc-net", epochs=30)
+    assert TrainConfig("d", "r", arch=LITE0, init_from="m.onnx").resolved("wbc-net").arch == LITE0  # then init says what does not map
+    assert TrainConfig("d", "r", epochs=3).resolved().epochs == 3
     lite = TrainConfig("d", "r", arch=LITE0)
     assert lite.resolved_crop() == (160, 112) and lite.net_input_size() == (112, 112)
     a = archs.get(LITE0)
@@ -139,7 +150,7 @@ def test_missing_pretrained_weights_are_an_error_at_the_start(tmp_path, monkeypa
         check_start(cfg, 4)
     check_start(TrainConfig("d", "r", arch="test-net", size=(32, 32), pretrained="none"), 4)  # random start: nothing to find
     with pytest.raises(PretrainedError, match="wbc-net has no 'imagenet' weights"):
-        check_start(TrainConfig("d", "r", pretrained="imagenet"), 4)
+        check_start(TrainConfig("d", "r", arch="wbc-net", pretrained="imagenet"), 4)
 
 
 @pytest.mark.torch

@@ -46,12 +46,12 @@ def crop_option(window: int | None, size: int | None, arch: str) -> tuple[int, i
 @click.command("train")
 @click.argument("data_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--run-dir", type=click.Path(file_okay=False), default="runs/train", show_default=True, help="Where weights, history.csv, curves.png and config.json go.")
-@click.option("--arch", type=click.Choice(list(archs.ARCHS)), default=None, help=archs.arch_help() + _default("arch"))
+@click.option("--arch", type=click.Choice(list(archs.ARCHS)), default=None, help=archs.arch_help() + f"  [default: {archs.DEFAULT_ARCH}; with --init, the network of the model it starts from]")
 @click.option("--pretrained", type=click.Choice(archs.pretrained_choices()), default=None,
               help="The weights the network starts from: imagenet (installed with the train extra; nothing is downloaded) or none "
                    "(random). --init replaces either with a wbc-batch model's.  [default: imagenet where the architecture has such "
                    f"weights ({', '.join(a.name for a in archs.ARCHS.values() if a.weights)}), else none]")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs." + _default("epochs"))
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help=f"Epochs.  [default: the network's: {archs.epochs_help()}]")
 @click.option("--size", callback=_size, default=None, help="Decoded input HxW.  [default: derived from the images with a cell crop (see below), else the architecture's own: "
               + ", ".join(f"{a.default_size[0]}x{a.default_size[1]} {a.name}" for a in archs.ARCHS.values()) + "]")
 @click.option("--crop-window", type=click.IntRange(min=0), default=None, help="Side (pixels of the decoded field) of the square centred on the cell that the network sees (for a nucleus of 80 px when the window follows it); 0: the whole field.  [default: with --init, the crop that model was trained with (both flags unset); else "
@@ -138,9 +138,9 @@ def labelled_data(data_dirs: tuple[str, ...], labels_csv: str, run_dir: str, kw:
     click.echo(f"wbc-batch: training on {sum(view.per_class.values())} files of {labels_csv} ({counts}; {view.excluded} excluded), "
                f"linked under {view.path}", err=True)
     if empty := [c for c, n in view.per_class.items() if not n]:
-        click.echo(f"wbc-batch: warning: no file of {', '.join(empty)} in {labels_csv}: the model keeps the class as --init had it, but "
-                   "export fits its domain check on every class's images and stops without them; label a few cells of each class "
-                   "(a confirmed prediction counts) before exporting", err=True)
+        click.echo(f"wbc-batch: warning: no file of {', '.join(empty)} in {labels_csv}: the model keeps the class as --init had it, "
+                   "but learns nothing new of it, and the exported domain check has no centre for it (its cells are measured "
+                   "against the nearest class seen); label a few cells of each class (a confirmed prediction counts)", err=True)
     return str(view.path)
 
 

@@ -6,9 +6,9 @@ these defaults in ``--help`` on an inference-only install.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from .archs import DEFAULT_ARCH, get, net_input_size
+from .archs import DEFAULT_ARCH, Arch, get, net_input_size
 from .data import DEFAULT_GROUP_REGEX
 
 __all__ = ["DEFAULT_ARCH", "FIELD_SIZE", "TrainConfig"]
@@ -21,11 +21,11 @@ FIELD_SIZE = (240, 320)
 class TrainConfig:
     data_dir: str | list[str]  # one class-folder directory, or several (labs) trained on together
     run_dir: str
-    arch: str = DEFAULT_ARCH
+    arch: str | None = None  # None: DEFAULT_ARCH, or with init_from the network of the model it starts from (see train())
     size: tuple[int, int] | None = None  # (height, width) of the decoded field; None: see resolved_size
     crop: tuple[int, int] | None = None  # (window, out) cell crop; None: the architecture's default; (0, 0): none
     resize: str = "bilinear"
-    epochs: int = 30
+    epochs: int | None = None  # None: the architecture's (archs.Arch.epochs)
     batch_size: int = 64
     optimizer: str = "adamw"  # adamw | sgd | adam
     lr: float = 2e-3
@@ -58,15 +58,25 @@ class TrainConfig:
     def data_dirs(self) -> list[str]:
         return [self.data_dir] if isinstance(self.data_dir, str) else [str(d) for d in self.data_dir]
 
+    def arch_entry(self) -> Arch:
+        """The registry entry of this run's network (DEFAULT_ARCH until train() has read an --init source's)."""
+        return get(self.arch or DEFAULT_ARCH)
+
+    def resolved(self, init_arch: str | None = None) -> TrainConfig:
+        """Every default that depends on the network filled in: the network (``init_arch``, the --init source's, when the
+        run names none), then its epochs. What train() runs and the run record holds."""
+        arch = self.arch or init_arch or DEFAULT_ARCH
+        return replace(self, arch=arch, epochs=self.epochs or get(arch).epochs)
+
     def resolved_pretrained(self) -> str:
         """The weights the network starts from: none with init_from (its weights replace them), else as asked or
         the architecture's default (ImageNet where the registry has weights for it: transfer by default)."""
         if self.init_from:
             return "none"
-        return self.pretrained or get(self.arch).default_pretrained
+        return self.pretrained or self.arch_entry().default_pretrained
 
     def resolved_crop(self) -> tuple[int, int] | None:
-        crop = tuple(self.crop) if self.crop is not None else get(self.arch).default_crop
+        crop = tuple(self.crop) if self.crop is not None else self.arch_entry().default_crop
         return crop if crop[0] > 0 else None  # type: ignore[return-value]
 
     def resolved_size(self) -> tuple[int, int]:
@@ -74,7 +84,7 @@ class TrainConfig:
             return tuple(self.size)  # type: ignore[return-value]
         # A cell crop works on the whole field; train() derives it from the images (data.derived_size)
         # before it gets here, so this fallback is blood-cells' native 240x320.
-        return FIELD_SIZE if self.resolved_crop() else get(self.arch).default_size
+        return FIELD_SIZE if self.resolved_crop() else self.arch_entry().default_size
 
     def net_input_size(self) -> tuple[int, int]:
         return net_input_size(self.resolved_size(), self.resolved_crop())

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ExitCode, WbcBatchError
-from .archs import Arch, get
+from .archs import Arch
 from .config import TrainConfig
 
 #: Activations the exported graph writes as Relu or Clip (what the domain check's stage search reads).
@@ -142,7 +142,7 @@ def check_start(cfg: TrainConfig, num_classes: int) -> None:
     from .models import build
     from .pretrained import PretrainedError, weights_file
 
-    arch = get(cfg.arch)
+    arch = cfg.arch_entry()
     require_modules(arch)
     start = cfg.resolved_pretrained()
     if start != "none":
@@ -152,5 +152,5 @@ def check_start(cfg: TrainConfig, num_classes: int) -> None:
             raise PretrainedError(str(e)) from None
     size = cfg.net_input_size()
     with torch.random.fork_rng(devices=[]):
-        net = build(cfg.arch, num_classes, size)
+        net = build(arch.name, num_classes, size)
     check_contracts(net, arch, num_classes, size)

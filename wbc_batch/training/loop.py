@@ -418,6 +418,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     device = _device(cfg)
     files = scan_data(cfg)
     source = read_init(cfg.init_from) if cfg.init_from else None
+    cfg = cfg.resolved(source.arch if source else None)  # --init without --arch: the network of the model it starts from
     crop_inherited = cfg.crop is None and source is not None and source.crop is not None and source.arch == cfg.arch
     if crop_inherited:  # the scale the source learned cells at: the crop it was trained with, unless the run names one
         cfg = replace(cfg, crop=source.crop)

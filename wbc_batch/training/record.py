@@ -36,7 +36,7 @@ class RunFolderError(WbcBatchError, FileNotFoundError):
 _CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
 #: What a run folder written before these settings existed was trained with (their defaults have changed).
 _LEGACY = {"keep_aspect": False, "crop_follow": False, "colour": "mild", "colour_norm": "none", "precise_bn": 0, "jpeg": 0.0,
-           "pretrained": "none"}
+           "pretrained": "none", "arch": "wbc-net", "epochs": 30}
 
 
 @dataclass
