@@ -219,11 +219,13 @@ def test_crop_flags_each_fill_in_the_other_from_the_architecture_default():
     assert crop_option(0, None, "wbc-net") == (0, 128)  # 0: the whole field
 
 
-def test_default_wbc_net_crops_the_cell_from_the_native_field():
+def test_the_default_networks_crop_the_cell_from_the_native_field():
     from wbc_batch.training.loop import TrainConfig
 
-    cfg = TrainConfig("d", "r")
+    cfg = TrainConfig("d", "r", arch="wbc-net")
     assert cfg.resolved_crop() == (160, 128) and cfg.resolved_size() == (240, 320) and cfg.net_input_size() == (128, 128)
+    lite = TrainConfig("d", "r")  # the default network, efficientnet-lite0
+    assert lite.resolved_crop() == (160, 112) and lite.resolved_size() == (240, 320) and lite.net_input_size() == (112, 112)
     seed = TrainConfig("d", "r", arch="seed-cnn")
     assert seed.resolved_crop() is None and seed.resolved_size() == (60, 80)
 
