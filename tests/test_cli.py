@@ -390,7 +390,9 @@ def test_info_card_shows_provenance_whole_and_rounded(tmp_path):
         "            recipe: size 240x320, lr 0.002, weight_decay 0.0005, augment True",
         "metrics:    on data/TEST, 2487 images: accuracy 0.879, macro_f1 0.882",
         *(f"            {lb:<10}  precision 0.333, recall 0.750, f1 0.462, support 620" for lb in LABELS),
-        "            confusion (rows true, columns predicted): 1 2 | 3 4",
+        "            confusion (rows true, columns predicted):",
+        "              EOSINOPHIL  1 2",  # one line per true class, named
+        "              LYMPHOCYTE  3 4",
         "export_parity: parity_images 256, max_abs_diff_all 2.98023e-07, argmax_agreement 1",
         "versions:   torch 2.14.1, onnx 1.23.2, wbc_batch 0.1.0",
         "created:    2026-11-26T16:57:06+00:00",

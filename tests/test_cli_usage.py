@@ -87,7 +87,7 @@ def _section(card: str, key: str) -> list[str]:
     return [lines[i], *itertools.takewhile(lambda x: x.startswith(" "), lines[i + 1:])]
 
 
-@pytest.mark.parametrize("name", ["wbc-default.onnx", "wbc-v1.onnx"])
+@pytest.mark.parametrize("name", ["wbc-default.onnx", "wbc-v1.onnx", "wbc-v4-8class.onnx"])
 def test_info_tells_training_and_domain_in_words_on_lines_of_sane_length(name):
     path = SHIPPED_DIR / name
     if not path.is_file():

@@ -90,7 +90,9 @@ def metrics_lines(metrics: Mapping[str, Any], labels: Sequence[str]) -> list[str
             lines.append(_more(f"{lb:<{width}}  {_pairs(per_class[lb], 3)}"))
     cm = metrics.get("confusion_matrix")
     if cm:
-        lines.append(_more("confusion (rows true, columns predicted): " + " | ".join(" ".join(str(c) for c in row) for row in cm)))
+        # One line per true class (an 8-class matrix on one line is 190 characters, with no comma to break it at).
+        lines.append(_more("confusion (rows true, columns predicted):"))
+        lines += [_more(f"  {lb:<{width}}  " + " ".join(str(c) for c in row)) for lb, row in zip(labels, cm, strict=False)]
     return lines
 
 
