@@ -11,7 +11,7 @@ against the module's package; ``from . import x`` is an edge to the submodule ``
 ``__init__`` is its own node; importing a submodule is not counted as an edge to its parents (Python
 runs the parent first, and the package ``__init__`` files here load their names lazily).
 
-The inference package is held to more: no cycle even through deferred imports in function
+The whole package is held to more: no cycle even through deferred imports in function
 bodies (a lazy ``__getattr__`` that imports back is a cycle all the same, met later).
 """
 
@@ -104,11 +104,13 @@ def test_wbc_batch_has_no_import_cycle():
     assert found is None, "import cycle: " + " -> ".join(found or [])
 
 
-def test_inference_has_no_import_cycle_even_through_deferred_imports():
+def test_wbc_batch_has_no_import_cycle_even_through_deferred_imports():
+    # Deferred imports (in function bodies) included: the registry's builders import the networks (training.nets),
+    # never the deployable wrapper that imports the registry.
     graph = import_graph(PACKAGE, "wbc_batch", deferred=True)
-    inference = {m: {t for t in ts if t.startswith("wbc_batch.inference")} for m, ts in graph.items() if m.startswith("wbc_batch.inference")}
-    assert "wbc_batch.inference.local_engine" in inference["wbc_batch.inference.orchestrator"]
-    found = cycle(inference)
+    assert "wbc_batch.inference.local_engine" in graph["wbc_batch.inference.orchestrator"]
+    assert "wbc_batch.training.nets" in graph["wbc_batch.training.archs"]  # read, not empty
+    found = cycle(graph)
     assert found is None, "import cycle: " + " -> ".join(found or [])
 
 

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.torch
 
 from wbc_batch.inference.preprocess import PreprocessSpec, load_image  # noqa: E402
 from wbc_batch.training.data import decode_all, group_split, read_group_file, scan_class_folders  # noqa: E402
-from wbc_batch.training.models import CellCrop, Deployable, SeedCNN, WbcNet, build  # noqa: E402
+from wbc_batch.training.models import CellCrop, Deployable, build  # noqa: E402
+from wbc_batch.training.nets import SeedCNN, WbcNet  # noqa: E402
 
 
 def test_scan_groups_by_source_and_class():

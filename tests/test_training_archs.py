@@ -140,7 +140,7 @@ def test_train_stops_before_decoding_when_the_network_breaks_a_contract(tmp_path
 def test_missing_pretrained_weights_are_an_error_at_the_start(tmp_path, monkeypatch):
     _torch()
     from wbc_batch.training.contracts import check_start
-    from wbc_batch.training.models import WbcNet
+    from wbc_batch.training.nets import WbcNet
     from wbc_batch.training.pretrained import PretrainedError
 
     gone = archs.Weights("imagenet", "no-such-weights-pkg", "no_such_weights_pkg", "w.pth", 1, "MIT", "test")

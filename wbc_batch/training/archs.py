@@ -12,9 +12,12 @@ torch (and timm) only when called.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from ..errors import ExitCode, WbcBatchError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -86,14 +89,27 @@ class Arch:
         return found[0]
 
 
+class ContractError(WbcBatchError):
+    """The network breaks a contract its architecture declares (or needs a module that is not installed)."""
+
+    exit_code = ExitCode.USAGE
+
+
+def require_modules(arch: Arch) -> None:
+    """A clear error when a module the builder imports is missing (timm for the pretrained networks)."""
+    missing = [m for m in arch.requires if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ContractError(f"--arch {arch.name} needs {', '.join(missing)}: pip install {' '.join(missing)} (part of the train extra)")
+
+
 def _seed_cnn(num_classes: int, size: tuple[int, int]) -> nn.Module:
-    from .models import SeedCNN
+    from .nets import SeedCNN
 
     return SeedCNN(num_classes, size)
 
 
 def _wbc_net(num_classes: int, size: tuple[int, int]) -> nn.Module:
-    from .models import WbcNet
+    from .nets import WbcNet
 
     return WbcNet(num_classes, size)
 

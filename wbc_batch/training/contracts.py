@@ -10,30 +10,14 @@ forward) is invisible here, and the domain check's graph search does not find it
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from torch import nn
 
-from ..errors import ExitCode, WbcBatchError
-from .archs import Arch
+from .archs import Arch, ContractError, require_modules
 from .config import TrainConfig
 
 #: Activations the exported graph writes as Relu or Clip (what the domain check's stage search reads).
 ACTIVATIONS = (nn.ReLU, nn.ReLU6)
-
-
-class ContractError(WbcBatchError):
-    """The network breaks a contract its architecture declares (or needs a module that is not installed)."""
-
-    exit_code = ExitCode.USAGE
-
-
-def require_modules(arch: Arch) -> None:
-    """A clear error when a module the builder imports is missing (timm for the pretrained networks)."""
-    missing = [m for m in arch.requires if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ContractError(f"--arch {arch.name} needs {', '.join(missing)}: pip install {' '.join(missing)} (part of the train extra)")
 
 
 _BN = nn.modules.batchnorm._BatchNorm
