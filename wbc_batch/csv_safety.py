@@ -19,8 +19,10 @@ Two forms, because the CSVs have two kinds of readers:
 from __future__ import annotations
 
 import csv
+import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import IO
 
 #: First characters that make a spreadsheet read a cell as a formula.
@@ -76,3 +78,17 @@ class CsvWriter:
     def writerows(self, rows: Iterable[Iterable[object]]) -> None:
         for row in rows:
             self.writerow(row)
+
+
+@contextmanager
+def reading_csv(path: str | os.PathLike[str], error: type[Exception]) -> Iterator[None]:
+    """What can go wrong reading a CSV a person wrote (not UTF-8, malformed, unreadable), as ``error`` naming ``path``:
+    the one wording for ``--labels`` and ``--corrections`` files."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason})") from e
+    except csv.Error as e:
+        raise error(f"{path}: malformed CSV ({e})") from e
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from e

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+from ..csv_safety import reading_csv
 from ..errors import ExitCode, WbcBatchError
 
 #: The label of a cell left out of the differential: not a white cell, or one that cannot be told.
@@ -60,15 +61,8 @@ def read_path_labels(path: str | os.PathLike[str], root: str | os.PathLike[str] 
 
     Every row with an empty path or label is named in one :class:`CorrectionsError`, not the first only.
     """
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            rows, bad = _label_rows(csv.reader(f), root, path)
-    except UnicodeDecodeError as e:
-        raise CorrectionsError(f"{path}: not UTF-8 text ({e.reason})") from e
-    except csv.Error as e:
-        raise CorrectionsError(f"{path}: malformed CSV ({e})") from e
-    except OSError as e:
-        raise CorrectionsError(f"{path}: cannot read ({e.strerror or e})") from e
+    with reading_csv(path, CorrectionsError), open(path, encoding="utf-8-sig", newline="") as f:
+        rows, bad = _label_rows(csv.reader(f), root, path)
     if bad:
         raise CorrectionsError(f"{path}: {named(bad)}")
     return rows

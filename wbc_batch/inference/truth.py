@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
+from ..csv_safety import reading_csv
 from ..errors import ExitCode, WbcBatchError
 
 
@@ -48,30 +49,23 @@ def read_labels_csv(path: str | os.PathLike[str], root: str | os.PathLike[str], 
     by_upper = {lb.upper(): lb for lb in labels}
     root_s = os.path.abspath(root)
     out: dict[str, str] = {}
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            fields = [c.strip().lower() for c in (reader.fieldnames or [])]
-            if "path" not in fields or "label" not in fields:
-                raise LabelsError(f"{path}: needs a header with 'path' and 'label' columns, found {reader.fieldnames}")
-            reader.fieldnames = fields
-            for line, row in enumerate(reader, start=2):
-                p, lb = (row.get("path") or "").strip(), (row.get("label") or "").strip()
-                if not p or not lb:
-                    raise LabelsError(f"{path}:{line}: empty path or label")
-                label = by_upper.get(lb.upper())
-                if label is None:
-                    raise LabelsError(f"{path}:{line}: label {lb!r} is not one of the model's labels {list(labels)}")
-                if os.path.isabs(p):
-                    p = os.path.relpath(p, root_s)
-                key = Path(p).as_posix()
-                if out.get(key, label) != label:
-                    raise LabelsError(f"{path}:{line}: {key!r} is labelled twice, as {out[key]!r} and {label!r}")
-                out[key] = label
-    except UnicodeDecodeError as e:
-        raise LabelsError(f"{path}: not UTF-8 text ({e.reason})") from e
-    except csv.Error as e:
-        raise LabelsError(f"{path}: malformed CSV ({e})") from e
-    except OSError as e:
-        raise LabelsError(f"{path}: cannot read ({e.strerror or e})") from e
+    with reading_csv(path, LabelsError), open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        fields = [c.strip().lower() for c in (reader.fieldnames or [])]
+        if "path" not in fields or "label" not in fields:
+            raise LabelsError(f"{path}: needs a header with 'path' and 'label' columns, found {reader.fieldnames}")
+        reader.fieldnames = fields
+        for line, row in enumerate(reader, start=2):
+            p, lb = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+            if not p or not lb:
+                raise LabelsError(f"{path}:{line}: empty path or label")
+            label = by_upper.get(lb.upper())
+            if label is None:
+                raise LabelsError(f"{path}:{line}: label {lb!r} is not one of the model's labels {list(labels)}")
+            if os.path.isabs(p):
+                p = os.path.relpath(p, root_s)
+            key = Path(p).as_posix()
+            if out.get(key, label) != label:
+                raise LabelsError(f"{path}:{line}: {key!r} is labelled twice, as {out[key]!r} and {label!r}")
+            out[key] = label
     return out
