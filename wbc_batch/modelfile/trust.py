@@ -206,9 +206,10 @@ def fit_reference(features: np.ndarray, labels: Sequence[int], n_classes: int) -
     present = [c for c in range(n_classes) if np.any(y == c)]
     if not present:
         raise ValueError("the reference data holds no image")
-    centre = {c: f[y == c].mean(0) for c in present}
-    means = np.stack([centre[c] for c in present])
-    resid = f - np.stack([centre[c] for c in y.tolist()])
+    means = np.stack([f[y == c].mean(0) for c in present])
+    row = np.full(n_classes, -1)
+    row[present] = np.arange(len(present))  # a class's row in means
+    resid = f - means[row[y]]
     cov = resid.T @ resid / len(f)
     cov += np.eye(len(cov)) * COV_RIDGE * np.trace(cov) / len(cov)
     w, v = np.linalg.eigh(cov)
