@@ -147,3 +147,21 @@ def test_a_class_folder_whose_name_would_start_a_formula_is_refused_before_train
     lab = _lab(tmp_path / "lab", {"EOSINOPHIL": 2, "=SUM(A1)": 2, "+B": 2})
     with pytest.raises(ValueError, match=r"a label may not start with = \+ - @ TAB or CR .*rename \['\+B', '=SUM\(A1\)'\]"):
         scan_sources([lab])
+
+
+def test_loss_weights_keep_each_folders_classes_even_when_class_sets_differ():
+    """blood-cells' 4 classes beside pbc's 8: the sampler already gives every class of a folder the same share of
+    that folder's draws. Global class weights on top (n / (C * n_c) over the epoch) would weight pbc's own classes
+    3x its shared ones, so pbc-looking cells would be taught IG three times as often as NEUTROPHIL."""
+    from wbc_batch.training.loop import class_weights
+
+    src = np.array([0] * 40 + [1] * 80)
+    t = np.concatenate([np.repeat([0, 1, 2, 3], 10), np.repeat(np.arange(8), 10)])
+    draws = balance_weights(t, src) * len(t)
+    w = class_weights(t, 8, "balanced", draws)
+    effective = {s: [draws[(src == s) & (t == c)].sum() * (1.0 if w is None else float(w[c])) for c in np.unique(t[src == s])]
+                 for s in (0, 1)}
+    for s, shares in effective.items():
+        assert np.allclose(shares, shares[0]), (s, shares)
+    one = class_weights(np.array([0] * 30 + [1] * 10), 2, "balanced", None)  # one folder, no sampler: weights even it out
+    assert np.allclose(one.numpy(), [40 / 60, 40 / 20])

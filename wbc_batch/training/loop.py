@@ -277,14 +277,16 @@ def class_weights(targets: np.ndarray, n_classes: int, mode: str, draws: np.ndar
     class of 22 images is not shown ten times over per epoch. A class absent from training gets 0.
     Imbalance up to :data:`MAX_CLASS_WEIGHT_RATIO`:1 is evened out fully; a rarer class gets that
     many times the most common class's weight (one image of a class must not outweigh the rest).
-    ``draws``: expected draws per image in an epoch when sources are balanced by sampling; the
-    counts are then what an epoch shows (already balanced classes get weight 1).
+    ``draws`` (expected draws per image when several folders are balanced by sampling): None. The
+    sampler already gives every class of a folder the same share of that folder's draws; weights
+    over the whole epoch on top would favour the classes only one folder has (pbc's IG 3x its
+    NEUTROPHIL, when blood-cells holds only the 4 shared ones), i.e. teach that folder a skewed prior.
     """
-    if mode == "none":
-        return None
-    if mode != "balanced":
+    if mode not in ("balanced", "none"):
         raise ValueError(f"unknown class_weights {mode!r}; choose balanced or none")
-    counts = np.bincount(targets, weights=draws, minlength=n_classes).astype(np.float64)
+    if mode == "none" or draws is not None:
+        return None
+    counts = np.bincount(targets, minlength=n_classes).astype(np.float64)
     w = np.divide(len(targets), n_classes * counts, out=np.zeros(n_classes), where=counts > 0)
     w = np.minimum(w, MAX_CLASS_WEIGHT_RATIO * w[counts > 0].min()) if (counts > 0).any() else w
     return torch.tensor(w, dtype=torch.float32)
