@@ -4,6 +4,7 @@ and the exported model reloaded by classify. Runs in the `train` tox env (marker
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -213,11 +214,15 @@ def tiny_run(tmp_path_factory) -> Path:
 def test_crop_flags_each_fill_in_the_other_from_the_architecture_default():
     # --crop-size alone used to be dropped (the crop stayed 160 -> 128) without a word.
     from wbc_batch.cli.train import crop_option
+    from wbc_batch.training.config import TrainConfig
 
-    assert crop_option(None, None, "wbc-net") is None
-    assert crop_option(None, 112, "wbc-net") == (160, 112)
-    assert crop_option(200, None, "wbc-net") == (200, 128)
-    assert crop_option(0, None, "wbc-net") == (0, 128)  # 0: the whole field
+    assert crop_option(None, None) is None
+    cfg = TrainConfig("d", "r", arch="wbc-net")
+    assert replace(cfg, crop=crop_option(None, 112)).resolved_crop() == (160, 112)
+    assert replace(cfg, crop=crop_option(200, None)).resolved_crop() == (200, 128)
+    assert replace(cfg, crop=crop_option(0, None)).with_crop().crop == (0, 128) and replace(cfg, crop=(0, None)).resolved_crop() is None
+    assert replace(cfg, crop=(200, None)).with_crop((150, 96)).crop == (200, 96)  # --init's crop fills the part not given
+    assert cfg.with_crop((150, 96)).crop == (150, 96) and cfg.with_crop().crop is None
 
 
 def test_the_default_networks_crop_the_cell_from_the_native_field():

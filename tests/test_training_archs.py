@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,9 @@ def test_cli_arch_choices_and_help_come_from_the_registry():
     assert list(params["pretrained"].type.choices) == ["imagenet", "none"]
     for a in archs.ARCHS.values():
         assert a.name in params["arch"].help and f"{a.default_size[0]}x{a.default_size[1]} {a.name}" in params["size"].help
-    assert crop_option(None, 96, LITE0) == (160, 96) and crop_option(200, None, LITE0) == (200, 112)
+    lite = TrainConfig("d", "r", arch=LITE0)
+    assert replace(lite, crop=crop_option(None, 96)).resolved_crop() == (160, 96)
+    assert replace(lite, crop=crop_option(200, None)).resolved_crop() == (200, 112)
 
 
 def test_registry_and_train_cli_import_neither_torch_nor_timm():

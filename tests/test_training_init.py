@@ -183,3 +183,24 @@ def test_balanced_class_weights():
     assert class_weights(np.array([0, 1]), 2, "none") is None
     with pytest.raises(ValueError, match="choose balanced or none"):
         class_weights(np.array([0, 1]), 2, "sqrt")
+
+
+def test_one_crop_flag_with_init_takes_the_other_from_the_init_models_crop(tmp_path):
+    """--init a wbc-net run trained with crop 40 -> 32, and --crop-window alone: the crop size is the run's 32, not the
+    default network's (efficientnet-lite0: 112), which the command line used to fill in before it knew --init's network."""
+    train(_cfg(SAMPLE, tmp_path / "src", crop=(40, 32), max_per_class=2), progress=False)
+    args = ["train", str(SAMPLE), "-o", str(tmp_path / "ft"), "--init", str(tmp_path / "src"), "--epochs", "1", "--max-per-class", "2",
+            "--size", "48x64", "--crop-window", "44", "--batch-size", "4", "--workers", "1", "--precise-bn", "0", "-q"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert (rec["arch"], rec["crop"]) == ("wbc-net", [44, 32])
+
+
+def test_with_crop_fills_the_parts_a_run_leaves_open():
+    cfg = TrainConfig("d", "r", arch="wbc-net", crop=(200, None))
+    assert cfg.with_crop((160, 96)).crop == (200, 96)  # the --init model's
+    assert cfg.with_crop(None).crop == (200, 128)  # no --init: the network's default
+    assert cfg.with_crop((0, 0)).crop == (200, 128)  # the --init model saw no crop: the network's default, not a 0-pixel one
+    assert TrainConfig("d", "r", arch="wbc-net").with_crop((160, 96)).crop == (160, 96)  # no crop flag: all inherited
+    assert TrainConfig("d", "r", arch="wbc-net", crop=(0, 0)).with_crop((160, 96)).crop == (0, 0)  # --crop-window 0: none

@@ -34,13 +34,10 @@ def _default(name: str) -> str:
     return f"  [default: {f.default}]"
 
 
-def crop_option(window: int | None, size: int | None, arch: str) -> tuple[int, int] | None:
-    """(window, out) from --crop-window and --crop-size, the one not given from the architecture's
-    default; None (the config's default) when neither is."""
-    if window is None and size is None:
-        return None
-    default = archs.get(arch).default_crop
-    return (default[0] if window is None else window, size or default[1])
+def crop_option(window: int | None, size: int | None) -> tuple[int | None, int | None] | None:
+    """(window, out) from --crop-window and --crop-size; None (the config's default) when neither is. A part not
+    given stays None: train() fills it once it knows the network (--init's, TrainConfig.with_crop)."""
+    return None if window is None and size is None else (window, size)
 
 
 @click.command("train")
@@ -102,7 +99,7 @@ def train_cmd(data_dirs, run_dir, quiet, group_regex, crop_window, crop_size, cl
     _need_torch()
     from ..training.loop import TrainConfig, train
 
-    crop = crop_option(crop_window, crop_size, kw.get("arch") or archs.DEFAULT_ARCH)
+    crop = crop_option(crop_window, crop_size)
     if classes is not None:
         kw["class_subset"] = tuple(sorted({c.strip() for c in classes.split(",") if c.strip()}))
     kw = {k: v for k, v in {**kw, "group_regex": group_regex}.items() if v is not None}  # TrainConfig holds every default

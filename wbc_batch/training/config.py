@@ -23,7 +23,7 @@ class TrainConfig:
     run_dir: str
     arch: str | None = None  # None: DEFAULT_ARCH, or with init_from the network of the model it starts from (see train())
     size: tuple[int, int] | None = None  # (height, width) of the decoded field; None: see resolved_size
-    crop: tuple[int, int] | None = None  # (window, out) cell crop; None: the architecture's default; (0, 0): none
+    crop: tuple[int | None, int | None] | None = None  # (window, out) cell crop; None: the network's default (or --init's); a None part: filled by with_crop; (0, 0): none
     resize: str = "bilinear"
     epochs: int | None = None  # None: the architecture's (archs.Arch.epochs)
     batch_size: int = 64
@@ -75,8 +75,17 @@ class TrainConfig:
             return "none"
         return self.pretrained or self.arch_entry().default_pretrained
 
+    def with_crop(self, inherited: tuple[int, int] | None = None) -> TrainConfig:
+        """The crop with its unset parts filled once the network is known: all of it from ``inherited`` (the --init
+        model's, same network) when the run names none; a part the run leaves open (--crop-window or --crop-size
+        alone) from ``inherited`` when that model saw a crop, else from the network's default."""
+        if self.crop is None:
+            return self if inherited is None else replace(self, crop=tuple(inherited))
+        base = tuple(inherited) if inherited is not None and inherited[0] > 0 else self.arch_entry().default_crop
+        return replace(self, crop=tuple(b if c is None else c for c, b in zip(self.crop, base, strict=True)))
+
     def resolved_crop(self) -> tuple[int, int] | None:
-        crop = tuple(self.crop) if self.crop is not None else self.arch_entry().default_crop
+        crop = self.with_crop().crop or self.arch_entry().default_crop
         return crop if crop[0] > 0 else None  # type: ignore[return-value]
 
     def resolved_size(self) -> tuple[int, int]:

@@ -421,9 +421,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     files = scan_data(cfg)
     source = read_init(cfg.init_from) if cfg.init_from else None
     cfg = cfg.resolved(source.arch if source else None)  # --init without --arch: the network of the model it starts from
-    crop_inherited = cfg.crop is None and source is not None and source.crop is not None and source.arch == cfg.arch
-    if crop_inherited:  # the scale the source learned cells at: the crop it was trained with, unless the run names one
-        cfg = replace(cfg, crop=source.crop)
+    inherited = source.crop if source is not None and source.arch == cfg.arch else None  # the scale the source learned cells at
+    crop_inherited = cfg.crop is None and inherited is not None
+    cfg = cfg.with_crop(inherited)
     if not cfg.size and cfg.resolved_crop():  # no --size, a cell crop: the decode size is derived from the images (their median field)
         cfg = replace(cfg, size=derived_size(files.paths))
     h, w = cfg.resolved_size()
