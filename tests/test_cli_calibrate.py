@@ -47,15 +47,17 @@ def test_calibrate_refits_the_check_a_shipped_model_carries(tmp_path):
     x = np.stack([load_image(p, md.preprocess) for p in paths])
     run = lambda m: ort.InferenceSession(str(m), providers=["CPUExecutionProvider"]).run(["probabilities", "ood_score"], {"image": x})  # noqa: E731
     (probs, score), (old_probs, _) = run(out), run(shipped)
-    # probabilities: the network's own logits (the shipped T is 1) over the new temperature, whichever way the rule went
-    z = np.log(old_probs.astype(np.float64)) / cal["temperature"]
+    # probabilities: the network's own logits (the shipped ones times its temperature) over the new one, whichever way the rule went
+    old_t = old.extra["calibration"]["temperature"]
+    z = np.log(old_probs.astype(np.float64)) * old_t / cal["temperature"]
     np.testing.assert_allclose(probs, np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True), atol=1e-5)
     # a 0.995 quantile of 40 scores lies between the two largest: exactly one image is above the threshold, and the metadata says so
     assert int((score > dom["threshold"]).sum()) == 1 and "lies between their two largest" in dom["threshold_from"]["sample"]
     lines = res.output.strip().splitlines()
-    assert lines[0] == ("replaced what the model carried (temperature 1.000; in domain when ood_score <= 1.220): fitted anew on its bare network")
-    assert lines[1] == ("calibration: temperature 1.000 (none: too few held-out errors to fit a temperature (6 in 40 images; it takes 10): "
-                        "give more held-out images with --calibration-dir)")  # the network is fixed: 6 of the 40 sample images wrong
+    assert lines[0] == (f"replaced what the model carried (temperature {old_t:.3f}; in domain when ood_score <= {old.domain.threshold:.3f}): "
+                        "fitted anew on its bare network")
+    assert lines[1] == ("calibration: temperature 1.000 (none: too few held-out errors to fit a temperature (7 in 40 images; it takes 10): "
+                        "give more held-out images with --calibration-dir)")  # the network is fixed: 7 of the 40 sample images wrong
     assert lines[2] == (f"domain check: in domain when ood_score <= {dom['threshold']:.3f} (0.995 quantile of 40 held-out images; reference 40 images); "
                         f"{dom['threshold_from']['sample']}")
     assert lines[3] == f"wrote {out}"

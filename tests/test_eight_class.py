@@ -1,6 +1,6 @@
 """An 8-class model on a 4-class truth set: everything downstream follows the model's labels.
 
-The shipped ``export/wbc-v4-8class.onnx`` (EfficientNet-Lite0, opset 18, IR 9: it must load on every onnxruntime the
+The shipped default ``export/wbc-default.onnx`` (EfficientNet-Lite0, opset 18, IR 9: it must load on every onnxruntime the
 matrix installs, 1.23.2 on Python 3.10 included) classifies sample_data, whose folders hold 4 of its 8 classes: the
 CSV carries 8 probability columns, the report's macro averages are over the 4 classes the truth holds, and a call of
 another class counts as wrong.
@@ -20,9 +20,9 @@ from wbc_batch.evaluation.report import write_report
 from wbc_batch.inference.model import load_model
 from wbc_batch.inference.orchestrator import ClassifyConfig, run_classify
 
-EIGHT = ROOT / "export" / "wbc-v4-8class.onnx"
+EIGHT = ROOT / "export" / "wbc-default.onnx"
 LABELS = ("BASOPHIL", "EOSINOPHIL", "ERYTHROBLAST", "IG", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL", "PLATELET")
-pytestmark = pytest.mark.skipif(not EIGHT.is_file(), reason="export/wbc-v4-8class.onnx missing")
+pytestmark = pytest.mark.skipif(not EIGHT.is_file(), reason="export/wbc-default.onnx missing")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def eight_class_run(tmp_path_factory) -> tuple[Path, list[dict]]:
 
 def test_the_eight_class_model_loads_and_names_its_labels():
     md = load_model(EIGHT, threads=1).metadata
-    assert md.labels == LABELS and md.name == "wbc-v4-8class" and md.arch == "efficientnet-lite0"
+    assert md.labels == LABELS and md.name == "wbc-default" and md.arch == "efficientnet-lite0"
 
 
 def test_the_csv_has_one_probability_column_per_model_label(eight_class_run):

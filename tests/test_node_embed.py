@@ -41,13 +41,14 @@ def test_node_reads_labels_from_model_and_matches_python(node_modules):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     py = list(classify([SAMPLE], model, options=RunnerOptions(workers=1)))
-    assert out["labels"] == list(read_metadata(model).labels) == ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
+    assert out["labels"] == list(read_metadata(model).labels) == ["BASOPHIL", "EOSINOPHIL", "ERYTHROBLAST", "IG", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL", "PLATELET"]
     node = {p["path"]: p for p in out["predictions"]}
     assert sorted(node) == sorted(p.path for p in py) and len(node) == 40
     assert {p.path: p.label for p in py} == {k: v["label"] for k, v in node.items()}
-    # Decoders differ (jpeg-js full decode vs Pillow's draft mode), so probabilities agree closely, not exactly.
+    # Decoders differ (jpeg-js full decode vs Pillow's draft mode), so probabilities agree closely, not exactly: the
+    # 8-class default (efficientnet-lite0, temperature 0.56) moves by up to 0.104 on these 40 images, labels unchanged.
     diff = max(np.abs(np.asarray(node[p.path]["probabilities"]) - np.asarray(p.probabilities)).max() for p in py)
-    assert diff < 0.1
+    assert diff < 0.15
 
 
 def test_node_keeps_the_aspect_ratio_like_python(node_modules, tmp_path):

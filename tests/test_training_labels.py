@@ -88,16 +88,16 @@ def test_every_row_that_names_no_image_is_named(tmp_path):
 
 def _train(labels: Path, run: Path, data: Path = SAMPLE):
     from wbc_batch.cli import main
-    from wbc_batch.inference.model import default_model_path
 
-    args = ["train", str(data), "--labels", str(labels), "-o", str(run), "--init", str(default_model_path()), "--epochs", "1",
+    v3 = Path(__file__).resolve().parents[1] / "export" / "wbc-v3.onnx"  # the shipped 4-class model: the class set of LABELS
+    args = ["train", str(data), "--labels", str(labels), "-o", str(run), "--init", str(v3), "--epochs", "1",
             "--size", "96x128", "--crop-window", "64", "--crop-size", "48", "--batch-size", "8", "--workers", "1", "--precise-bn", "0", "-q"]
     return CliRunner().invoke(main, args)
 
 
 @pytest.mark.torch
 def test_train_labels_init_and_export(tmp_path):
-    """Fine-tune the shipped model on a reviewer's cells only (6 of each class, 4 excluded) and export the run."""
+    """Fine-tune the shipped 4-class model on a reviewer's cells only (6 of each class, 4 excluded) and export the run."""
     pytest.importorskip("torch")
     from wbc_batch.cli import main
     from wbc_batch.inference.model import load_model

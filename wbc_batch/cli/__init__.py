@@ -33,7 +33,7 @@ def _given(**options):
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="wbc-batch")
 def main() -> None:
-    """Classify white blood cells (EOSINOPHIL, LYMPHOCYTE, MONOCYTE, NEUTROPHIL) in microscope images.
+    """Classify blood cells in microscope images (the shipped model: 8 classes, BASOPHIL to PLATELET).
 
     Train a CNN on labelled folders, export it to ONNX, classify whole folders with
     onnxruntime, and report accuracy, F1 and the confusion matrix.
