@@ -11,6 +11,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from multiprocessing import resource_tracker
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from wbc_batch.inference.discover import iter_images
 from wbc_batch.inference.engine import RunnerOptions
 from wbc_batch.inference.local_engine import LocalEngine
 from wbc_batch.inference.model import load_model
-from wbc_batch.inference.pool import WorkerError, WorkerPool
+from wbc_batch.inference.pool import WorkerError, WorkerPool, _TappedProcess
 from wbc_batch.inference.truth import truth_function
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="worker stderr is read through a POSIX pipe")
@@ -153,3 +155,22 @@ def test_ending_the_pool_ends_every_worker_it_started(color_model):
     finally:
         pool.close(kill=True)
     assert not any(p.is_alive() for p in second) and not multiprocessing.active_children()
+
+
+def test_ending_the_pool_waits_for_the_executors_own_reaper(color_model, monkeypatch):
+    """The executor's manager thread reaps the same workers; until it is done, a worker it reaped first can read as alive
+    to us (its ``waitpid`` won, ours failed). Slowed down here, it must still be done when ``close`` returns."""
+    join = _TappedProcess.join
+
+    def slow_off_main(self, timeout=None):
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.5)
+        return join(self, timeout)
+
+    monkeypatch.setattr(_TappedProcess, "join", slow_off_main)
+    pool = WorkerPool(2, load_model(color_model, threads=1), "cpu", 1)
+    pool.start()
+    manager = pool.executor._executor_manager_thread
+    assert manager is not None and manager.is_alive()
+    pool.close(kill=True)
+    assert not manager.is_alive() and not any(p.is_alive() for p in pool.ctx.started)
