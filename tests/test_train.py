@@ -4,6 +4,7 @@ and the exported model reloaded by classify. Runs in the `train` tox env (marker
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -151,6 +152,26 @@ def test_follow_crop_window_follows_the_nucleus_size():
     assert abs(w[0].item() - 80) <= 10 and abs(w[1].item() - 160) <= 10 and w[2].item() == w[1].item()
     fixed = CellCrop(160, 128).locate(_disk_field(20))[1]
     assert fixed.tolist() == [160.0]
+
+
+def _band_field(length: int, height: int) -> torch.Tensor:
+    """A nucleus as a horizontal band (the lobes of a neutrophil in a row), centred in a 240x320 field."""
+    img = torch.tensor([230.0, 200.0, 205.0]).view(3, 1, 1).expand(3, 240, 320).clone()
+    img[:, 120 - height // 2 : 120 + height // 2, 160 - length // 2 : 160 + length // 2] = torch.tensor([90.0, 60.0, 190.0]).view(3, 1, 1)
+    return img[None]
+
+
+def test_follow_crop_window_grows_with_a_nucleus_larger_than_the_nominal_window():
+    """The same lobed nucleus (a band whose strongest point is near one end) at 1x to 4x: the window follows it.
+
+    A box of half the nominal window around that point clipped it: 87, 143, 184 and 202 px for 1x-4x.
+    """
+    crop = CellCrop(160, 128, follow=True)
+    _, w = crop.locate(torch.cat([_band_field(60 * k, 20 * k) for k in (1, 2, 3, 4)]))
+    # equivalent-disc diameter of the band: 2 sqrt(area / pi); the window is 160 / 80 of it; 1x reads 4-px pooling high
+    expect = [2 * 2 * (1200 * k * k / math.pi) ** 0.5 for k in (1, 2, 3, 4)]
+    assert [round(v) for v in w.tolist()] == [87, 156, 244, 305]
+    assert all(abs(a - b) / b <= 0.11 for a, b in zip(w.tolist(), expect, strict=True)), (w.tolist(), expect)
 
 
 def test_follow_crop_samples_a_window_of_the_given_side():
