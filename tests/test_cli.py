@@ -141,8 +141,8 @@ def test_resume_with_another_model_exit_5(tmp_path, color_model, sample_copy):
     "text, message",
     [
         ("file,class\na.jpeg,MONOCYTE\n", "needs a header with 'path' and 'label' columns"),
-        ("path,label\nEOSINOPHIL/_0_1616.jpeg,BASOPHIL\n", "label 'BASOPHIL' is not one of the model's labels"),
-        ("path,label\na.jpeg,MONOCYTE\na.jpeg,NEUTROPHIL\n", "'a.jpeg' is labelled twice, as 'MONOCYTE' and 'NEUTROPHIL'"),
+        ("path,label\nEOSINOPHIL/_0_1616.jpeg,BASOPHIL\n", "line 2: label 'BASOPHIL' is neither one of the model's labels"),
+        ("path,label\na.jpeg,MONOCYTE\na.jpeg,NEUTROPHIL\n", "line 3: 'a.jpeg' is given twice, as 'MONOCYTE' (line 2) and 'NEUTROPHIL'"),
     ],
 )
 def test_bad_labels_csv_exit_2(tmp_path, color_model, sample_copy, text, message):

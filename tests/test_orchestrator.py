@@ -235,7 +235,7 @@ def test_labels_csv_gives_true_labels(tmp_path, color_model):
 def test_bad_labels_csv_touches_nothing(tmp_path, color_model, sample_copy):
     labels = tmp_path / "labels.csv"
     labels.write_text("path,label\na.jpeg,BASOPHIL\n")
-    with pytest.raises(LabelsError, match="'BASOPHIL' is not one of the model's labels"):
+    with pytest.raises(LabelsError, match="'BASOPHIL' is neither one of the model's labels"):
         run_classify(_cfg([sample_copy], tmp_path / "p.csv", color_model, labels_csv=str(labels)))
     assert not (tmp_path / "p.csv").exists() and not sidecar_path(tmp_path / "p.csv").exists()
     # ... including a resumable run's torn tail, which stays for the real resume to judge.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import LABELS
 
-from wbc_batch.inference.truth import LabelsError, folder_truth, read_labels_csv
+from wbc_batch.inference.truth import LabelsError, folder_truth, read_labels_csv, truth_function
 
 
 @pytest.mark.parametrize(
@@ -54,11 +54,11 @@ def test_labels_csv_relative_absolute_and_case(tmp_path):
     [
         ("file,class\na.jpg,MONOCYTE\n", r"needs a header with 'path' and 'label' columns, found \['file', 'class'\]"),
         ("path\na.jpg\n", "needs a header with 'path' and 'label'"),
-        ("", r"needs a header with 'path' and 'label' columns, found None"),
-        ("path,label\na.jpg,MONOCYTE\nb.jpg,BASOPHIL\n", r"labels\.csv:3: label 'BASOPHIL' is not one of the model's labels \['EOSINOPHIL'"),
-        ("path,label\na.jpg,MONOCYTE\na.jpg,EOSINOPHIL\n", r"labels\.csv:3: 'a\.jpg' is labelled twice, as 'MONOCYTE' and 'EOSINOPHIL'"),
-        ("path,label\na.jpg,\n", r"labels\.csv:2: empty path or label"),
-        ("path,label\n,MONOCYTE\n", r"labels\.csv:2: empty path or label"),
+        ("", r"needs a header with 'path' and 'label' columns, found \[\]"),
+        ("path,label\na.jpg,MONOCYTE\nb.jpg,BASOPHIL\n", r"labels\.csv: line 3: label 'BASOPHIL' is neither one of the model's labels \['EOSINOPHIL', 'LYMPHOCYTE', 'MONOCYTE', 'NEUTROPHIL'\] nor EXCLUDE$"),
+        ("path,label\na.jpg,MONOCYTE\na.jpg,EOSINOPHIL\n", r"labels\.csv: line 3: 'a\.jpg' is given twice, as 'MONOCYTE' \(line 2\) and 'EOSINOPHIL'$"),
+        ("path,label\na.jpg,\n", r"labels\.csv: line 2: empty path or label$"),
+        ("path,label\n,MONOCYTE\nb.jpg,\n", r"labels\.csv: line 2: empty path or label; line 3: empty path or label$"),
     ],
 )
 def test_bad_labels_csv(tmp_path, text, message):
@@ -82,3 +82,12 @@ def test_labels_csv_paths_in_predictions_csv_form_name_the_same_files(tmp_path):
     f = tmp_path / "labels.csv"
     f.write_text('path,label\n./=a.jpeg,eosinophil\n"./\tslide/b.jpeg",MONOCYTE\n./-c.jpeg,NEUTROPHIL\n', encoding="utf-8")
     assert read_labels_csv(f, tmp_path, LABELS) == {"=a.jpeg": "EOSINOPHIL", "\tslide/b.jpeg": "MONOCYTE", "-c.jpeg": "NEUTROPHIL"}
+
+
+def test_a_reviewers_corrections_csv_is_a_labels_csv_and_its_excluded_cells_have_no_truth(tmp_path):
+    """The report page saves corrections.csv in --labels' format; a cell set aside (EXCLUDE) gives no true label."""
+    f = _write(tmp_path, "path,label\nMONOCYTE/a.jpg,EXCLUDE\nb.jpg,monocyte\nc.jpg,exclude\n")
+    table = read_labels_csv(f, tmp_path, LABELS)
+    assert table == {"MONOCYTE/a.jpg": "", "b.jpg": "MONOCYTE", "c.jpg": ""}
+    truth = truth_function(LABELS, table)
+    assert [truth(p) for p in ("MONOCYTE/a.jpg", "b.jpg", "NEUTROPHIL/d.jpg")] == ["", "MONOCYTE", "NEUTROPHIL"]

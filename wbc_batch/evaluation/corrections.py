@@ -11,102 +11,18 @@ same file (``train ROOT --labels``), so what a reviewer knows reaches the model.
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 
-from ..csv_safety import reading_csv
-from ..errors import ExitCode, WbcBatchError
+from ..inference.truth import EXCLUDE as EXCLUDE  # re-exported: the review side's names for the shared reader
+from ..inference.truth import LabelRow as LabelRow
+from ..inference.truth import LabelsError, canonical_labels
+from ..inference.truth import named as named
+from ..inference.truth import read_path_labels as read_path_labels
 
-#: The label of a cell left out of the differential: not a white cell, or one that cannot be told.
-EXCLUDE = "EXCLUDE"
-#: How many bad rows an error names (the rest are counted).
-SHOWN_ROWS = 10
-
-
-class CorrectionsError(WbcBatchError):
-    """A corrections (or labels) CSV that cannot be used; the message names the rows (a usage error: the user gave it)."""
-
-    exit_code = ExitCode.USAGE
-
-
-@dataclass(frozen=True)
-class LabelRow:
-    """One ``path,label`` row: its line in the file, the run-relative path and the label as written."""
-
-    line: int
-    path: str
-    label: str
-
-
-def normal_path(text: str, root: str | os.PathLike[str] | None = None) -> str:
-    """The run-relative ``/`` path a CSV cell names: an absolute path is made relative to ``root``; ``./`` and
-    doubled slashes go (``./=x.jpeg`` is predictions.csv's spelling of ``=x.jpeg``)."""
-    p = text.strip()
-    if os.path.isabs(p) and root is not None:
-        p = os.path.relpath(p, os.path.abspath(root))
-    return PurePosixPath(p.replace(os.sep, "/")).as_posix()
-
-
-def named(problems: Sequence[str]) -> str:
-    """The first :data:`SHOWN_ROWS` problems, then how many more."""
-    more = [f"and {len(problems) - SHOWN_ROWS} more"] if len(problems) > SHOWN_ROWS else []
-    return "; ".join([*problems[:SHOWN_ROWS], *more])
-
-
-def read_path_labels(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> list[LabelRow]:
-    """The rows of a ``path,label`` CSV (header names in any case, other columns ignored, blank lines skipped).
-
-    Every row with an empty path or label is named in one :class:`CorrectionsError`, not the first only.
-    """
-    with reading_csv(path, CorrectionsError), open(path, encoding="utf-8-sig", newline="") as f:
-        rows, bad = _label_rows(csv.reader(f), root, path)
-    if bad:
-        raise CorrectionsError(f"{path}: {named(bad)}")
-    return rows
-
-
-def _label_rows(reader, root: str | os.PathLike[str] | None, path: str | os.PathLike[str]) -> tuple[list[LabelRow], list[str]]:
-    """The rows a ``csv.reader`` gives, and what is wrong with the others."""
-    header = [c.strip().lower() for c in next(reader, [])]
-    if "path" not in header or "label" not in header:
-        raise CorrectionsError(f"{path}: needs a header with 'path' and 'label' columns, found {header}")
-    ip, il = header.index("path"), header.index("label")
-    rows: list[LabelRow] = []
-    bad: list[str] = []
-    for rec in reader:
-        if not any(c.strip() for c in rec):
-            continue
-        p, lb = (rec[i].strip() if i < len(rec) else "" for i in (ip, il))
-        if p and lb:
-            rows.append(LabelRow(reader.line_num, normal_path(p, root), lb))
-        else:
-            bad.append(f"line {reader.line_num}: empty path or label")
-    return rows, bad
-
-
-def canonical_labels(rows: Iterable[LabelRow], labels: Sequence[str], source: str) -> dict[str, LabelRow]:
-    """``{path: row}`` with each label spelt as in ``labels`` (case-insensitive match) or :data:`EXCLUDE`.
-
-    A label that is neither, or a path given twice with two labels, is a :class:`CorrectionsError` naming every
-    such row: a correction must say one thing the report can count.
-    """
-    known = {lb.upper(): lb for lb in labels} | {EXCLUDE: EXCLUDE}
-    out: dict[str, LabelRow] = {}
-    bad: list[str] = []
-    for r in rows:
-        label = known.get(r.label.upper())
-        if label is None:
-            bad.append(f"line {r.line}: label {r.label!r} is neither one of the model's labels {list(labels)} nor {EXCLUDE}")
-        elif r.path in out and out[r.path].label != label:
-            bad.append(f"line {r.line}: {r.path!r} is given twice, as {out[r.path].label!r} (line {out[r.path].line}) and {label!r}")
-        elif r.path not in out:  # the same label twice says one thing: the first line is the one named
-            out[r.path] = LabelRow(r.line, r.path, label)
-    if bad:
-        raise CorrectionsError(f"{source}: {named(bad)}")
-    return out
+#: One error for every ``path,label`` file: a corrections CSV is a labels CSV (the reader is the inference side's).
+CorrectionsError = LabelsError
 
 
 def read_corrections(path: str | os.PathLike[str], labels: Sequence[str], root: str | os.PathLike[str] | None = None) -> dict[str, LabelRow]:

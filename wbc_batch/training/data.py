@@ -172,7 +172,7 @@ def labelled_view(
     they lie under ``root``, with nothing else to know. ``group_map`` (``--groups``, paths relative to ``root``) is
     rewritten for the tree's paths. Every row that names no image file under ``root`` is named in one error.
     """
-    from ..evaluation.corrections import EXCLUDE, CorrectionsError, named, read_path_labels
+    from ..inference.truth import EXCLUDE, LabelsError, named, read_path_labels
 
     root, dest = Path(root), Path(dest)
     spelt = {c.upper(): c for c in classes}
@@ -187,7 +187,7 @@ def labelled_view(
         else:
             links.setdefault(r.path, (r.line, label))
     if bad:
-        raise CorrectionsError(f"{labels_csv}: {named(bad)}")
+        raise LabelsError(f"{labels_csv}: {named(bad)}")
     _replace_view(dest, {"root": str(root.resolve()), "labels": str(Path(labels_csv).resolve()), "files": len(links), "excluded": excluded})
     for c in {*classes, *(lb for _, lb in links.values())} - {EXCLUDE}:
         (dest / c).mkdir(parents=True, exist_ok=True)
@@ -215,11 +215,11 @@ def _replace_view(dest: Path, record: dict) -> None:
     import json
     import shutil
 
-    from ..evaluation.corrections import CorrectionsError
+    from ..inference.truth import LabelsError
 
     if dest.exists():
         if not (dest / VIEW_RECORD).is_file():
-            raise CorrectionsError(f"{dest} exists and is not a folder train --labels made: give the run another folder")
+            raise LabelsError(f"{dest} exists and is not a folder train --labels made: give the run another folder")
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     (dest / VIEW_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
